@@ -1,0 +1,1 @@
+"""Device side: on-device training, encrypted store, local serving."""

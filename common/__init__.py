@@ -1,0 +1,1 @@
+"""Shared pieces: configs, assets, data, the rating task, model handling."""

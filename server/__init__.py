@@ -1,0 +1,1 @@
+"""Coordinator: persona aggregation, registry, admin API."""

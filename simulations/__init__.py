@@ -1,0 +1,1 @@
+"""Experiments on one machine: baselines, federated simulation, reports."""
