@@ -69,13 +69,13 @@ def run(args: argparse.Namespace) -> list[Row]:
         start = time.perf_counter()
         model = fit()
         fit_s = time.perf_counter() - start
-        rows.append(_row(name, "all users", test, model.predict(test["user"], test["item"]),
-                         time.perf_counter() - start))
+        full = _row(name, "all users", test, model.predict(test["user"], test["item"]), time.perf_counter() - start)
+        rows.append(full)
         if sample_scope != "all users":
             start = time.perf_counter()
             pred = model.predict(sample_test["user"], sample_test["item"])
             rows.append(_row(name, sample_scope, sample_test, pred, fit_s + time.perf_counter() - start))
-        print(f"  {name}: RMSE {rows[-2 if sample_scope != 'all users' else -1].rmse:.4f} (all users)")
+        print(f"  {name}: RMSE {full.rmse:.4f} (all users)")
 
     if not args.no_slm:
         start = time.perf_counter()

@@ -72,6 +72,15 @@ class MatrixFactorization:
 
     def fit(self, train: pd.DataFrame, valid: pd.DataFrame | None = None) -> "MatrixFactorization":
         """Train; with `valid`, keep the epoch count with the lowest validation RMSE."""
+        # Multi-threaded scatter-add in the gather backward sums in a varying order; pin it for reproducibility.
+        was = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(True)
+        try:
+            return self._fit(train, valid)
+        finally:
+            torch.use_deterministic_algorithms(was)
+
+    def _fit(self, train: pd.DataFrame, valid: pd.DataFrame | None) -> "MatrixFactorization":
         self._users = {u: k for k, u in enumerate(np.unique(train["user"]))}
         self._items = {i: k for k, i in enumerate(np.unique(train["item"]))}
         gen = torch.Generator().manual_seed(self.seed)

@@ -1,0 +1,63 @@
+import numpy as np
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from common.model import load_base_model
+from common.scoring import RatingHead, expected_rating, predict_with_prefix, rating_loss, rating_token_ids
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_base_model("tiny")
+
+
+def _full_vocab_expected(model, head, ids):
+    """Reference: the full-vocabulary logits of the last position, restricted to the five digits."""
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0, -1]
+    return float(torch.softmax(logits[head.token_ids], -1) @ torch.arange(1.0, 6.0))
+
+
+def test_five_token_scoring_matches_full_vocabulary(tiny):
+    model, tok = tiny
+    head = RatingHead(tok)
+    prefix = tok("<|im_start|>system\nA user profile.<|im_end|>\n", add_special_tokens=False)["input_ids"]
+    suffixes = [tok(f"<|im_start|>user\nMovie: {t}<|im_end|>\n<|im_start|>assistant\n",
+                    add_special_tokens=False)["input_ids"] for t in ["Heat", "Alien (1979) [Horror, Sci-Fi]", "Big", "X"]]
+    got = predict_with_prefix(model, head, prefix, suffixes, batch_size=3)  # two batches, padded
+    want = [_full_vocab_expected(model, head, prefix + s) for s in suffixes]
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert len(set(np.round(got, 6))) == len(got)  # different movies, different predictions
+
+
+def test_scoring_sees_the_adapter(tiny):
+    model, tok = tiny
+    head = RatingHead(tok)
+    peft_model = get_peft_model(load_base_model("tiny")[0], LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    prefix, suffix = [5, 6, 7, 8], [[9, 10, 11]]
+    before = predict_with_prefix(peft_model, head, prefix, suffix)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    after = predict_with_prefix(peft_model, head, prefix, suffix)
+    assert abs(after[0] - before[0]) > 1e-4
+    np.testing.assert_allclose(after, [_full_vocab_expected(peft_model, head, prefix + suffix[0])], atol=1e-5)
+
+
+def test_rating_tokens_are_single_tokens(tiny):
+    _, tok = tiny
+    ids = rating_token_ids(tok)
+    assert len(set(ids)) == 5 and [tok.decode([i]) for i in ids] == ["1", "2", "3", "4", "5"]
+
+
+def test_expected_rating_and_loss():
+    logits = torch.tensor([[10.0, 0, 0, 0, 0], [0, 0, 0, 0, 10.0], [0.0, 0, 0, 0, 0]])
+    np.testing.assert_allclose(expected_rating(logits).numpy(), [1.0, 5.0, 3.0], atol=1e-3)
+    ratings = torch.tensor([1.0, 5.0, 3.0])
+    good = rating_loss(logits, ratings)
+    bad = rating_loss(logits, torch.tensor([5.0, 1.0, 3.0]))
+    assert good < bad
+    assert rating_loss(logits, ratings, mse_weight=1.0) > good  # the uniform row adds squared error 0, CE > 0
+    assert rating_loss(logits, torch.tensor([5.0, 1.0, 3.0]), mse_weight=1.0) > bad

@@ -1,0 +1,38 @@
+import numpy as np
+
+from common.metrics import rmse
+from common.split import temporal_split
+from simulations.classical import Biases, GlobalMean, MatrixFactorization, tune_mf
+from tests.conftest import make_data
+
+
+def _split():
+    ratings, _, _ = make_data(n_users=60, n_items=80, per_user=40, seed=1)
+    return temporal_split(ratings)
+
+
+def _score(model, split):
+    return rmse(model.predict(split.test["user"], split.test["item"]), split.test["rating"])
+
+
+def test_learners_beat_the_mean_on_data_with_structure():
+    split = _split()
+    mean = _score(GlobalMean().fit(split.train), split)
+    bias = _score(Biases().fit(split.train), split)
+    mf = _score(tune_mf(split.train), split)
+    assert bias < mean - 0.05
+    assert mf < bias  # the data has rank-2 user/item interactions the bias model cannot express
+
+
+def test_predictions_are_clipped_and_cover_unseen_ids():
+    split = _split()
+    for model in (Biases().fit(split.train), MatrixFactorization(epochs=30).fit(split.train)):
+        pred = model.predict([1, 9999, 1], [9999, 1, 2])
+        assert np.all((pred >= 1) & (pred <= 5)) and np.isfinite(pred).all()
+
+
+def test_mf_is_deterministic_given_a_seed():
+    split = _split()
+    a = MatrixFactorization(epochs=20, seed=3).fit(split.train).predict(split.test["user"], split.test["item"])
+    b = MatrixFactorization(epochs=20, seed=3).fit(split.train).predict(split.test["user"], split.test["item"])
+    np.testing.assert_array_equal(a, b)
