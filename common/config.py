@@ -56,3 +56,25 @@ class ScoringConfig:
 
     batch_size: int = 32  # rating items per forward pass
     mse_weight: float = 0.0  # loss = CE over the five digit logits + mse_weight * MSE(expected, true)
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """LoRA shape shared by every persona and personal adapter (they must be interchangeable)."""
+
+    rank: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ("q_proj", "v_proj")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Local training on one device."""
+
+    steps: int = 4  # optimiser steps per round
+    rows_per_step: int = 2  # packed sequences per step (one user's profile + several movies each)
+    items_per_row: int = 8  # rated movies packed behind one profile prefix
+    lr: float = 3e-4
+    mse_weight: float = 0.0
+    seed: int = 0
