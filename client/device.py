@@ -1,0 +1,112 @@
+"""One user's device: their ratings, their prompts, local training and scoring. Knows nothing of Flower.
+
+The base model is loaded once per process and shared by every device object in it (in a simulation one
+process plays many devices); each device swaps its adapter weights in before it uses the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from functools import cached_property, lru_cache
+
+import numpy as np
+import pandas as pd
+
+from common.adapters import adapter_arrays, add_lora, load_adapter_arrays
+from common.config import LoraSettings, PromptConfig, ScoringConfig, TrainConfig
+from common.data import MovieLens
+from common.model import load_base_model
+from common.personas import FeatureSpace, Onboarding
+from common.prompt import PromptBuilder, movie_text, user_profile
+from common.scoring import RatingHead, predict_with_prefix
+from common.training import train_local
+
+
+@dataclass
+class Runtime:
+    """The process-wide base model with one LoRA slot, its tokenizer and the rating head."""
+
+    model: object
+    tokenizer: object
+    head: RatingHead
+    builder: PromptBuilder
+    pad_id: int
+
+
+@lru_cache(maxsize=2)
+def runtime(base_model: str, lora: LoraSettings, device: str | None = None) -> Runtime:
+    model, tokenizer = load_base_model(base_model, device=device)
+    peft_model = add_lora(model, lora)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return Runtime(peft_model, tokenizer, RatingHead(tokenizer), PromptBuilder(tokenizer, PromptConfig()), pad)
+
+
+@dataclass
+class Device:
+    user: int
+    data: MovieLens
+    train: pd.DataFrame  # this user's training ratings only
+    test: pd.DataFrame  # this user's held-out ratings only
+    rt: Runtime
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
+
+    @cached_property
+    def profile(self) -> str:
+        return user_profile(self.train, self.data.items)
+
+    @cached_property
+    def prefix(self) -> list[int]:
+        return self.rt.builder.prefix_ids(self.profile)
+
+    def _suffixes(self, items) -> list[list[int]]:
+        return [self.rt.builder.suffix_ids(movie_text(self.data.items.loc[i])) for i in items]
+
+    @cached_property
+    def train_examples(self) -> tuple[list[list[int]], np.ndarray]:
+        """Training targets exclude the few movies quoted in the profile, whose rating the prompt gives away."""
+        quoted = set(self.train.sort_values(["ts", "item"]).tail(PromptConfig().recent_items)["item"])
+        rows = self.train[~self.train["item"].isin(quoted)]
+        if rows.empty:
+            rows = self.train
+        return self._suffixes(rows["item"]), rows["rating"].to_numpy(np.float64)
+
+    @cached_property
+    def test_examples(self) -> tuple[list[list[int]], np.ndarray]:
+        return self._suffixes(self.test["item"]), self.test["rating"].to_numpy(np.float64)
+
+    @property
+    def n_train(self) -> int:
+        return len(self.train)
+
+    def onboarding(self, space_genres: int = 3) -> Onboarding:
+        """The answers this user would give at sign-up: demographics and a few liked genres."""
+        u = self.data.users.loc[self.user]
+        genres = self.train.assign(g=self.data.items.loc[self.train["item"], "genres"].to_numpy()).explode("g")
+        liked = genres[genres["rating"] >= 4]["g"].dropna().value_counts().index[:space_genres]
+        return Onboarding(int(u["age"]), str(u["gender"]), str(u["occupation"]), tuple(liked))
+
+    def train_adapter(self, arrays: dict[str, np.ndarray], cfg: TrainConfig) -> tuple[dict[str, np.ndarray], dict]:
+        """Start from `arrays`, train locally; returns the trained weights and metrics."""
+        load_adapter_arrays(self.rt.model, arrays)
+        suffixes, ratings = self.train_examples
+        cfg = replace(cfg, seed=cfg.seed * 1_000_003 + self.user)  # different draws per user, reproducible
+        metrics = train_local(self.rt.model, self.rt.head, self.prefix, suffixes, ratings, cfg, pad_id=self.rt.pad_id)
+        return adapter_arrays(self.rt.model), metrics
+
+    def predict(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
+        load_adapter_arrays(self.rt.model, arrays)
+        suffixes, _ = self.test_examples
+        return predict_with_prefix(self.rt.model, self.rt.head, self.prefix, suffixes,
+                                   batch_size=self.scoring.batch_size, pad_id=self.rt.pad_id)
+
+    def errors(self, arrays: dict[str, np.ndarray]) -> dict[str, float]:
+        """Sums of squared and absolute errors on the held-out ratings (sums aggregate exactly)."""
+        pred = self.predict(arrays)
+        _, true = self.test_examples
+        return {"sse": float(((pred - true) ** 2).sum()), "sae": float(np.abs(pred - true).sum()), "n": float(len(true))}
+
+
+def feature_space(data: MovieLens) -> FeatureSpace:
+    """Onboarding layout: the data set's occupations and genres, sorted, so every party derives the same one."""
+    genres = sorted({g for gs in data.items["genres"] for g in gs})
+    return FeatureSpace(occupations=tuple(sorted(data.users["occupation"].unique())), genres=tuple(genres))
