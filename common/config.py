@@ -78,3 +78,53 @@ class TrainConfig:
     lr: float = 3e-4
     mse_weight: float = 0.0
     seed: int = 0
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """Everything a federated run needs; read from `[tool.flwr.app.config]` (overridable with --run-config)."""
+
+    num_rounds: int = 6
+    num_personas: int = 4  # K; K=1 is the single shared adapter baseline
+    kmeans_iters: int = 4  # Lloyd iterations, one federated query round each
+    fraction_train: float = 0.02  # of all nodes, per round
+    min_train_nodes: int = 2
+    local_steps: int = 2  # steps on the persona adapter per round
+    personal_steps: int = 2  # steps on the on-device personal adapter per round
+    rows_per_step: int = 1
+    items_per_row: int = 8
+    lr: float = 1e-3
+    lora_rank: int = 8
+    lora_alpha: int = 16
+    lora_targets: str = "q_proj,v_proj"
+    eval_every: int = 3  # evaluate after every n-th round and after the last
+    eval_users: int = 40  # fixed seeded sample of devices scored at each evaluation
+    cold_start_threshold: int = 20  # fewer training ratings than this: persona from onboarding answers
+    dataset: str = "ml-100k"
+    split: str = "default"
+    base_model: str = "smollm2-135m"
+    min_nodes: int = 1  # wait for this many devices before persona discovery
+    seed: int = 0
+    out_dir: str = "results/federated"
+
+    @classmethod
+    def from_run_config(cls, run_config: dict) -> "FederationConfig":
+        known = {f.replace("_", "-"): f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(run_config) - set(known))
+        if unknown:
+            raise ValueError(f"unknown run-config keys {unknown}; known: {sorted(known)}")
+        values = {}
+        for key, value in run_config.items():
+            name = known[key]
+            kind = type(getattr(cls, name))
+            values[name] = kind(value) if kind is not bool else str(value).lower() in ("1", "true", "yes")
+        return cls(**values)
+
+    @property
+    def lora(self) -> LoraSettings:
+        return LoraSettings(rank=self.lora_rank, alpha=self.lora_alpha,
+                            targets=tuple(t.strip() for t in self.lora_targets.split(",") if t.strip()))
+
+    def train(self, steps: int) -> TrainConfig:
+        return TrainConfig(steps=steps, rows_per_step=self.rows_per_step, items_per_row=self.items_per_row,
+                           lr=self.lr, seed=self.seed)

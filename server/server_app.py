@@ -1,0 +1,119 @@
+"""Flower ServerApp: discover personas from aggregates, then train K persona adapters with PersonaStrategy.
+
+Output directory (`out-dir`), which holds persona artefacts only:
+    personas/p{k}/r{round:04d}/  adapter_config.json, adapter_model.safetensors, manifest.json
+    history.json                 per-round train and evaluation metrics, persona sizes, timings
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from logging import INFO, WARNING
+from pathlib import Path
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid, ServerApp
+
+from common.adapters import adapter_arrays, add_lora
+from common.config import FederationConfig
+from common.model import load_base_model
+from common.personas import update_centroids
+from server.registry import PersonaStore
+from server.strategy import PersonaStrategy, join_personas
+
+def _query(grid: Grid, nodes: list[int], action: str, content: RecordDict, timeout: float) -> list[Message]:
+    messages = [Message(content=content, message_type=f"{MessageType.QUERY}.{action}", dst_node_id=n) for n in nodes]
+    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    ok = [r for r in replies if not r.has_error()]
+    for r in replies:
+        if r.has_error():
+            log(WARNING, "query.%s: node %s failed: %s", action, r.metadata.src_node_id, r.error.reason)
+    return ok
+
+
+def _sum(replies: list[Message], key: str) -> np.ndarray:
+    return sum(r.content["arrays"][key].numpy().astype(np.float64) for r in replies)
+
+
+def discover_personas(grid: Grid, nodes: list[int], cfg: FederationConfig, timeout: float = 3600
+                      ) -> tuple[dict[int, int], dict]:
+    """Federated k-means over profile embeddings, then cold-start assignment. Returns node -> persona."""
+    centroids = None
+    for iteration in range(cfg.kmeans_iters if cfg.num_personas > 1 else 0):
+        content = RecordDict({"config": ConfigRecord({"iteration": iteration})})
+        if centroids is not None:
+            content["centroids"] = ArrayRecord({"c": Array(centroids.astype(np.float32))})
+        replies = _query(grid, nodes, "embed", content, timeout)
+        counts = _sum(replies, "counts")
+        centroids = update_centroids(_sum(replies, "sums"), counts, centroids)
+        log(INFO, "persona discovery %d: sizes %s", iteration, counts.astype(int).tolist())
+    if centroids is None:
+        centroids = np.zeros((cfg.num_personas, 384))
+    content = RecordDict({"centroids": ArrayRecord({"c": Array(centroids.astype(np.float32))})})
+    assigned = _query(grid, nodes, "assign", content, timeout)
+    tables = ArrayRecord({"features": Array(_sum(assigned, "features").astype(np.float32)),
+                          "counts": Array(_sum(assigned, "counts").astype(np.float32))})
+    replies = _query(grid, nodes, "cold", RecordDict({"tables": tables}), timeout)
+    node_persona = {r.metadata.src_node_id: int(r.content["metrics"]["persona"]) for r in replies}
+    cold = sum(int(r.content["metrics"]["cold"]) for r in replies)
+    sizes = np.bincount(list(node_persona.values()), minlength=cfg.num_personas).tolist()
+    log(INFO, "personas: sizes %s (%d cold-start devices placed from onboarding answers)", sizes, cold)
+    return node_persona, {"sizes": sizes, "cold_start_devices": cold}
+
+
+def wait_for_nodes(grid: Grid, expected: int, timeout: float = 600) -> list[int]:
+    deadline = time.time() + timeout
+    while len(nodes := sorted(grid.get_node_ids())) < expected and time.time() < deadline:
+        time.sleep(1)
+    return nodes
+
+
+def build_app(overrides: dict | None = None) -> ServerApp:
+    """The ServerApp; `overrides` (run-config keys) take precedence over the run's config (used by simulations)."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run(grid, FederationConfig.from_run_config({**dict(context.run_config), **(overrides or {})}))
+
+    return app
+
+
+def run(grid: Grid, cfg: FederationConfig) -> None:
+    out = Path(cfg.out_dir)
+    started = time.time()
+    nodes = wait_for_nodes(grid, cfg.min_nodes)
+    log(INFO, "%d devices online", len(nodes))
+
+    node_persona, persona_info = discover_personas(grid, nodes, cfg)
+    model, _ = load_base_model(cfg.base_model)
+    initial = adapter_arrays(add_lora(model, cfg.lora, seed=cfg.seed))
+    store = PersonaStore(out / "personas", cfg.lora, cfg.base_model)
+    for persona in range(cfg.num_personas):
+        store.release(0, persona, initial, 0, {})
+
+    rng = np.random.default_rng(cfg.seed)
+    candidates = sorted(node_persona)  # node ids are uint64: sample positions, not ids, with numpy
+    picks = rng.choice(len(candidates), size=min(cfg.eval_users, len(candidates)), replace=False)
+    eval_nodes = sorted(candidates[i] for i in picks)
+    strategy = PersonaStrategy(node_persona, cfg.fraction_train, cfg.min_train_nodes, eval_nodes,
+                               cfg.eval_every, cfg.num_rounds, on_release=store.release, seed=cfg.seed)
+    result = strategy.start(grid, join_personas({p: initial for p in range(cfg.num_personas)}),
+                            num_rounds=cfg.num_rounds, train_config=ConfigRecord(), evaluate_config=ConfigRecord())
+    history = {
+        "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
+        "devices": len(nodes),
+        "personas": persona_info,
+        "train": {r: dict(m) for r, m in result.train_metrics_clientapp.items()},
+        "evaluate": {r: dict(m) for r, m in result.evaluate_metrics_clientapp.items()},
+        "seconds": time.time() - started,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "history.json").write_text(json.dumps(history, indent=2))
+    log(INFO, "wrote %s", out / "history.json")
+
+
+app = build_app()

@@ -1,0 +1,190 @@
+"""PersonaStrategy: FedAvg of adapter deltas, separately for each persona.
+
+The coordinator's whole model state is one ArrayRecord holding K persona adapters under keys "p{k}/<peft key>".
+That keeps `Strategy.start` (rounds, timeouts, history) usable unchanged: `configure_train` sends each sampled
+device only its persona's slice, and `aggregate_train` folds the example-weighted mean of the returned deltas
+into that persona alone. A persona none of whose devices replied keeps its adapter and version.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from logging import INFO, WARNING
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+
+Arrays = dict[str, np.ndarray]
+# (round, persona, new adapter, contributing devices, aggregated train metrics) -> None
+ReleaseHook = Callable[[int, int, Arrays, int, dict], None]
+
+
+def join_personas(personas: dict[int, Arrays]) -> ArrayRecord:
+    return ArrayRecord({f"p{p}/{k}": Array(np.ascontiguousarray(v)) for p, arrs in sorted(personas.items())
+                        for k, v in arrs.items()})
+
+
+def split_personas(record: ArrayRecord) -> dict[int, Arrays]:
+    out: dict[int, Arrays] = defaultdict(dict)
+    for key, arr in record.items():
+        persona, name = key.split("/", 1)
+        out[int(persona[1:])][name] = arr.numpy()
+    return dict(out)
+
+
+def to_record(arrays: Arrays) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+
+def from_record(record: ArrayRecord) -> Arrays:
+    return {k: a.numpy() for k, a in record.items()}
+
+
+def check_update(delta: Arrays, reference: Arrays) -> str | None:
+    """Why an update is unusable (wrong keys or shapes, non-finite values), or None if it is fine."""
+    if set(delta) != set(reference):
+        return f"keys differ from the persona adapter ({len(set(delta) ^ set(reference))} mismatched)"
+    for k, v in delta.items():
+        if v.shape != reference[k].shape:
+            return f"{k} has shape {v.shape}, expected {reference[k].shape}"
+        if not np.isfinite(v).all():
+            return f"{k} has NaN or Inf values"
+    return None
+
+
+class PersonaStrategy(FedAvg):
+    def __init__(
+        self,
+        node_persona: dict[int, int],
+        fraction_train: float,
+        min_train_nodes: int = 1,
+        eval_nodes: Iterable[int] = (),
+        eval_every: int = 1,
+        num_rounds: int | None = None,
+        on_release: ReleaseHook | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(fraction_train=fraction_train, min_train_nodes=min_train_nodes, min_available_nodes=1,
+                         min_evaluate_nodes=0, weighted_by_key="num-examples")
+        self.node_persona = dict(node_persona)
+        self.eval_nodes = [n for n in eval_nodes if n in self.node_persona]
+        self.eval_every = eval_every
+        self.num_rounds = num_rounds
+        self.on_release = on_release
+        self._rng = random.Random(seed)
+        self._current: dict[int, Arrays] = {}
+
+    def summary(self) -> None:
+        sizes = np.bincount(list(self.node_persona.values())) if self.node_persona else []
+        log(INFO, "\t├── Personas: %d, devices per persona %s", len(sizes), list(map(int, sizes)))
+        log(INFO, "\t└── Train fraction %.3f, evaluation devices %d every %d rounds",
+            self.fraction_train, len(self.eval_nodes), self.eval_every)
+
+    def _messages(self, nodes: list[int], arrays: ArrayRecord, config: ConfigRecord, kind: str) -> list[Message]:
+        personas = split_personas(arrays)
+        self._current = personas
+        messages = []
+        for node in nodes:
+            persona = self.node_persona[node]
+            cfg = ConfigRecord({**dict(config), "persona": persona})
+            content = RecordDict({"arrays": to_record(personas[persona]), "config": cfg})
+            messages.append(Message(content=content, message_type=kind, dst_node_id=node))
+        return messages
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        online = set(grid.get_node_ids())
+        eligible = sorted(n for n in self.node_persona if n in online)
+        size = min(len(eligible), max(math.ceil(self.fraction_train * len(eligible)), self.min_train_nodes))
+        nodes = sorted(self._rng.sample(eligible, size))
+        log(INFO, "configure_train: %d of %d devices", len(nodes), len(eligible))
+        config["server-round"] = server_round
+        return self._messages(nodes, arrays, config, MessageType.TRAIN)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        valid, _ = self._check_and_log_replies(replies, is_train=True, validate=False)
+        groups: dict[int, list[RecordDict]] = defaultdict(list)
+        for msg in valid:
+            persona = self.node_persona.get(msg.metadata.src_node_id)
+            content = msg.content
+            if persona is None or "arrays" not in content or "metrics" not in content:
+                log(WARNING, "rejected reply from node %s: not a persona update", msg.metadata.src_node_id)
+                continue
+            if content["metrics"].get("skipped"):
+                continue
+            problem = check_update(from_record(content["arrays"]), self._current[persona])
+            weight = content["metrics"].get("num-examples", 0)
+            if problem is None and not (isinstance(weight, (int, float)) and weight > 0):
+                problem = f"num-examples must be positive, got {weight!r}"
+            if problem:
+                log(WARNING, "rejected update from node %s: %s", msg.metadata.src_node_id, problem)
+                continue
+            groups[persona].append(content)
+
+        new = {p: dict(arrs) for p, arrs in self._current.items()}
+        metrics = MetricRecord()
+        for persona, contents in sorted(groups.items()):
+            mean_delta = from_record(aggregate_arrayrecords(contents, "num-examples"))
+            new[persona] = {k: (v + mean_delta[k]).astype(np.float32) for k, v in self._current[persona].items()}
+            persona_metrics = _mean_metrics(contents)
+            for key in ("train_loss", "tokens_per_s", "gflops_per_s"):
+                if key in persona_metrics:
+                    metrics[f"p{persona}_{key}"] = persona_metrics[key]
+            metrics[f"p{persona}_devices"] = len(contents)
+            if self.on_release:
+                self.on_release(server_round, persona, new[persona], len(contents), persona_metrics)
+        if not groups:
+            return None, None
+        metrics.update({k: v for k, v in _mean_metrics([c for g in groups.values() for c in g]).items()
+                        if k in ("train_loss", "tokens_per_s", "gflops_per_s")})
+        return join_personas(new), metrics
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        last = self.num_rounds is not None and server_round == self.num_rounds
+        if not self.eval_nodes or (server_round % self.eval_every and not last):
+            return []
+        config["server-round"] = server_round
+        online = set(grid.get_node_ids())
+        return self._messages([n for n in self.eval_nodes if n in online], arrays, config, MessageType.EVALUATE)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        valid, _ = self._check_and_log_replies(replies, is_train=False, validate=False)
+        sums: dict[str, float] = defaultdict(float)
+        for msg in valid:
+            m = msg.content["metrics"]
+            persona = self.node_persona.get(msg.metadata.src_node_id)
+            bucket = "cold" if m.get("cold") else "warm"
+            for scope in ("all", f"p{persona}", bucket):
+                for key in ("persona_sse", "persona_sae", "personal_sse", "personal_sae", "n"):
+                    sums[f"{scope}/{key}"] += float(m[key])
+                sums[f"{scope}/users"] += 1
+        if not valid:
+            return None
+        out = MetricRecord()
+        for scope in sorted({k.split("/")[0] for k in sums}):
+            n = sums[f"{scope}/n"]
+            if n == 0:
+                continue
+            prefix = "" if scope == "all" else f"{scope}_"
+            for path in ("persona", "personal"):
+                out[f"{prefix}{path}_rmse"] = math.sqrt(sums[f"{scope}/{path}_sse"] / n)
+                out[f"{prefix}{path}_mae"] = sums[f"{scope}/{path}_sae"] / n
+            out[f"{prefix}ratings"] = n
+            out[f"{prefix}users"] = sums[f"{scope}/users"]
+        return out
+
+
+def _mean_metrics(contents: list[RecordDict]) -> dict[str, float]:
+    """Example-weighted means of the numeric train metrics of several replies."""
+    total = sum(c["metrics"]["num-examples"] for c in contents)
+    keys = set.intersection(*(set(c["metrics"]) for c in contents)) - {"num-examples", "persona"}
+    return {k: sum(c["metrics"][k] * c["metrics"]["num-examples"] for c in contents) / total
+            for k in sorted(keys) if all(isinstance(c["metrics"][k], (int, float)) for c in contents)}
