@@ -23,13 +23,19 @@ from client.device import Device, feature_space, runtime
 from common.config import FederationConfig, ScoringConfig, split_preset
 from common.data import load_movielens
 from common.personas import cold_start_persona, embed_profiles, initial_slot, nearest, slot_sums
-from common.split import temporal_split
+from common.split import sample_users, temporal_split
 from server.strategy import from_record, to_record
 
 @lru_cache(maxsize=2)
 def _dataset(name: str, split: str):
     data = load_movielens(name)
     return data, temporal_split(data.ratings, split_preset(split))
+
+
+@lru_cache(maxsize=4)
+def _eval_sample(name: str, split: str, n: int, seed: int) -> frozenset:
+    """The seeded evaluation sample; the simulation's baseline rows are scored on the same users."""
+    return frozenset(int(u) for u in sample_users(_dataset(name, split)[1].users, n, seed))
 
 
 def _device(context: Context, overrides: dict) -> tuple[Device, FederationConfig]:
@@ -116,14 +122,15 @@ def build_app(overrides: dict | None = None) -> ClientApp:
     def cold(message: Message, context: Context) -> Message:
         device, cfg = _device(context, overrides)
         state = _state(context)
+        in_eval = int(device.user in _eval_sample(cfg.dataset, cfg.split, cfg.eval_users, cfg.seed))
         if device.n_train >= cfg.cold_start_threshold:
-            return _reply(message, {"cold": 0, "persona": int(state["persona"])})
+            return _reply(message, {"cold": 0, "persona": int(state["persona"]), "eval": in_eval})
         space = feature_space(device.data)
         tables = message.content["tables"]
         persona = cold_start_persona(space.encode(device.onboarding()), tables["features"].numpy(),
                                      tables["counts"].numpy(), space)
         state["persona"] = persona
-        return _reply(message, {"cold": 1, "persona": persona})
+        return _reply(message, {"cold": 1, "persona": persona, "eval": in_eval})
 
     @app.train()
     def train(message: Message, context: Context) -> Message:

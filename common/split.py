@@ -37,3 +37,13 @@ def temporal_split(ratings: pd.DataFrame, cfg: SplitConfig = SplitConfig()) -> S
     n_train = np.clip(np.floor(cfg.train_frac * n).astype(int), 1, n - 1)
     is_train = rank < n_train
     return Split(train=df[is_train].reset_index(drop=True), test=df[~is_train].reset_index(drop=True))
+
+
+def sample_users(users: np.ndarray, n: int | None, seed: int) -> np.ndarray:
+    """A fixed, seeded sample of `n` users (all of them when n is None or too large).
+
+    The evaluation sample: the simulation's devices and the baseline rows derive the same one from it.
+    """
+    if n is None or n >= len(users):
+        return np.sort(users)
+    return np.sort(np.random.default_rng(seed).choice(np.sort(users), size=n, replace=False))

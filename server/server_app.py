@@ -39,8 +39,11 @@ def _sum(replies: list[Message], key: str) -> np.ndarray:
 
 
 def discover_personas(grid: Grid, nodes: list[int], cfg: FederationConfig, timeout: float = 3600
-                      ) -> tuple[dict[int, int], dict]:
-    """Federated k-means over profile embeddings, then cold-start assignment. Returns node -> persona."""
+                      ) -> tuple[dict[int, int], list[int], dict]:
+    """Federated k-means over profile embeddings, then cold-start assignment.
+
+    Returns node -> persona, the evaluation devices, and persona sizes.
+    """
     centroids = None
     for iteration in range(cfg.kmeans_iters if cfg.num_personas > 1 else 0):
         content = RecordDict({"config": ConfigRecord({"iteration": iteration})})
@@ -58,10 +61,12 @@ def discover_personas(grid: Grid, nodes: list[int], cfg: FederationConfig, timeo
                           "counts": Array(_sum(assigned, "counts").astype(np.float32))})
     replies = _query(grid, nodes, "cold", RecordDict({"tables": tables}), timeout)
     node_persona = {r.metadata.src_node_id: int(r.content["metrics"]["persona"]) for r in replies}
+    # Membership of the evaluation sample is a seeded coin the device reports; it says nothing about its data.
+    eval_nodes = sorted(r.metadata.src_node_id for r in replies if r.content["metrics"].get("eval"))
     cold = sum(int(r.content["metrics"]["cold"]) for r in replies)
     sizes = np.bincount(list(node_persona.values()), minlength=cfg.num_personas).tolist()
     log(INFO, "personas: sizes %s (%d cold-start devices placed from onboarding answers)", sizes, cold)
-    return node_persona, {"sizes": sizes, "cold_start_devices": cold}
+    return node_persona, eval_nodes, {"sizes": sizes, "cold_start_devices": cold}
 
 
 def wait_for_nodes(grid: Grid, expected: int, timeout: float = 600) -> list[int]:
@@ -88,17 +93,13 @@ def run(grid: Grid, cfg: FederationConfig) -> None:
     nodes = wait_for_nodes(grid, cfg.min_nodes)
     log(INFO, "%d devices online", len(nodes))
 
-    node_persona, persona_info = discover_personas(grid, nodes, cfg)
+    node_persona, eval_nodes, persona_info = discover_personas(grid, nodes, cfg)
     model, _ = load_base_model(cfg.base_model)
     initial = adapter_arrays(add_lora(model, cfg.lora, seed=cfg.seed))
     store = PersonaStore(out / "personas", cfg.lora, cfg.base_model)
     for persona in range(cfg.num_personas):
         store.release(0, persona, initial, 0, {})
 
-    rng = np.random.default_rng(cfg.seed)
-    candidates = sorted(node_persona)  # node ids are uint64: sample positions, not ids, with numpy
-    picks = rng.choice(len(candidates), size=min(cfg.eval_users, len(candidates)), replace=False)
-    eval_nodes = sorted(candidates[i] for i in picks)
     strategy = PersonaStrategy(node_persona, cfg.fraction_train, cfg.min_train_nodes, eval_nodes,
                                cfg.eval_every, cfg.num_rounds, on_release=store.release, seed=cfg.seed)
     result = strategy.start(grid, join_personas({p: initial for p in range(cfg.num_personas)}),

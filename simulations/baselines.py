@@ -24,7 +24,7 @@ from common.data import load_movielens
 from common.evaluation import predict_users
 from common.metrics import mae, rmse
 from common.model import load_base_model
-from common.split import temporal_split
+from common.split import sample_users, temporal_split
 from simulations.classical import Biases, GlobalMean, tune_mf
 
 
@@ -37,13 +37,6 @@ class Row:
     rmse: float
     mae: float
     wall_s: float
-
-
-def sample_users(users: np.ndarray, n: int | None, seed: int) -> np.ndarray:
-    """A fixed, seeded sample of `n` users (all of them when n is None or too large)."""
-    if n is None or n >= len(users):
-        return np.sort(users)
-    return np.sort(np.random.default_rng(seed).choice(users, size=n, replace=False))
 
 
 def _row(method: str, scope: str, test: pd.DataFrame, pred: np.ndarray, wall: float) -> Row:

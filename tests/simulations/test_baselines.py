@@ -2,7 +2,8 @@ import json
 
 import pandas as pd
 
-from simulations.baselines import main, sample_users
+from common.split import sample_users
+from simulations.baselines import main
 
 
 def test_baseline_table_end_to_end(ml100k_dir, tmp_path, capsys):
