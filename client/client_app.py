@@ -154,10 +154,12 @@ def build_app(overrides: dict | None = None) -> ClientApp:
         else:
             personal = persona
         on_persona, on_personal = device.errors(persona), device.errors(personal)
+        distance = float(np.sqrt(sum(((personal[k] - persona[k]) ** 2).sum() for k in persona)))
         return _reply(message, {
             "num-examples": device.n_train, "cold": int(device.n_train < cfg.cold_start_threshold),
             "persona_sse": on_persona["sse"], "persona_sae": on_persona["sae"],
             "personal_sse": on_personal["sse"], "personal_sae": on_personal["sae"], "n": on_persona["n"],
+            "personal_distance": distance,
         })
 
     return app

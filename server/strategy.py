@@ -166,6 +166,7 @@ class PersonaStrategy(FedAvg):
                 for key in ("persona_sse", "persona_sae", "personal_sse", "personal_sae", "n"):
                     sums[f"{scope}/{key}"] += float(m[key])
                 sums[f"{scope}/users"] += 1
+                sums[f"{scope}/personal_distance"] += float(m.get("personal_distance", 0.0))
         if not valid:
             return None
         out = MetricRecord()
@@ -177,6 +178,8 @@ class PersonaStrategy(FedAvg):
             for path in ("persona", "personal"):
                 out[f"{prefix}{path}_rmse"] = math.sqrt(sums[f"{scope}/{path}_sse"] / n)
                 out[f"{prefix}{path}_mae"] = sums[f"{scope}/{path}_sae"] / n
+            # Mean L2 distance between a device's personal adapter and its persona's: how far devices drift.
+            out[f"{prefix}personal_distance"] = sums[f"{scope}/personal_distance"] / sums[f"{scope}/users"]
             out[f"{prefix}ratings"] = n
             out[f"{prefix}users"] = sums[f"{scope}/users"]
         return out

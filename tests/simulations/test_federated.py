@@ -1,0 +1,73 @@
+"""A real Flower simulation (Ray backend) of the whole system with the tiny model."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.numpy import load_file
+
+from common.model import load_base_model
+from simulations.federated import run_federation
+from tests.conftest import make_data, write_grouplens_100k
+
+PERSONA_FILES = {"adapter_config.json", "adapter_model.safetensors", "manifest.json"}
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fed")
+    ratings, items, users = make_data(n_users=6, n_items=40, per_user=25, seed=2)
+    # Two users with a short history: the cold-start path (threshold below is 18 training ratings).
+    ratings = ratings[~((ratings["user"] >= 5) & (ratings.groupby("user").cumcount() >= 20))]
+    data_dir = write_grouplens_100k(root / "ml", ratings, items, users)
+    overrides = {"base-model": "tiny", "dataset": str(data_dir), "num-personas": 2, "num-rounds": 2,
+                 "fraction-train": 0.5, "eval-every": 1, "eval-users": 6, "cold-start-threshold": 18,
+                 "kmeans-iters": 2, "lr": 0.01, "out-dir": str(root / "out")}
+    history = run_federation(overrides, num_nodes=6)
+    return history, root / "out"
+
+
+def test_persona_versions_are_written_as_loadable_peft_adapters(federation):
+    history, out = federation
+    versions = sorted(out.glob("personas/p*/r*"))
+    assert {v.parent.name for v in versions} == {"p0", "p1"}
+    assert any(v.name == "r0002" for v in versions) or any(v.name == "r0001" for v in versions)
+    latest = max(versions, key=lambda v: v.name)
+    manifest = json.loads((latest / "manifest.json").read_text())
+    assert manifest["contributing_devices"] >= 1 and manifest["round"] >= 1
+    base, tok = load_base_model("tiny")
+    model = PeftModel.from_pretrained(base, str(latest))
+    saved = load_file(str(latest / "adapter_model.safetensors"))
+    loaded = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    assert len(loaded) == len(saved)
+    some_key = sorted(saved)[0]
+    param = next(p for n, p in loaded.items() if n.replace(".default", "") == some_key)
+    assert torch.allclose(param, torch.from_numpy(saved[some_key]))
+    assert any(np.abs(v).sum() > 0 for k, v in saved.items() if "lora_B" in k)  # trained, not the zero init
+
+
+def test_coordinator_output_holds_persona_artefacts_only(federation):
+    _, out = federation
+    for path in out.rglob("*"):
+        if path.is_file():
+            rel = path.relative_to(out)
+            assert rel.as_posix() == "history.json" or (
+                rel.parts[0] == "personas" and rel.parts[1].startswith("p") and rel.name in PERSONA_FILES), rel
+    history_text = (out / "history.json").read_text()
+    assert "partition" not in history_text and "user" not in json.loads(history_text)["train"]["1"]
+
+
+def test_metrics_and_personal_adapters(federation):
+    history, _ = federation
+    assert history["devices"] == 6
+    assert sum(history["personas"]["sizes"]) == 6 and history["personas"]["cold_start_devices"] == 2
+    final = history["evaluate"][str(max(map(int, history["evaluate"])))]
+    for key in ("persona_rmse", "persona_mae", "personal_rmse", "personal_mae", "cold_persona_rmse",
+                "warm_persona_rmse"):
+        assert np.isfinite(final[key]) and final[key] > 0, key
+    assert final["users"] == 6 and final["ratings"] > 0
+    assert final["personal_distance"] > 0  # personal adapters moved away from their persona adapter
+    train = history["train"]["1"]
+    assert train["tokens_per_s"] > 0 and train["gflops_per_s"] > 0
