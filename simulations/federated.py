@@ -1,7 +1,8 @@
 """The whole system on one machine: a Flower simulation with one node per MovieLens user.
 
-    python -m simulations.federated            # real SmolLM2-135M, ML-100K; ~30-60 min on 2 CPU cores
-    python -m simulations.federated --quick    # the paper's 216 users, fewer rounds: a few minutes
+    python -m simulations.federated            # real SmolLM2-135M, ML-100K paper protocol: ~45 min on 2 CPU cores
+    python -m simulations.federated --quick    # 2 rounds, 6 evaluation users: under 10 minutes
+    python -m simulations.federated --set split=default   # all 943 users, 80/20 split
 
 Runs, on the same split and the same seeded evaluation users:
   classical baselines and the SLM with vanilla prompting (no adapter),
@@ -28,8 +29,7 @@ from common.model import load_base_model
 from common.split import sample_users, temporal_split
 from simulations.classical import Biases, GlobalMean, tune_mf
 
-QUICK = {"split": "paper", "num-rounds": 2, "eval-every": 1, "eval-users": 12, "fraction-train": 0.03,
-         "kmeans-iters": 2}
+QUICK = {"num-rounds": 2, "eval-every": 2, "eval-users": 6, "fraction-train": 0.025, "kmeans-iters": 2}
 
 
 def run_federation(overrides: dict, num_nodes: int, cpus_per_node: float | None = None) -> dict:
@@ -118,7 +118,7 @@ def markdown(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="a few minutes: paper split, 2 rounds, 12 eval users")
+    p.add_argument("--quick", action="store_true", help="under 10 minutes: 2 rounds, 6 evaluation users")
     p.add_argument("--personas", type=int, default=4, help="K for the persona run (K=1 always runs too)")
     p.add_argument("--no-slm-baseline", action="store_true", help="skip the vanilla-prompting row")
     p.add_argument("--out", default="results/federated")

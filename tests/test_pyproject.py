@@ -1,0 +1,23 @@
+"""`flwr run .` reads its settings from pyproject.toml; they must be the ones the code documents."""
+
+import tomllib
+from dataclasses import replace
+from pathlib import Path
+
+from common.config import FederationConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_flower_app_config_matches_the_dataclass_defaults():
+    flwr = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]
+    cfg = FederationConfig.from_run_config(flwr["app"]["config"])
+    assert replace(cfg, out_dir=FederationConfig().out_dir) == FederationConfig()
+    assert flwr["app"]["components"] == {"serverapp": "server.server_app:app", "clientapp": "client.client_app:app"}
+
+
+def test_unknown_run_config_key_is_refused():
+    import pytest
+
+    with pytest.raises(ValueError, match="unknown run-config keys"):
+        FederationConfig.from_run_config({"num-round": 3})
