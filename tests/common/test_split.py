@@ -3,7 +3,7 @@ import pandas as pd
 import pytest
 
 from common.config import SplitConfig, split_preset
-from common.split import temporal_split
+from common.split import sample_users, temporal_split
 
 
 def test_each_users_test_ratings_are_their_newest(raw_data):
@@ -40,3 +40,10 @@ def test_bad_configs():
         SplitConfig(train_frac=1.0)
     with pytest.raises(ValueError, match="unknown split preset"):
         split_preset("nope")
+
+
+def test_user_sample_is_fixed_by_the_seed():
+    users = np.arange(100)
+    assert (sample_users(users, 10, 0) == sample_users(users, 10, 0)).all()
+    assert not (sample_users(users, 10, 0) == sample_users(users, 10, 1)).all()
+    assert len(sample_users(users, None, 0)) == 100

@@ -2,7 +2,6 @@ import json
 
 import pandas as pd
 
-from common.split import sample_users
 from simulations.baselines import main
 
 
@@ -23,10 +22,3 @@ def test_baseline_table_end_to_end(ml100k_dir, tmp_path, capsys):
     assert (full["users"] == 12).all() and (full["test_ratings"] == 12 * 5).all()
     assert json.loads((out / "baselines.json").read_text())["rows"][0]["method"] == "global mean"
     assert "| SLM vanilla prompting (tiny) |" in capsys.readouterr().out
-
-
-def test_user_sample_is_fixed_by_the_seed():
-    users = pd.Series(range(100)).to_numpy()
-    assert (sample_users(users, 10, 0) == sample_users(users, 10, 0)).all()
-    assert not (sample_users(users, 10, 0) == sample_users(users, 10, 1)).all()
-    assert len(sample_users(users, None, 0)) == 100

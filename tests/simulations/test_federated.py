@@ -22,7 +22,7 @@ def federation(tmp_path_factory):
     # Two users with a short history: the cold-start path (threshold below is 18 training ratings).
     ratings = ratings[~((ratings["user"] >= 5) & (ratings.groupby("user").cumcount() >= 20))]
     data_dir = write_grouplens_100k(root / "ml", ratings, items, users)
-    overrides = {"base-model": "tiny", "dataset": str(data_dir), "num-personas": 2, "num-rounds": 2,
+    overrides = {"base-model": "tiny", "dataset": str(data_dir), "split": "default", "num-personas": 2, "num-rounds": 2,
                  "fraction-train": 0.5, "eval-every": 1, "eval-users": 6, "cold-start-threshold": 18,
                  "kmeans-iters": 2, "lr": 0.01, "out-dir": str(root / "out")}
     history = run_federation(overrides, num_nodes=6)

@@ -1,0 +1,43 @@
+import numpy as np
+
+from client.device import Device, feature_space, runtime
+from common.adapters import adapter_arrays
+from common.config import LoraSettings, PromptConfig
+from common.data import load_movielens
+from common.split import temporal_split
+
+
+def _device(ml100k_dir, user=1):
+    data = load_movielens(ml100k_dir)
+    split = temporal_split(data.ratings)
+    rt = runtime("tiny", LoraSettings(rank=4))
+    return Device(user, data, split.train[split.train["user"] == user], split.test[split.test["user"] == user], rt)
+
+
+def test_training_targets_leave_out_movies_quoted_in_the_profile(ml100k_dir):
+    device = _device(ml100k_dir)
+    suffixes, ratings = device.train_examples
+    assert len(suffixes) == device.n_train - PromptConfig().recent_items
+    recent = device.train.sort_values("ts").tail(PromptConfig().recent_items)["item"]
+    quoted = {tuple(device._suffixes([i])[0]) for i in recent}
+    assert not quoted & {tuple(s) for s in suffixes}
+
+
+def test_error_sums_match_predictions(ml100k_dir):
+    device = _device(ml100k_dir)
+    arrays = adapter_arrays(device.rt.model)
+    pred = device.predict(arrays)
+    _, true = device.test_examples
+    errors = device.errors(arrays)
+    assert errors["n"] == len(true) == len(device.test)
+    np.testing.assert_allclose(errors["sse"], ((pred - true) ** 2).sum())
+    np.testing.assert_allclose(errors["sae"], np.abs(pred - true).sum())
+
+
+def test_onboarding_answers_come_from_the_users_own_data(ml100k_dir):
+    device = _device(ml100k_dir, user=2)
+    answers = device.onboarding()
+    assert (answers.age, answers.gender, answers.occupation) == (21, "M", "engineer")
+    space = feature_space(device.data)
+    assert set(answers.liked_genres) <= set(space.genres) and len(answers.liked_genres) <= 3
+    assert space.encode(answers).sum() == 3 + len(answers.liked_genres)
