@@ -93,7 +93,7 @@ class FederationConfig:
     personal_steps: int = 2  # steps on the on-device personal adapter per round
     rows_per_step: int = 1
     items_per_row: int = 8
-    lr: float = 1e-3
+    lr: float = 2e-3
     lora_rank: int = 8
     lora_alpha: int = 16
     lora_targets: str = "q_proj,v_proj"

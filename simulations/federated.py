@@ -101,6 +101,7 @@ def plot(histories: dict[str, dict], baselines: list[dict], path: Path) -> None:
                     label=f"{name} ({path_name})")
     for row, colour in zip(baselines, ("grey", "tab:brown", "tab:olive", "black")):
         ax.axhline(row["rmse"], color=colour, linestyle=":", label=row["method"])
+    ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
     ax.set_xlabel("round")
     ax.set_ylabel("held-out RMSE (evaluation users)")
     ax.legend(fontsize=8)
