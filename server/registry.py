@@ -6,9 +6,6 @@ Only persona-level artefacts are ever written here: an adapter is the mean of se
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -17,6 +14,7 @@ from safetensors.numpy import save_file
 
 from common.adapters import lora_config
 from common.config import LoraSettings
+from common.files import atomic_directory
 
 
 class PersonaStore:
@@ -31,9 +29,7 @@ class PersonaStore:
     def release(self, round_: int, persona: int, arrays: dict[str, np.ndarray], devices: int, metrics: dict) -> Path:
         """Write one persona version atomically: a complete PEFT directory or nothing."""
         target = self.path(persona, round_)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
-        try:
+        with atomic_directory(target) as tmp:
             config = lora_config(self.lora)
             config.base_model_name_or_path = self.base_model
             config.save_pretrained(tmp)
@@ -43,12 +39,6 @@ class PersonaStore:
                         "base_model": self.base_model, "created": time.time(),
                         "train_metrics": {k: float(v) for k, v in metrics.items()}}
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return target
 
     def versions(self, persona: int) -> list[Path]:
