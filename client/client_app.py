@@ -7,24 +7,34 @@ Message types it answers:
 - train         persona adapter in -> persona delta out; the personal adapter is updated and stays here
 - evaluate      held-out error sums for the persona adapter and for the personal adapter
 
-Only sums, deltas and error sums leave the device. The personal adapter lives in the node's in-memory
-`context.state`, never on disk in plaintext.
+Only sums, deltas and error sums leave the device. The personal adapter lives in the device's encrypted store
+(`client.store`): `store-path` in the node config, else `<device-dir>/node-<partition>` in a simulation. The store's
+key comes from the node config's `store-key-file`, else the `PERSONAFL_STORE_KEY` environment variable, else a
+random key that exists only in this node's memory for the run (a simulated device's secure element): then
+whatever an earlier run left in that directory is unreadable, so it is crypto-shredded before first use.
 """
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
+import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.device import Device, feature_space, runtime
+from client.keys import KEY_ENV, RawKey
+from client.store import EncryptedStore
 from common.config import FederationConfig, ScoringConfig, split_preset
 from common.data import load_movielens
 from common.personas import cold_start_persona, embed_profiles, initial_slot, nearest, slot_sums
 from common.split import sample_users, temporal_split
 from server.strategy import from_record, to_record
+
+PERSONAL = "personal"  # the store name of the on-device personal adapter
 
 @lru_cache(maxsize=2)
 def _dataset(name: str, split: str):
@@ -75,11 +85,36 @@ def _reply(message: Message, metrics: dict, arrays: dict | None = None) -> Messa
     return Message(content=content, reply_to=message)
 
 
+def _store(device: Device, cfg: FederationConfig, context: Context) -> EncryptedStore:
+    node = context.node_config
+    root = Path(str(node["store-path"])) if "store-path" in node else \
+        Path(cfg.device_dir) / f"node-{int(node['partition-id']):04d}"
+    if "store-key-file" in node:
+        keys = RawKey.from_file(Path(str(node["store-key-file"])))
+    elif os.environ.get(KEY_ENV):
+        keys = RawKey.from_env()
+    else:
+        vault = context.state["vault"] if "vault" in context.state else None
+        if vault is None:
+            vault = context.state["vault"] = ConfigRecord({"kek": RawKey.generate().raw})
+            EncryptedStore(root, RawKey(vault["kek"])).forget(str(device.user))
+        keys = RawKey(vault["kek"])
+    return EncryptedStore(root, keys, keep_versions=cfg.device_keep_versions)
+
+
+def _load_personal(device: Device, cfg: FederationConfig, context: Context) -> dict | None:
+    store = _store(device, cfg, context)
+    if not store.versions(str(device.user), PERSONAL):
+        return None
+    return {k: v.numpy() for k, v in store.get_adapter(str(device.user), PERSONAL).items()}
+
+
 def _personal(device: Device, cfg: FederationConfig, context: Context, persona: dict) -> tuple[dict, dict]:
     """The on-device adapter: created from the persona adapter on first use, fine-tuned locally each time."""
-    start = from_record(context.state["personal"]) if "personal" in context.state else persona
-    personal, metrics = device.train_adapter(start, cfg.train(cfg.personal_steps))
-    context.state["personal"] = to_record(personal)
+    start = _load_personal(device, cfg, context)
+    personal, metrics = device.train_adapter(persona if start is None else start, cfg.train(cfg.personal_steps))
+    _store(device, cfg, context).put_adapter(str(device.user), PERSONAL,
+                                             {k: torch.from_numpy(v) for k, v in personal.items()})
     return personal, metrics
 
 
@@ -147,12 +182,9 @@ def build_app(overrides: dict | None = None) -> ClientApp:
     def evaluate(message: Message, context: Context) -> Message:
         device, cfg = _device(context, overrides)
         persona = from_record(message.content["arrays"])
-        if "personal" in context.state:
-            personal = from_record(context.state["personal"])
-        elif cfg.personal_steps > 0:
-            personal, _ = _personal(device, cfg, context, persona)
-        else:
-            personal = persona
+        personal = _load_personal(device, cfg, context)
+        if personal is None:
+            personal = _personal(device, cfg, context, persona)[0] if cfg.personal_steps > 0 else persona
         on_persona, on_personal = device.errors(persona), device.errors(personal)
         distance = float(np.sqrt(sum(((personal[k] - persona[k]) ** 2).sum() for k in persona)))
         return _reply(message, {

@@ -19,6 +19,9 @@ from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 from common.envelope import key_check
 
 
+KEY_ENV = "PERSONAFL_STORE_KEY"
+
+
 class KeySourceError(ValueError):
     """A key source that is missing or malformed."""
 
@@ -81,7 +84,7 @@ class RawKey:
             raise KeySourceError(f"key file {path} not found") from None
 
     @classmethod
-    def from_env(cls, var: str = "PERSONAFL_STORE_KEY") -> "RawKey":
+    def from_env(cls, var: str = KEY_ENV) -> "RawKey":
         if not os.environ.get(var):
             raise KeySourceError(f"environment variable {var} is not set")
         return cls.parse(os.environ[var])

@@ -107,7 +107,11 @@ class FederationConfig:
     base_model: str = "smollm2-135m"
     min_nodes: int = 1  # wait for this many devices before persona discovery
     seed: int = 0
-    out_dir: str = "results/federated"
+    out_dir: str = "results/federated"  # the coordinator's persona versions and history
+    # Each simulated device's encrypted store lives in <device-dir>/node-<partition> (a deployed device names
+    # its own with the node-config key `store-path`).
+    device_dir: str = "results/devices"
+    device_keep_versions: int = 2  # personal adapter versions a device keeps for rollback
 
     @classmethod
     def from_run_config(cls, run_config: dict) -> "FederationConfig":

@@ -7,7 +7,8 @@
 Runs, on the same split and the same seeded evaluation users:
   classical baselines and the SLM with vanilla prompting (no adapter),
   the federation with K=1 (one shared adapter) and with K personas,
-and writes results/federated/results.{md,csv,json} plus rmse_per_round.png.
+and writes results/federated/results.{md,csv,json} plus rmse_per_round.png; each run's persona versions go to
+results/federated/k<K>/ and its simulated devices' encrypted stores to results/federated/devices/k<K>/.
 """
 
 from __future__ import annotations
@@ -41,8 +42,9 @@ def run_federation(overrides: dict, num_nodes: int, cpus_per_node: float | None 
 
     cfg = FederationConfig.from_run_config(overrides)
     out = Path(cfg.out_dir)
-    if out.exists():
-        shutil.rmtree(out)  # a run's directory holds that run's persona versions only
+    for d in (out, Path(cfg.device_dir)):  # a run's directories hold that run's persona versions and devices only
+        if d.exists():
+            shutil.rmtree(d)
     overrides = {**overrides, "min-nodes": num_nodes}
     # One node at a time with every core: 2-core machines gain nothing from parallel model replicas.
     resources = {"num_cpus": cpus_per_node or float(os.cpu_count() or 1), "num_gpus": 0.0}
@@ -144,7 +146,8 @@ def main(argv: list[str] | None = None) -> None:
     histories = {}
     for name, k in (("single adapter", 1), (f"{args.personas} personas", args.personas)):
         print(f"\n=== federation: {name} (K={k}) ===")
-        histories[name] = run_federation({**overrides, "num-personas": k, "out-dir": str(out / f"k{k}")}, nodes)
+        histories[name] = run_federation({**overrides, "num-personas": k, "out-dir": str(out / f"k{k}"),
+                                          "device-dir": str(out / "devices" / f"k{k}")}, nodes)
         rows += federated_rows(name, k, histories[name])
 
     table = markdown(rows)

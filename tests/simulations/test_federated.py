@@ -1,6 +1,7 @@
 """A real Flower simulation (Ray backend) of the whole system with the tiny model."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -8,6 +9,8 @@ import torch
 from peft import PeftModel
 from safetensors.numpy import load_file
 
+from client.keys import KEY_ENV, RawKey
+from client.store import EncryptedStore
 from common.model import load_base_model
 from simulations.federated import run_federation
 from tests.conftest import make_data, write_grouplens_100k
@@ -24,13 +27,17 @@ def federation(tmp_path_factory):
     data_dir = write_grouplens_100k(root / "ml", ratings, items, users)
     overrides = {"base-model": "tiny", "dataset": str(data_dir), "split": "default", "num-personas": 2, "num-rounds": 2,
                  "fraction-train": 0.5, "eval-every": 1, "eval-users": 6, "cold-start-threshold": 18,
-                 "kmeans-iters": 2, "lr": 0.01, "out-dir": str(root / "out")}
-    history = run_federation(overrides, num_nodes=6)
-    return history, root / "out"
+                 "kmeans-iters": 2, "lr": 0.01, "out-dir": str(root / "out"), "device-dir": str(root / "devices")}
+    key = RawKey.generate()
+    # The devices take their store key from the environment (a daemon's key source), so the test can open them.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(KEY_ENV, key.raw.hex())
+        history = run_federation(overrides, num_nodes=6)
+    return history, root / "out", root / "devices", key
 
 
 def test_persona_versions_are_written_as_loadable_peft_adapters(federation):
-    history, out = federation
+    history, out = federation[:2]
     versions = sorted(out.glob("personas/p*/r*"))
     assert {v.parent.name for v in versions} == {"p0", "p1"}
     assert any(v.name == "r0002" for v in versions) or any(v.name == "r0001" for v in versions)
@@ -49,7 +56,7 @@ def test_persona_versions_are_written_as_loadable_peft_adapters(federation):
 
 
 def test_coordinator_output_holds_persona_artefacts_only(federation):
-    _, out = federation
+    out = federation[1]
     for path in out.rglob("*"):
         if path.is_file():
             rel = path.relative_to(out)
@@ -60,7 +67,7 @@ def test_coordinator_output_holds_persona_artefacts_only(federation):
 
 
 def test_metrics_and_personal_adapters(federation):
-    history, _ = federation
+    history = federation[0]
     assert history["devices"] == 6
     assert sum(history["personas"]["sizes"]) == 6 and history["personas"]["cold_start_devices"] == 2
     final = history["evaluate"][str(max(map(int, history["evaluate"])))]
@@ -71,3 +78,26 @@ def test_metrics_and_personal_adapters(federation):
     assert final["personal_distance"] > 0  # personal adapters moved away from their persona adapter
     train = history["train"]["1"]
     assert train["tokens_per_s"] > 0 and train["gflops_per_s"] > 0
+
+
+def test_device_stores_hold_personal_adapters_encrypted_only(federation):
+    devices, key = federation[2], federation[3]
+    nodes = sorted(devices.glob("node-*"))
+    assert len(nodes) == 6
+    blobs = [p.read_bytes() for p in devices.rglob("*") if p.is_file()]
+    assert blobs and all(b.startswith(b"PFLV") for b in blobs)
+    personal = []
+    for node in nodes:
+        store = EncryptedStore(node, key)
+        (user,) = store.users()
+        assert 1 <= len(store.versions(user, "personal")) <= 2  # keep-versions
+        personal.append(store.get_adapter(user, "personal"))
+    # Neither the safetensors header (tensor names) nor any run of a personal adapter's tensor bytes is on disk.
+    for blob in blobs:
+        assert b"lora_" not in blob and b"dtype" not in blob
+        for tensors in personal:
+            for name, t in tensors.items():
+                raw = t.numpy().tobytes()
+                if "lora_B" in name and np.abs(t.numpy()).sum() > 0:
+                    window = raw[len(raw) // 2: len(raw) // 2 + 32]
+                    assert window not in blob, name

@@ -1,0 +1,47 @@
+"""The ClientApp's key and store wiring (the Flower messages themselves run in tests/simulations)."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from flwr.app import Context, RecordDict
+
+from client.client_app import _store
+from client.keys import KEY_ENV, KeySourceError, RawKey
+from client.store import EncryptedStore
+from common.config import FederationConfig
+from common.envelope import WrongKeyError
+
+
+def _context(node_config: dict) -> Context:
+    return Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config={})
+
+
+def test_simulated_device_key_lives_in_node_memory_and_shreds_leftovers(tmp_path, monkeypatch):
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    cfg = FederationConfig(device_dir=str(tmp_path))
+    device = SimpleNamespace(user=7)
+    previous_run = _store(device, cfg, _context({"partition-id": 3}))
+    previous_run.put_adapter("7", "personal", {"w": torch.ones(4)})
+
+    context = _context({"partition-id": 3})
+    store = _store(device, cfg, context)
+    assert store.root == tmp_path / "node-0003"
+    assert store.users() == []  # the earlier run's files were unreadable under this run's key: shredded
+    store.put_adapter("7", "personal", {"w": torch.zeros(4)})
+    again = _store(device, cfg, context)  # same node, later message: same key
+    assert torch.equal(again.get_adapter("7", "personal")["w"], torch.zeros(4))
+    with pytest.raises(WrongKeyError):
+        EncryptedStore(store.root, RawKey.generate()).get_adapter("7", "personal")
+
+
+def test_deployed_device_uses_its_store_path_and_key_file(tmp_path, monkeypatch):
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    key = RawKey.generate()
+    (tmp_path / "kek").write_text(key.raw.hex())
+    node = {"store-path": str(tmp_path / "vault"), "store-key-file": str(tmp_path / "kek")}
+    store = _store(SimpleNamespace(user=1), FederationConfig(), _context(node))
+    assert store.root == tmp_path / "vault" and store.keys.key() == key.raw
+    node["store-key-file"] = str(tmp_path / "missing")
+    with pytest.raises(KeySourceError, match="not found"):
+        _store(SimpleNamespace(user=1), FederationConfig(), _context(node))
