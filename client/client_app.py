@@ -28,13 +28,15 @@ from flwr.clientapp import ClientApp
 from client.device import Device, feature_space, runtime
 from client.keys import KEY_ENV, RawKey
 from client.store import EncryptedStore
-from common.config import FederationConfig, ScoringConfig, split_preset
+from common.config import DeviceDP, FederationConfig, ScoringConfig, split_preset
 from common.data import load_movielens
+from common.privacy import BudgetExhausted, PrivacyLedger, noise_for_target
 from common.personas import cold_start_persona, embed_profiles, initial_slot, nearest, slot_sums
 from common.split import sample_users, temporal_split
 from server.strategy import from_record, to_record
 
 PERSONAL = "personal"  # the store name of the on-device personal adapter
+LEDGER = "privacy-ledger"  # the store name of the device's example-level privacy ledger
 
 @lru_cache(maxsize=2)
 def _dataset(name: str, split: str):
@@ -109,10 +111,42 @@ def _load_personal(device: Device, cfg: FederationConfig, context: Context) -> d
     return {k: v.numpy() for k, v in store.get_adapter(str(device.user), PERSONAL).items()}
 
 
+def _device_dp(device: Device, cfg: FederationConfig) -> DeviceDP:
+    noise = cfg.dp_device_noise
+    if cfg.dp_device_target_epsilon > 0:  # spread the target over a participation in every round
+        rate = device.dp_sample_rate(cfg.train(cfg.local_steps))
+        noise = noise_for_target(cfg.dp_device_target_epsilon, cfg.dp_delta, rate, cfg.num_rounds * cfg.local_steps)
+    return DeviceDP(noise, cfg.dp_device_clip, cfg.dp_delta, cfg.dp_device_budget or float("inf"))
+
+
+def _ledger(device: Device, cfg: FederationConfig, context: Context) -> PrivacyLedger:
+    """The device's persisted ledger; its budget is the configured one (an owner may raise or lower it)."""
+    store, dp = _store(device, cfg, context), _device_dp(device, cfg)
+    if store.versions(str(device.user), LEDGER):
+        ledger = PrivacyLedger.from_bytes(store.get_bytes(str(device.user), LEDGER))
+        ledger.budget, ledger.delta = dp.budget, dp.delta
+        return ledger
+    return PrivacyLedger(dp.budget, dp.delta)
+
+
+def _train(device: Device, cfg: FederationConfig, context: Context, start: dict, steps: int,
+           private: bool) -> tuple[dict, dict]:
+    """Local training, through DP-SGD and the persisted ledger when `private`."""
+    if not private:
+        return device.train_adapter(start, cfg.train(steps))
+    ledger = _ledger(device, cfg, context)
+    trained, metrics = device.train_adapter(start, cfg.train(steps), _device_dp(device, cfg), ledger)
+    _store(device, cfg, context).put_bytes(str(device.user), LEDGER, ledger.to_bytes())
+    return trained, metrics
+
+
 def _personal(device: Device, cfg: FederationConfig, context: Context, persona: dict) -> tuple[dict, dict]:
-    """The on-device adapter: created from the persona adapter on first use, fine-tuned locally each time."""
+    """The on-device adapter: created from the persona adapter on first use, fine-tuned locally each time.
+
+    It never leaves the device, so it trains without noise unless `dp-personal` is set."""
     start = _load_personal(device, cfg, context)
-    personal, metrics = device.train_adapter(persona if start is None else start, cfg.train(cfg.personal_steps))
+    personal, metrics = _train(device, cfg, context, persona if start is None else start, cfg.personal_steps,
+                               cfg.device_dp_enabled and cfg.dp_personal)
     _store(device, cfg, context).put_adapter(str(device.user), PERSONAL,
                                              {k: torch.from_numpy(v) for k, v in personal.items()})
     return personal, metrics
@@ -171,12 +205,21 @@ def build_app(overrides: dict | None = None) -> ClientApp:
     def train(message: Message, context: Context) -> Message:
         device, cfg = _device(context, overrides)
         persona = from_record(message.content["arrays"])
-        trained, metrics = device.train_adapter(persona, cfg.train(cfg.local_steps))
+        persona_id = int(message.content["config"]["persona"])
+        try:
+            trained, metrics = _train(device, cfg, context, persona, cfg.local_steps, cfg.device_dp_enabled)
+        except BudgetExhausted as e:  # the device keeps serving; it just stops contributing
+            reply = _reply(message, {"skipped": 1, "persona": persona_id, "num-examples": 1})
+            reply.content["status"] = ConfigRecord({"reason": str(e)})
+            return reply
         delta = {k: trained[k] - persona[k] for k in persona}
         if cfg.personal_steps > 0:
             _personal(device, cfg, context, persona)
-        return _reply(message, {"num-examples": device.n_train, "persona": int(message.content["config"]["persona"]),
-                                **metrics}, to_record(delta))
+        if cfg.device_dp_enabled or cfg.user_dp_enabled:
+            # Under DP only the update and non-data figures leave: no example count (uniform weights), no loss.
+            metrics = {k: metrics[k] for k in ("tokens_per_s", "gflops_per_s", "epsilon") if k in metrics}
+            return _reply(message, {"num-examples": 1, "persona": persona_id, **metrics}, to_record(delta))
+        return _reply(message, {"num-examples": device.n_train, "persona": persona_id, **metrics}, to_record(delta))
 
     @app.evaluate()
     def evaluate(message: Message, context: Context) -> Message:

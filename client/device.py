@@ -13,13 +13,14 @@ import numpy as np
 import pandas as pd
 
 from common.adapters import adapter_arrays, add_lora, load_adapter_arrays
-from common.config import LoraSettings, PromptConfig, ScoringConfig, TrainConfig
+from common.config import DeviceDP, LoraSettings, PromptConfig, ScoringConfig, TrainConfig
 from common.data import MovieLens
 from common.model import load_base_model
 from common.personas import FeatureSpace, Onboarding
 from common.prompt import PromptBuilder, movie_text, user_profile
 from common.scoring import RatingHead, predict_with_prefix
-from common.training import train_local
+from common.privacy import PrivacyLedger
+from common.training import dp_sample_rate, train_local, train_local_dp
 
 
 @dataclass
@@ -85,13 +86,23 @@ class Device:
         liked = genres[genres["rating"] >= 4]["g"].dropna().value_counts().index[:space_genres]
         return Onboarding(int(u["age"]), str(u["gender"]), str(u["occupation"]), tuple(liked))
 
-    def train_adapter(self, arrays: dict[str, np.ndarray], cfg: TrainConfig) -> tuple[dict[str, np.ndarray], dict]:
-        """Start from `arrays`, train locally; returns the trained weights and metrics."""
+    def train_adapter(self, arrays: dict[str, np.ndarray], cfg: TrainConfig, dp: DeviceDP | None = None,
+                      ledger: PrivacyLedger | None = None) -> tuple[dict[str, np.ndarray], dict]:
+        """Start from `arrays`, train locally (DP-SGD charged to `ledger` when `dp` is given); returns the trained
+        weights and metrics. Raises `BudgetExhausted` (nothing trained) when the ledger cannot afford it."""
         load_adapter_arrays(self.rt.model, arrays)
         suffixes, ratings = self.train_examples
         cfg = replace(cfg, seed=cfg.seed * 1_000_003 + self.user)  # different draws per user, reproducible
-        metrics = train_local(self.rt.model, self.rt.head, self.prefix, suffixes, ratings, cfg, pad_id=self.rt.pad_id)
+        if dp is None:
+            metrics = train_local(self.rt.model, self.rt.head, self.prefix, suffixes, ratings, cfg,
+                                  pad_id=self.rt.pad_id)
+        else:
+            metrics = train_local_dp(self.rt.model, self.rt.head, self.prefix, suffixes, ratings, cfg, dp, ledger,
+                                     pad_id=self.rt.pad_id)
         return adapter_arrays(self.rt.model), metrics
+
+    def dp_sample_rate(self, cfg: TrainConfig) -> float:
+        return dp_sample_rate(len(self.train_examples[1]), cfg)
 
     def predict(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
         load_adapter_arrays(self.rt.model, arrays)

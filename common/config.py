@@ -81,6 +81,25 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class DeviceDP:
+    """On-device DP-SGD. The unit is one record: a fixed group of <= items_per_row of the user's ratings."""
+
+    noise_multiplier: float
+    max_grad_norm: float
+    delta: float
+    budget: float  # lifetime epsilon of the device's example-level ledger
+
+
+@dataclass(frozen=True)
+class UserDP:
+    """Central user-level DP on persona releases (the unit is one device = one user)."""
+
+    noise_multiplier: float
+    clip: float  # L2 bound on one device's persona delta
+    delta: float
+
+
+@dataclass(frozen=True)
 class FederationConfig:
     """Everything a federated run needs; read from `[tool.flwr.app.config]` (overridable with --run-config)."""
 
@@ -112,6 +131,20 @@ class FederationConfig:
     # its own with the node-config key `store-path`).
     device_dir: str = "results/devices"
     device_keep_versions: int = 2  # personal adapter versions a device keeps for rollback
+    # On-device DP-SGD on the persona update (example level; the unit is a fixed record of <= items-per-row
+    # ratings). Off when both noise and target are 0. A target epsilon is spread over num-rounds participations.
+    dp_device_noise: float = 0.0
+    dp_device_target_epsilon: float = 0.0
+    dp_device_clip: float = 1.0
+    dp_device_budget: float = 0.0  # lifetime epsilon per device; 0 = no limit
+    dp_personal: bool = False  # DP-SGD for the personal adapter too (it never leaves the device, so optional)
+    # Central user-level DP on every persona release: each device's delta clipped to dp-user-clip, Gaussian noise
+    # of dp-user-noise x clip on each persona's sum. A target epsilon over num-rounds sets the noise instead.
+    dp_user_noise: float = 0.0
+    dp_user_target_epsilon: float = 0.0
+    dp_user_clip: float = 1.0
+    dp_discovery_noise: float = 0.0  # noise multiplier on persona-discovery sums (embeddings, onboarding counts)
+    dp_delta: float = 1e-5
 
     @classmethod
     def from_run_config(cls, run_config: dict) -> "FederationConfig":
@@ -130,6 +163,14 @@ class FederationConfig:
     def lora(self) -> LoraSettings:
         return LoraSettings(rank=self.lora_rank, alpha=self.lora_alpha,
                             targets=tuple(t.strip() for t in self.lora_targets.split(",") if t.strip()))
+
+    @property
+    def device_dp_enabled(self) -> bool:
+        return self.dp_device_noise > 0 or self.dp_device_target_epsilon > 0
+
+    @property
+    def user_dp_enabled(self) -> bool:
+        return self.dp_user_noise > 0 or self.dp_user_target_epsilon > 0
 
     def train(self, steps: int) -> TrainConfig:
         return TrainConfig(steps=steps, rows_per_step=self.rows_per_step, items_per_row=self.items_per_row,

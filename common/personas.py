@@ -55,11 +55,13 @@ def slot_sums(embedding: np.ndarray, slot: int, k: int) -> tuple[np.ndarray, np.
 
 
 def update_centroids(sums: np.ndarray, counts: np.ndarray, previous: np.ndarray | None) -> np.ndarray:
-    """New centroids from summed slots; an empty slot keeps its previous centroid (or the global mean)."""
+    """New centroids from summed slots; an empty slot keeps its previous centroid (or the global mean).
+
+    A slot counts as empty below one member, which also keeps DP noise on a near-empty slot from blowing up."""
     out = np.empty_like(sums)
     fallback = sums.sum(0) / max(counts.sum(), 1.0)
     for j in range(len(counts)):
-        if counts[j] > 0:
+        if counts[j] >= 1:
             out[j] = sums[j] / counts[j]
         else:
             out[j] = previous[j] if previous is not None else fallback

@@ -9,13 +9,15 @@ training and evaluation see the same computation. Loss is taken on five logits p
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from common.config import TrainConfig
+from common.config import DeviceDP, TrainConfig
+from common.privacy import PrivacyLedger
 from common.scoring import RatingHead, decoder, rating_loss
 
 
@@ -134,4 +136,102 @@ def train_local(
         "train_seconds": seconds,
         "tokens_per_s": tokens / seconds,
         "gflops_per_s": tokens * flops_per_token(model, training=True) / seconds / 1e9,
+    }
+
+
+def fixed_records(n: int, items_per_row: int, seed: int) -> list[list[int]]:
+    """The DP unit on a device: a fixed partition of its examples into records of <= `items_per_row`.
+
+    The partition depends on the device's seed only, never on the round, so one rating is in exactly one record
+    for the device's lifetime: record-level (epsilon, delta) covers adding or removing that rating.
+    """
+    order = np.random.default_rng(seed).permutation(n)
+    return [order[i:i + items_per_row].tolist() for i in range(0, n, items_per_row)]
+
+
+def dp_sample_rate(n: int, cfg: TrainConfig) -> float:
+    """The rate at which a DP step samples each record (1 / batches per pass, as Opacus accounts it)."""
+    records = -(-n // cfg.items_per_row)
+    return 1 / -(-records // cfg.rows_per_step)
+
+
+def _row_mean_loss(logits: torch.Tensor, batch: PackedBatch, rows: int, mse_weight: float) -> torch.Tensor:
+    """Mean over rows of each row's mean rating loss: Opacus' "mean" reduction then yields per-record gradients."""
+    target = batch.ratings.to(logits.device)
+    which = batch.rows.to(logits.device)
+    per_row = [rating_loss(logits[which == b], target[which == b], mse_weight) for b in range(rows)]
+    return torch.stack(per_row).mean()
+
+
+def train_local_dp(
+    model: torch.nn.Module,
+    head: RatingHead,
+    prefix: list[int],
+    suffixes: list[list[int]],
+    ratings: np.ndarray,
+    cfg: TrainConfig,
+    dp: DeviceDP,
+    ledger: PrivacyLedger,
+    pad_id: int = 0,
+    noise_seed: int | None = None,
+) -> dict[str, float]:
+    """DP-SGD (Opacus, hooks mode on the LoRA layers) over the device's fixed records.
+
+    Each step Poisson-samples records at rate `cfg.rows_per_step / len(records)`, clips every record's gradient to
+    `dp.max_grad_norm` and adds Gaussian noise (`dp.noise_multiplier` x that norm). The ledger is checked before
+    anything runs (raises `BudgetExhausted`) and charged with Opacus' accountant history afterwards. Noise is drawn
+    from OS randomness unless `noise_seed` is given (tests only).
+    """
+    from opacus import PrivacyEngine
+    from torch.utils.data import DataLoader, TensorDataset
+
+    if len(suffixes) == 0:
+        raise ValueError("no training ratings")
+    records = fixed_records(len(suffixes), cfg.items_per_row, cfg.seed)
+    loader = DataLoader(TensorDataset(torch.arange(len(records))), batch_size=cfg.rows_per_step)
+    sample_rate = dp_sample_rate(len(suffixes), cfg)
+    assert sample_rate == 1 / len(loader)  # what Opacus' make_private accounts with
+    ledger.check(dp.noise_multiplier, sample_rate, cfg.steps)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    engine = PrivacyEngine(accountant="rdp")
+    seed = noise_seed if noise_seed is not None else int.from_bytes(os.urandom(8), "little")
+    hooks, optimizer, dp_loader = engine.make_private(
+        module=model, optimizer=torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0), data_loader=loader,
+        noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm, poisson_sampling=True,
+        grad_sample_mode="hooks", wrap_model=False, noise_generator=torch.Generator().manual_seed(seed))
+    model.train()
+    losses, tokens, steps, start = [], 0, 0, time.perf_counter()
+    try:
+        while steps < cfg.steps:
+            for (index,) in dp_loader:
+                if steps == cfg.steps:
+                    break
+                optimizer.zero_grad(set_to_none=True)
+                if len(index) == 0:  # Poisson drew no record: the step is noise only
+                    for p in params:
+                        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+                else:
+                    rows = [PackedRow(prefix, [suffixes[i] for i in records[r]], [float(ratings[i]) for i in records[r]])
+                            for r in index.tolist()]
+                    batch = pack(rows, pad_id)
+                    loss = _row_mean_loss(packed_rating_logits(model, head, batch), batch, len(rows), cfg.mse_weight)
+                    loss.backward()
+                    losses.append(loss.item())
+                    tokens += batch.tokens
+                optimizer.step()
+                steps += 1
+    finally:
+        hooks.cleanup()
+        model.eval()
+    ledger.record(engine.accountant.history)
+    seconds = time.perf_counter() - start
+    return {
+        "train_loss": float(np.mean(losses)) if losses else float("nan"),
+        "train_tokens": float(tokens),
+        "train_seconds": seconds,
+        "tokens_per_s": tokens / seconds,
+        "gflops_per_s": tokens * flops_per_token(model, training=True) / seconds / 1e9,
+        "epsilon": ledger.spent,
+        "sample_rate": sample_rate,
     }

@@ -26,7 +26,8 @@ class PersonaStore:
     def path(self, persona: int, round_: int) -> Path:
         return self.root / f"p{persona}" / f"r{round_:04d}"
 
-    def release(self, round_: int, persona: int, arrays: dict[str, np.ndarray], devices: int, metrics: dict) -> Path:
+    def release(self, round_: int, persona: int, arrays: dict[str, np.ndarray], devices: int, metrics: dict,
+                privacy: dict | None = None) -> Path:
         """Write one persona version atomically: a complete PEFT directory or nothing."""
         target = self.path(persona, round_)
         with atomic_directory(target) as tmp:
@@ -37,7 +38,8 @@ class PersonaStore:
                       str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
             manifest = {"persona": persona, "round": round_, "contributing_devices": devices,
                         "base_model": self.base_model, "created": time.time(),
-                        "train_metrics": {k: float(v) for k, v in metrics.items()}}
+                        "train_metrics": {k: float(v) for k, v in metrics.items()},
+                        "privacy": privacy or {"dp": False}}
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
         return target
 

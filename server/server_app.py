@@ -8,6 +8,7 @@ Output directory (`out-dir`), which holds persona artefacts only:
 from __future__ import annotations
 
 import json
+import math
 import time
 from logging import INFO, WARNING
 from pathlib import Path
@@ -15,14 +16,21 @@ from pathlib import Path
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.common.logger import log
+from flwr.supercore.differential_privacy import add_gaussian_noise_inplace, clip_inputs_inplace
 from flwr.serverapp import Grid, ServerApp
 
 from common.adapters import adapter_arrays, add_lora
-from common.config import FederationConfig
+from common.config import FederationConfig, UserDP
 from common.model import load_base_model
 from common.personas import update_centroids
+from common.privacy import Event, user_level_history, user_level_noise
 from server.registry import PersonaStore
 from server.strategy import PersonaStrategy, join_personas
+
+# L2 bounds on one device's discovery contribution: a unit embedding plus a count of 1 in one slot; onboarding
+# answers one-hot (age bracket, gender, occupation, up to 3 genres) plus a count of 1.
+EMBED_BOUND = math.sqrt(2.0)
+ONBOARDING_BOUND = math.sqrt(7.0)
 
 def _query(grid: Grid, nodes: list[int], action: str, content: RecordDict, timeout: float) -> list[Message]:
     messages = [Message(content=content, message_type=f"{MessageType.QUERY}.{action}", dst_node_id=n) for n in nodes]
@@ -34,13 +42,42 @@ def _query(grid: Grid, nodes: list[int], action: str, content: RecordDict, timeo
     return ok
 
 
-def _sum(replies: list[Message], key: str) -> np.ndarray:
-    return sum(r.content["arrays"][key].numpy().astype(np.float64) for r in replies)
+def _sum(replies: list[Message], keys: tuple[str, ...], bound: float, noise: float) -> list[np.ndarray]:
+    """Sum of the replies' arrays; with `noise` > 0 each reply is clipped to `bound` and the sum gets Gaussian
+    noise of std noise x bound (Flower's DP helpers): a user-level Gaussian mechanism on the aggregate."""
+    total = None
+    for r in replies:
+        arrays = [r.content["arrays"][k].numpy().astype(np.float64) for k in keys]
+        if noise > 0:
+            clip_inputs_inplace(arrays, bound)
+        total = arrays if total is None else [t + a for t, a in zip(total, arrays)]
+    if noise > 0:
+        add_gaussian_noise_inplace(total, noise * bound)
+    return total
 
 
-def discover_personas(grid: Grid, nodes: list[int], cfg: FederationConfig, timeout: float = 3600
-                      ) -> tuple[dict[int, int], list[int], dict]:
-    """Federated k-means over profile embeddings, then cold-start assignment.
+def discovery_releases(cfg: FederationConfig) -> int:
+    """Aggregates every device contributes to during discovery: the k-means iterations and the onboarding tables."""
+    return (cfg.kmeans_iters if cfg.num_personas > 1 else 0) + 1
+
+
+def privacy_plan(cfg: FederationConfig, num_nodes: int) -> tuple[UserDP | None, float, list[Event]]:
+    """(per-round DP, discovery noise multiplier, discovery releases as accountant events)."""
+    if not cfg.user_dp_enabled:
+        return None, 0.0, []
+    rate = min(num_nodes, max(math.ceil(cfg.fraction_train * num_nodes), cfg.min_train_nodes)) / num_nodes
+    noise = cfg.dp_user_noise
+    if cfg.dp_user_target_epsilon > 0:
+        noise = user_level_noise(cfg.dp_user_target_epsilon, cfg.dp_delta, discovery_releases(cfg), rate,
+                                 cfg.num_rounds)
+    discovery_noise = cfg.dp_discovery_noise or noise
+    prior = user_level_history(discovery_noise, discovery_releases(cfg), noise, rate, 0)
+    return UserDP(noise, cfg.dp_user_clip, cfg.dp_delta), discovery_noise, prior
+
+
+def discover_personas(grid: Grid, nodes: list[int], cfg: FederationConfig, noise: float = 0.0,
+                      timeout: float = 3600) -> tuple[dict[int, int], list[int], dict]:
+    """Federated k-means over profile embeddings, then cold-start assignment; aggregates get DP noise `noise`.
 
     Returns node -> persona, the evaluation devices, and persona sizes.
     """
@@ -50,15 +87,18 @@ def discover_personas(grid: Grid, nodes: list[int], cfg: FederationConfig, timeo
         if centroids is not None:
             content["centroids"] = ArrayRecord({"c": Array(centroids.astype(np.float32))})
         replies = _query(grid, nodes, "embed", content, timeout)
-        counts = _sum(replies, "counts")
-        centroids = update_centroids(_sum(replies, "sums"), counts, centroids)
+        sums, counts = _sum(replies, ("sums", "counts"), EMBED_BOUND, noise)
+        centroids = update_centroids(sums, counts, centroids)
         log(INFO, "persona discovery %d: sizes %s", iteration, counts.astype(int).tolist())
     if centroids is None:
         centroids = np.zeros((cfg.num_personas, 384))
     content = RecordDict({"centroids": ArrayRecord({"c": Array(centroids.astype(np.float32))})})
     assigned = _query(grid, nodes, "assign", content, timeout)
-    tables = ArrayRecord({"features": Array(_sum(assigned, "features").astype(np.float32)),
-                          "counts": Array(_sum(assigned, "counts").astype(np.float32))})
+    features, counts = _sum(assigned, ("features", "counts"), ONBOARDING_BOUND, noise)
+    counts = np.maximum(counts, 0.0)  # post-processing keeps the noisy tables valid counts
+    features = np.clip(features, 0.0, counts[:, None])
+    tables = ArrayRecord({"features": Array(features.astype(np.float32)),
+                          "counts": Array(counts.astype(np.float32))})
     replies = _query(grid, nodes, "cold", RecordDict({"tables": tables}), timeout)
     node_persona = {r.metadata.src_node_id: int(r.content["metrics"]["persona"]) for r in replies}
     # Membership of the evaluation sample is a seeded coin the device reports; it says nothing about its data.
@@ -93,21 +133,27 @@ def run(grid: Grid, cfg: FederationConfig) -> None:
     nodes = wait_for_nodes(grid, cfg.min_nodes)
     log(INFO, "%d devices online", len(nodes))
 
-    node_persona, eval_nodes, persona_info = discover_personas(grid, nodes, cfg)
+    dp, discovery_noise, prior = privacy_plan(cfg, len(nodes))
+    if dp:
+        log(INFO, "user-level DP: noise multiplier %.3f (discovery %.3f), clip %.3g, delta %g", dp.noise_multiplier,
+            discovery_noise, dp.clip, dp.delta)
+    node_persona, eval_nodes, persona_info = discover_personas(grid, nodes, cfg, discovery_noise)
     model, _ = load_base_model(cfg.base_model)
     initial = adapter_arrays(add_lora(model, cfg.lora, seed=cfg.seed))
     store = PersonaStore(out / "personas", cfg.lora, cfg.base_model)
     for persona in range(cfg.num_personas):
-        store.release(0, persona, initial, 0, {})
+        store.release(0, persona, initial, 0, {}, {"dp": bool(dp), "epsilon": 0.0, "note": "data-independent"})
 
     strategy = PersonaStrategy(node_persona, cfg.fraction_train, cfg.min_train_nodes, eval_nodes,
-                               cfg.eval_every, cfg.num_rounds, on_release=store.release, seed=cfg.seed)
+                               cfg.eval_every, cfg.num_rounds, on_release=store.release, seed=cfg.seed,
+                               dp=dp, prior_releases=prior)
     result = strategy.start(grid, join_personas({p: initial for p in range(cfg.num_personas)}),
                             num_rounds=cfg.num_rounds, train_config=ConfigRecord(), evaluate_config=ConfigRecord())
     history = {
         "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
         "devices": len(nodes),
         "personas": persona_info,
+        "privacy": {str(p): h for p, h in strategy.privacy_history.items()} if dp else None,
         "train": {r: dict(m) for r, m in result.train_metrics_clientapp.items()},
         "evaluate": {r: dict(m) for r, m in result.evaluate_metrics_clientapp.items()},
         "seconds": time.time() - started,

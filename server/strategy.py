@@ -4,6 +4,15 @@ The coordinator's whole model state is one ArrayRecord holding K persona adapter
 That keeps `Strategy.start` (rounds, timeouts, history) usable unchanged: `configure_train` sends each sampled
 device only its persona's slice, and `aggregate_train` folds the example-weighted mean of the returned deltas
 into that persona alone. A persona none of whose devices replied keeps its adapter and version.
+
+With user-level DP (`dp`), the math of Flower's `DifferentialPrivacyServerSideFixedClipping`, per persona (the
+wrapper itself clips against the whole joined state and divides by the round's total sample, so it cannot give
+per-persona releases): each device's delta is clipped to `dp.clip`, the persona's clipped deltas are summed and
+divided by the persona's *expected* number of sampled devices (sample rate x persona size, a public constant, so
+the denominator reveals nothing about who took part), and Gaussian noise of std noise_multiplier x clip / that
+denominator is added. Every persona is released every round, noise only if none of its devices replied, so the
+accountant's Poisson-sampled Gaussian model holds; each persona's (epsilon, delta) comes from Opacus' RDP
+accountant, composed with the persona-discovery releases, and goes into the version's manifest.
 """
 
 from __future__ import annotations
@@ -20,10 +29,14 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+from flwr.supercore.differential_privacy import add_gaussian_noise_inplace, clip_inputs_inplace, compute_stdv
+
+from common.config import UserDP
+from common.privacy import Event, epsilon
 
 Arrays = dict[str, np.ndarray]
-# (round, persona, new adapter, contributing devices, aggregated train metrics) -> None
-ReleaseHook = Callable[[int, int, Arrays, int, dict], None]
+# (round, persona, new adapter, contributing devices, aggregated train metrics, privacy) -> None
+ReleaseHook = Callable[[int, int, Arrays, int, dict, dict], None]
 
 
 def join_personas(personas: dict[int, Arrays]) -> ArrayRecord:
@@ -70,7 +83,11 @@ class PersonaStrategy(FedAvg):
         num_rounds: int | None = None,
         on_release: ReleaseHook | None = None,
         seed: int = 0,
+        dp: UserDP | None = None,
+        prior_releases: list[Event] = (),
     ) -> None:
+        """`dp`: user-level DP on every persona release; `prior_releases`: user-level events every device already
+        took part in (persona discovery), composed into each persona's epsilon."""
         super().__init__(fraction_train=fraction_train, min_train_nodes=min_train_nodes, min_available_nodes=1,
                          min_evaluate_nodes=0, weighted_by_key="num-examples")
         self.node_persona = dict(node_persona)
@@ -80,6 +97,11 @@ class PersonaStrategy(FedAvg):
         self.on_release = on_release
         self._rng = random.Random(seed)
         self._current: dict[int, Arrays] = {}
+        self.dp = dp
+        self.sizes = dict(zip(*np.unique(list(self.node_persona.values()), return_counts=True))) \
+            if self.node_persona else {}
+        self.privacy_history: dict[int, list[Event]] = {p: list(prior_releases) for p in self.sizes}
+        self._sample_rate = 0.0
 
     def summary(self) -> None:
         sizes = np.bincount(list(self.node_persona.values())) if self.node_persona else []
@@ -104,6 +126,7 @@ class PersonaStrategy(FedAvg):
         eligible = sorted(n for n in self.node_persona if n in online)
         size = min(len(eligible), max(math.ceil(self.fraction_train * len(eligible)), self.min_train_nodes))
         nodes = sorted(self._rng.sample(eligible, size))
+        self._sample_rate = size / len(eligible) if eligible else 0.0
         log(INFO, "configure_train: %d of %d devices", len(nodes), len(eligible))
         config["server-round"] = server_round
         return self._messages(nodes, arrays, config, MessageType.TRAIN)
@@ -114,10 +137,12 @@ class PersonaStrategy(FedAvg):
         for msg in valid:
             persona = self.node_persona.get(msg.metadata.src_node_id)
             content = msg.content
+            if "metrics" in content and content["metrics"].get("skipped"):
+                reason = content["status"]["reason"] if "status" in content else "no reason given"
+                log(INFO, "node %s skipped the round: %s", msg.metadata.src_node_id, reason)
+                continue
             if persona is None or "arrays" not in content or "metrics" not in content:
                 log(WARNING, "rejected reply from node %s: not a persona update", msg.metadata.src_node_id)
-                continue
-            if content["metrics"].get("skipped"):
                 continue
             problem = check_update(from_record(content["arrays"]), self._current[persona])
             weight = content["metrics"].get("num-examples", 0)
@@ -130,21 +155,48 @@ class PersonaStrategy(FedAvg):
 
         new = {p: dict(arrs) for p, arrs in self._current.items()}
         metrics = MetricRecord()
-        for persona, contents in sorted(groups.items()):
-            mean_delta = from_record(aggregate_arrayrecords(contents, "num-examples"))
+        # Under DP every persona is released every round (noise only without updates); otherwise only updated ones.
+        released = [p for p in sorted(self._current) if self.sizes.get(p, 0)] if self.dp else sorted(groups)
+        for persona in released:
+            contents = groups.get(persona, [])
+            if self.dp:
+                mean_delta, privacy = self._private_mean(persona, contents)
+                metrics[f"p{persona}_epsilon"] = privacy["epsilon"]
+            else:
+                mean_delta, privacy = from_record(aggregate_arrayrecords(contents, "num-examples")), {"dp": False}
             new[persona] = {k: (v + mean_delta[k]).astype(np.float32) for k, v in self._current[persona].items()}
-            persona_metrics = _mean_metrics(contents)
+            persona_metrics = _mean_metrics(contents) if contents else {}
             for key in ("train_loss", "tokens_per_s", "gflops_per_s"):
                 if key in persona_metrics:
                     metrics[f"p{persona}_{key}"] = persona_metrics[key]
             metrics[f"p{persona}_devices"] = len(contents)
             if self.on_release:
-                self.on_release(server_round, persona, new[persona], len(contents), persona_metrics)
-        if not groups:
+                self.on_release(server_round, persona, new[persona], len(contents), persona_metrics, privacy)
+        if not released:
             return None, None
-        metrics.update({k: v for k, v in _mean_metrics([c for g in groups.values() for c in g]).items()
-                        if k in ("train_loss", "tokens_per_s", "gflops_per_s")})
+        if groups:
+            metrics.update({k: v for k, v in _mean_metrics([c for g in groups.values() for c in g]).items()
+                            if k in ("train_loss", "tokens_per_s", "gflops_per_s")})
         return join_personas(new), metrics
+
+    def _private_mean(self, persona: int, contents: list[RecordDict]) -> tuple[Arrays, dict]:
+        """Clipped sum / expected devices + Gaussian noise (Flower's DP helpers), and the persona's new epsilon."""
+        keys = list(self._current[persona])
+        total = [np.zeros_like(self._current[persona][k], dtype=np.float64) for k in keys]
+        for content in contents:
+            delta = [content["arrays"][k].numpy().astype(np.float64) for k in keys]
+            clip_inputs_inplace(delta, self.dp.clip)
+            for t, d in zip(total, delta):
+                t += d
+        expected = self._sample_rate * self.sizes[persona]
+        mean = [t / expected for t in total]
+        add_gaussian_noise_inplace(mean, compute_stdv(self.dp.noise_multiplier, self.dp.clip, expected))
+        self.privacy_history[persona].append((self.dp.noise_multiplier, self._sample_rate, 1))
+        eps = epsilon(self.privacy_history[persona], self.dp.delta)
+        return dict(zip(keys, mean)), {"dp": True, "level": "user", "epsilon": eps, "delta": self.dp.delta,
+                                       "noise_multiplier": self.dp.noise_multiplier, "clip": self.dp.clip,
+                                       "sample_rate": self._sample_rate, "expected_devices": expected,
+                                       "releases": [list(e) for e in self.privacy_history[persona]]}
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:

@@ -6,11 +6,12 @@ import pytest
 import torch
 from flwr.app import Context, RecordDict
 
-from client.client_app import _store
+from client.client_app import LEDGER, _ledger, _store
 from client.keys import KEY_ENV, KeySourceError, RawKey
 from client.store import EncryptedStore
 from common.config import FederationConfig
 from common.envelope import WrongKeyError
+from common.privacy import BudgetExhausted
 
 
 def _context(node_config: dict) -> Context:
@@ -45,3 +46,23 @@ def test_deployed_device_uses_its_store_path_and_key_file(tmp_path, monkeypatch)
     node["store-key-file"] = str(tmp_path / "missing")
     with pytest.raises(KeySourceError, match="not found"):
         _store(SimpleNamespace(user=1), FederationConfig(), _context(node))
+
+
+def test_privacy_ledger_survives_a_restart_and_keeps_enforcing_the_budget(tmp_path, monkeypatch):
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    key = RawKey.generate()
+    (tmp_path / "kek").write_text(key.raw.hex())
+    node = {"store-path": str(tmp_path / "vault"), "store-key-file": str(tmp_path / "kek")}
+    cfg = FederationConfig(dp_device_noise=1.0, dp_device_budget=3.0)
+    device = SimpleNamespace(user=5)
+
+    ledger = _ledger(device, cfg, _context(node))
+    assert ledger.history == [] and ledger.budget == 3.0
+    ledger.record([(1.0, 0.25, 20)])
+    _store(device, cfg, _context(node)).put_bytes("5", LEDGER, ledger.to_bytes())
+
+    restarted = _ledger(device, cfg, _context(node))  # a new process: fresh context, same store and key
+    assert restarted.history == [(1.0, 0.25, 20)] and restarted.spent == pytest.approx(ledger.spent)
+    with pytest.raises(BudgetExhausted):
+        restarted.check(1.0, 0.25, 400)
+    assert b"0.25" not in next((tmp_path / "vault").rglob("v*.pfl")).read_bytes()  # stored encrypted

@@ -2,8 +2,11 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
+from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 
+from common.config import UserDP
+from common.privacy import epsilon
 from server.strategy import PersonaStrategy, check_update, join_personas, split_personas, to_record
 
 
@@ -35,7 +38,7 @@ def _reply(request: Message, delta: dict, examples: int, **metrics) -> Message:
 def _strategy(node_persona, **kw):
     released = []
     s = PersonaStrategy(node_persona, fraction_train=1.0, min_train_nodes=1,
-                        on_release=lambda r, p, a, n, m: released.append((r, p, n, a)), **kw)
+                        on_release=lambda r, p, a, n, m, privacy: released.append((r, p, n, a)), **kw)
     return s, released
 
 
@@ -106,3 +109,81 @@ def test_no_evaluation_between_scheduled_rounds():
     arrays = join_personas({0: _persona(0.0)})
     sent = [r for r in range(1, 6) if list(strategy.configure_evaluate(r, arrays, ConfigRecord(), FakeGrid([1])))]
     assert sent == [3, 5]
+
+
+# --- user-level DP ------------------------------------------------------------------------------------------
+
+def _big(value: float) -> dict[str, np.ndarray]:
+    return {"a.lora_A.weight": np.full((50, 100), value, np.float32),
+            "a.lora_B.weight": np.full((100, 50), value, np.float32)}
+
+
+def _norm(arrays: dict) -> float:
+    return float(np.sqrt(sum((v.astype(np.float64) ** 2).sum() for v in arrays.values())))
+
+
+def test_dp_clips_each_update_to_the_bound():
+    node_persona = {1: 0, 2: 1}
+    strategy, released = _strategy(node_persona, dp=UserDP(noise_multiplier=0.0, clip=1.0, delta=1e-5))
+    arrays = join_personas({0: _persona(0.0), 1: _persona(0.0)})
+    by_node = {m.metadata.dst_node_id: m for m in strategy.configure_train(1, arrays, ConfigRecord(), FakeGrid([1, 2]))}
+    big, small = _persona(5.0), _persona(0.01)
+    new, _ = strategy.aggregate_train(1, [_reply(by_node[1], big, 1), _reply(by_node[2], small, 1)])
+    out = split_personas(new)
+    assert _norm(out[0]) == pytest.approx(1.0, rel=1e-5)  # scaled down to the bound, direction kept
+    np.testing.assert_allclose(out[0]["a.lora_A.weight"] / out[0]["a.lora_B.weight"][0, 0], 1.0, rtol=1e-5)
+    np.testing.assert_allclose(out[1]["a.lora_A.weight"], 0.01, rtol=1e-5)  # under the bound: untouched
+
+
+def test_dp_noise_std_is_multiplier_times_clip_over_expected_devices_and_every_persona_is_released():
+    node_persona = {n: n % 2 for n in range(8)}  # two personas of 4 devices
+    dp = UserDP(noise_multiplier=2.0, clip=0.5, delta=1e-5)
+    prior = [(3.0, 1.0, 2)]
+    strategy, released = _strategy(node_persona, dp=dp, prior_releases=prior)
+    strategy.fraction_train = 0.5  # 4 of 8 devices: sample rate 0.5, 2 expected per persona
+    arrays = join_personas({0: _big(0.0), 1: _big(0.0)})
+    list(strategy.configure_train(1, arrays, ConfigRecord(), FakeGrid(node_persona)))
+    np.random.seed(0)
+    new, metrics = strategy.aggregate_train(1, [])  # nobody replied: each persona still gets a noise-only release
+    for persona in (0, 1):
+        noise = np.concatenate([v.ravel() for v in split_personas(new)[persona].values()])
+        assert noise.std() == pytest.approx(2.0 * 0.5 / 2, rel=0.03) and abs(noise.mean()) < 0.02
+    assert sorted(p for _, p, _, _ in released) == [0, 1]
+    expected_eps = epsilon(prior + [(2.0, 0.5, 1)], 1e-5)
+    assert metrics["p0_epsilon"] == pytest.approx(expected_eps)
+    assert strategy.privacy_history[0] == prior + [(2.0, 0.5, 1)]
+
+
+def test_dp_on_one_persona_matches_flowers_server_side_fixed_clipping_wrapper():
+    dp = UserDP(noise_multiplier=0.7, clip=0.8, delta=1e-5)
+    current = _persona(1.0)
+    deltas = [_persona(2.0), _persona(-0.1), _persona(0.3)]
+    nodes = [1, 2, 3]
+
+    ours, _ = _strategy({n: 0 for n in nodes}, dp=dp)
+    by_node = {m.metadata.dst_node_id: m for m in
+               ours.configure_train(1, join_personas({0: current}), ConfigRecord(), FakeGrid(nodes))}
+    np.random.seed(7)
+    new, _ = ours.aggregate_train(1, [_reply(by_node[n], d, 1) for n, d in zip(nodes, deltas)])
+
+    wrapper = DifferentialPrivacyServerSideFixedClipping(FedAvg(fraction_train=1.0, weighted_by_key="num-examples"),
+                                                         noise_multiplier=0.7, clipping_norm=0.8, num_sampled_clients=3)
+    wrapper.current_arrays = to_record(current)
+    requests = [Message(content=RecordDict(), message_type="train", dst_node_id=n) for n in nodes]
+    replies = [_reply(r, {k: current[k] + d[k] for k in current}, 1) for r, d in zip(requests, deltas)]
+    np.random.seed(7)
+    theirs, _ = wrapper.aggregate_train(1, replies)
+    for k, v in split_personas(new)[0].items():
+        np.testing.assert_allclose(v, theirs[k].numpy(), atol=1e-5)
+
+
+def test_a_device_out_of_budget_is_skipped_not_rejected():
+    strategy, released = _strategy({1: 0, 2: 0})
+    by_node = {m.metadata.dst_node_id: m for m in
+               strategy.configure_train(1, join_personas({0: _persona(0.0)}), ConfigRecord(), FakeGrid([1, 2]))}
+    skipped = Message(content=RecordDict({"metrics": MetricRecord({"skipped": 1, "num-examples": 1}),
+                                          "status": ConfigRecord({"reason": "budget exhausted"})}),
+                      reply_to=by_node[2])
+    new, _ = strategy.aggregate_train(1, [_reply(by_node[1], _persona(1.0), 3), skipped])
+    np.testing.assert_allclose(split_personas(new)[0]["a.lora_A.weight"], 1.0)
+    assert [n for _, _, n, _ in released] == [1]

@@ -12,6 +12,7 @@ from safetensors.numpy import load_file
 from client.keys import KEY_ENV, RawKey
 from client.store import EncryptedStore
 from common.model import load_base_model
+from common.privacy import PrivacyLedger
 from simulations.federated import run_federation
 from tests.conftest import make_data, write_grouplens_100k
 
@@ -101,3 +102,43 @@ def test_device_stores_hold_personal_adapters_encrypted_only(federation):
                 if "lora_B" in name and np.abs(t.numpy()).sum() > 0:
                     window = raw[len(raw) // 2: len(raw) // 2 + 32]
                     assert window not in blob, name
+
+
+@pytest.fixture(scope="module")
+def dp_federation(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fed-dp")
+    ratings, items, users = make_data(n_users=5, n_items=40, per_user=25, seed=3)
+    data_dir = write_grouplens_100k(root / "ml", ratings, items, users)
+    overrides = {"base-model": "tiny", "dataset": str(data_dir), "split": "default", "num-personas": 2, "num-rounds": 2,
+                 "fraction-train": 0.6, "eval-every": 2, "eval-users": 5, "kmeans-iters": 1, "lr": 0.01,
+                 "dp-device-noise": 0.8, "dp-device-budget": 50.0, "dp-user-noise": 1.0, "dp-user-clip": 0.5,
+                 "out-dir": str(root / "out"), "device-dir": str(root / "devices")}
+    key = RawKey.generate()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(KEY_ENV, key.raw.hex())
+        history = run_federation(overrides, num_nodes=5)
+    return history, root / "out", root / "devices", key
+
+
+def test_dp_simulation_reports_user_level_epsilon_in_every_persona_manifest(dp_federation):
+    history, out, devices, key = dp_federation
+    manifests = [json.loads(p.read_text()) for p in sorted(out.glob("personas/p*/r*/manifest.json"))]
+    trained = [m for m in manifests if m["round"] >= 1]
+    # Under DP every persona with devices is released every round, noise only if none of its devices was sampled.
+    sizes = history["personas"]["sizes"]
+    assert len(trained) == 2 * sum(1 for s in sizes if s)
+    for m in trained:
+        privacy = m["privacy"]
+        assert privacy["dp"] and privacy["level"] == "user" and 0 < privacy["epsilon"] < 1e3
+        # discovery (k-means iteration + onboarding tables, every device) then one event per round
+        assert privacy["releases"][0] == [1.0, 1.0, 2] and len(privacy["releases"]) == 1 + m["round"]
+    for persona in {m["persona"] for m in trained}:
+        eps = [m["privacy"]["epsilon"] for m in trained if m["persona"] == persona]
+        assert eps == sorted(eps) and eps[0] < eps[-1]  # spending accumulates
+    train = history["train"]["1"]
+    assert "train_loss" not in train  # no data-dependent figure leaves a device under DP
+    # Devices that trained hold an encrypted, non-empty example-level ledger.
+    ledgers = [PrivacyLedger.from_bytes(EncryptedStore(node, key).get_bytes(u, "privacy-ledger"))
+               for node in devices.glob("node-*") for u in EncryptedStore(node, key).users()
+               if EncryptedStore(node, key).versions(u, "privacy-ledger")]
+    assert ledgers and all(ledger.history and 0 < ledger.spent <= 50.0 for ledger in ledgers)
