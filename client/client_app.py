@@ -16,6 +16,7 @@ whatever an earlier run left in that directory is unreadable, so it is crypto-sh
 
 from __future__ import annotations
 
+import json
 import os
 from functools import lru_cache
 from pathlib import Path
@@ -37,6 +38,7 @@ from server.strategy import from_record, to_record
 
 PERSONAL = "personal"  # the store name of the on-device personal adapter
 LEDGER = "privacy-ledger"  # the store name of the device's example-level privacy ledger
+STATE = "device-state"  # persona and the rounds this device contributed to (JSON)
 
 @lru_cache(maxsize=2)
 def _dataset(name: str, split: str):
@@ -109,6 +111,18 @@ def _load_personal(device: Device, cfg: FederationConfig, context: Context) -> d
     if not store.versions(str(device.user), PERSONAL):
         return None
     return {k: v.numpy() for k, v in store.get_adapter(str(device.user), PERSONAL).items()}
+
+
+def load_state(store: EncryptedStore, user: str) -> dict:
+    return json.loads(store.get_bytes(user, STATE)) if store.versions(user, STATE) else {}
+
+
+def _save_state(device: Device, cfg: FederationConfig, context: Context, **changes) -> None:
+    store = _store(device, cfg, context)
+    state = load_state(store, str(device.user))
+    if "contributed" in changes:
+        changes["contributed"] = state.get("contributed", []) + [changes["contributed"]]
+    store.put_bytes(str(device.user), STATE, json.dumps({**state, **changes}).encode())
 
 
 def _device_dp(device: Device, cfg: FederationConfig) -> DeviceDP:
@@ -193,12 +207,14 @@ def build_app(overrides: dict | None = None) -> ClientApp:
         state = _state(context)
         in_eval = int(device.user in _eval_sample(cfg.dataset, cfg.split, cfg.eval_users, cfg.seed))
         if device.n_train >= cfg.cold_start_threshold:
+            _save_state(device, cfg, context, persona=int(state["persona"]))
             return _reply(message, {"cold": 0, "persona": int(state["persona"]), "eval": in_eval})
         space = feature_space(device.data)
         tables = message.content["tables"]
         persona = cold_start_persona(space.encode(device.onboarding()), tables["features"].numpy(),
                                      tables["counts"].numpy(), space)
         state["persona"] = persona
+        _save_state(device, cfg, context, persona=persona)
         return _reply(message, {"cold": 1, "persona": persona, "eval": in_eval})
 
     @app.train()
@@ -213,6 +229,7 @@ def build_app(overrides: dict | None = None) -> ClientApp:
             reply.content["status"] = ConfigRecord({"reason": str(e)})
             return reply
         delta = {k: trained[k] - persona[k] for k in persona}
+        _save_state(device, cfg, context, contributed=int(message.content["config"]["server-round"]))
         if cfg.personal_steps > 0:
             _personal(device, cfg, context, persona)
         if cfg.device_dp_enabled or cfg.user_dp_enabled:

@@ -11,6 +11,7 @@ from functools import cached_property, lru_cache
 
 import numpy as np
 import pandas as pd
+import torch
 
 from common.adapters import adapter_arrays, add_lora, load_adapter_arrays
 from common.config import DeviceDP, LoraSettings, PromptConfig, ScoringConfig, TrainConfig
@@ -18,9 +19,9 @@ from common.data import MovieLens
 from common.model import load_base_model
 from common.personas import FeatureSpace, Onboarding
 from common.prompt import PromptBuilder, movie_text, user_profile
-from common.scoring import RatingHead, predict_with_prefix
 from common.privacy import PrivacyLedger
-from common.training import dp_sample_rate, train_local, train_local_dp
+from common.scoring import RatingHead, predict_with_prefix, rating_nll
+from common.training import PackedRow, dp_sample_rate, pack, packed_rating_logits, train_local, train_local_dp
 
 
 @dataclass
@@ -109,6 +110,17 @@ class Device:
         suffixes, _ = self.test_examples
         return predict_with_prefix(self.rt.model, self.rt.head, self.prefix, suffixes,
                                    batch_size=self.scoring.batch_size, pad_id=self.rt.pad_id)
+
+    @torch.no_grad()
+    def train_losses(self, arrays: dict[str, np.ndarray], limit: int, items_per_row: int = 8) -> np.ndarray:
+        """Cross-entropy of up to `limit` of this user's training ratings under `arrays` (membership tests)."""
+        load_adapter_arrays(self.rt.model, arrays)
+        suffixes, ratings = self.train_examples
+        rows = [PackedRow(self.prefix, suffixes[i:i + items_per_row], list(ratings[i:i + items_per_row]))
+                for i in range(0, min(limit, len(suffixes)), items_per_row)]
+        batch = pack(rows, self.rt.pad_id)
+        logits = packed_rating_logits(self.rt.model, self.rt.head, batch)
+        return rating_nll(logits, batch.ratings.to(logits.device)).cpu().numpy()[:limit]
 
     def errors(self, arrays: dict[str, np.ndarray]) -> dict[str, float]:
         """Sums of squared and absolute errors on the held-out ratings (sums aggregate exactly)."""

@@ -59,10 +59,14 @@ def expected_rating(logits: torch.Tensor) -> torch.Tensor:
     return torch.softmax(logits.float(), dim=-1) @ _RATING_VALUES.to(logits.device)
 
 
+def rating_nll(logits: torch.Tensor, ratings: torch.Tensor) -> torch.Tensor:
+    """Per-rating cross-entropy over the five digit logits against the true (rounded) rating."""
+    return F.cross_entropy(logits.float(), (ratings.round().long() - 1).clamp(0, 4), reduction="none")
+
+
 def rating_loss(logits: torch.Tensor, ratings: torch.Tensor, mse_weight: float = 0.0) -> torch.Tensor:
-    """Cross-entropy over the five digit logits against the true (rounded) rating, optionally + MSE."""
-    target = (ratings.round().long() - 1).clamp(0, 4)
-    loss = F.cross_entropy(logits.float(), target)
+    """Mean cross-entropy over the five digit logits against the true (rounded) rating, optionally + MSE."""
+    loss = rating_nll(logits, ratings).mean()
     if mse_weight:
         loss = loss + mse_weight * F.mse_loss(expected_rating(logits), ratings.float())
     return loss
