@@ -233,8 +233,9 @@ def build_app(overrides: dict | None = None) -> ClientApp:
         if cfg.personal_steps > 0:
             _personal(device, cfg, context, persona)
         if cfg.device_dp_enabled or cfg.user_dp_enabled:
-            # Under DP only the update and non-data figures leave: no example count (uniform weights), no loss.
-            metrics = {k: metrics[k] for k in ("tokens_per_s", "gflops_per_s", "epsilon") if k in metrics}
+            # Under DP only the update and speed figures leave: no example count (uniform weights), no loss, and no
+            # epsilon either (its sample rate would reveal how many ratings the device holds).
+            metrics = {k: metrics[k] for k in ("tokens_per_s", "gflops_per_s")}
             return _reply(message, {"num-examples": 1, "persona": persona_id, **metrics}, to_record(delta))
         return _reply(message, {"num-examples": device.n_train, "persona": persona_id, **metrics}, to_record(delta))
 
