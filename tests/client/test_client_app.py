@@ -6,12 +6,12 @@ import pytest
 import torch
 from flwr.app import Context, RecordDict
 
-from client.client_app import LEDGER, _ledger, _store
+from client.client_app import LEDGER, _device_dp, _ledger, _store
 from client.keys import KEY_ENV, KeySourceError, RawKey
 from client.store import EncryptedStore
 from common.config import FederationConfig
 from common.envelope import WrongKeyError
-from common.privacy import BudgetExhausted
+from common.privacy import BudgetExhausted, epsilon
 
 
 def _context(node_config: dict) -> Context:
@@ -66,3 +66,13 @@ def test_privacy_ledger_survives_a_restart_and_keeps_enforcing_the_budget(tmp_pa
     with pytest.raises(BudgetExhausted):
         restarted.check(1.0, 0.25, 400)
     assert b"0.25" not in next((tmp_path / "vault").rglob("v*.pfl")).read_bytes()  # stored encrypted
+
+
+def test_device_target_epsilon_is_spread_over_a_participation_in_every_round():
+    cfg = FederationConfig(dp_device_target_epsilon=3.0, num_rounds=5, local_steps=2, dp_device_budget=10.0)
+    device = SimpleNamespace(user=1, dp_sample_rate=lambda train_cfg: 0.25)
+    dp = _device_dp(device, cfg)
+    assert dp.budget == 10.0 and dp.max_grad_norm == cfg.dp_device_clip
+    spent = epsilon([(dp.noise_multiplier, 0.25, 5 * 2)], cfg.dp_delta)
+    assert 2.9 < spent <= 3.0
+    assert _device_dp(device, FederationConfig(dp_device_noise=1.5)).budget == float("inf")  # 0 = no limit
