@@ -31,8 +31,8 @@ from client.keys import KEY_ENV, RawKey
 from client.store import EncryptedStore
 from common.config import DeviceDP, FederationConfig, ScoringConfig, split_preset
 from common.data import load_movielens
-from common.privacy import BudgetExhausted, PrivacyLedger, noise_for_target
 from common.personas import cold_start_persona, embed_profiles, initial_slot, nearest, slot_sums
+from common.privacy import BudgetExhausted, PrivacyLedger, noise_for_target
 from common.split import sample_users, temporal_split
 from server.strategy import from_record, to_record
 
@@ -159,8 +159,12 @@ def _personal(device: Device, cfg: FederationConfig, context: Context, persona: 
 
     It never leaves the device, so it trains without noise unless `dp-personal` is set."""
     start = _load_personal(device, cfg, context)
-    personal, metrics = _train(device, cfg, context, persona if start is None else start, cfg.personal_steps,
-                               cfg.device_dp_enabled and cfg.dp_personal)
+    start = persona if start is None else start
+    try:
+        personal, metrics = _train(device, cfg, context, start, cfg.personal_steps,
+                                   cfg.device_dp_enabled and cfg.dp_personal)
+    except BudgetExhausted:  # out of budget: keep serving with the adapter as it is
+        personal, metrics = start, {}
     _store(device, cfg, context).put_adapter(str(device.user), PERSONAL,
                                              {k: torch.from_numpy(v) for k, v in personal.items()})
     return personal, metrics

@@ -1,7 +1,6 @@
 """A real Flower simulation (Ray backend) of the whole system with the tiny model."""
 
 import json
-import os
 
 import numpy as np
 import pytest
