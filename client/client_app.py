@@ -257,6 +257,9 @@ def build_app(overrides: dict | None = None) -> ClientApp:
             "persona_sse": on_persona["sse"], "persona_sae": on_persona["sae"],
             "personal_sse": on_personal["sse"], "personal_sae": on_personal["sae"], "n": on_persona["n"],
             "personal_distance": distance,
+            # the version the coordinator served, echoed so its metrics are pooled per version (canaries)
+            **({"version": int(message.content["config"]["version"])} if "version" in message.content["config"]
+               else {}),
         })
 
     return app

@@ -145,6 +145,12 @@ class FederationConfig:
     dp_user_clip: float = 1.0
     dp_discovery_noise: float = 0.0  # noise multiplier on persona-discovery sums (embeddings, onboarding counts)
     dp_delta: float = 1e-5
+    # Rollouts: each round's new persona version becomes stable at once (simulation), or stays a candidate for an
+    # operator's canary (deployment). A canary worse than stable by more than the margin in held-out RMSE, over at
+    # least the minimum number of evaluated devices each, is rolled back automatically.
+    auto_promote: bool = True
+    rollback_margin: float = 0.05
+    rollback_min_devices: int = 5
 
     @classmethod
     def from_run_config(cls, run_config: dict) -> "FederationConfig":

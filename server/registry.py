@@ -1,6 +1,11 @@
-"""Persona adapter versions on the coordinator's disk, in PEFT format, each with a JSON manifest.
+"""The coordinator's durable persona registry: versions in SQL (SQLite by default), payloads as PEFT directories.
 
-Only persona-level artefacts are ever written here: an adapter is the mean of several devices' updates.
+Only persona-level artefacts are ever stored here: each version is the (noised) mean of several devices' updates.
+
+    <root>/registry.db                           SQLite in WAL mode (or any SQLAlchemy URL via `url`)
+    <root>/personas/p{k}/r{round:04d}[-v{id}]/   adapter_config.json, adapter_model.safetensors, manifest.json
+
+Version states: candidate -> canary -> stable -> retired (rollouts in `server.rollouts` move them).
 """
 
 from __future__ import annotations
@@ -10,38 +15,187 @@ import time
 from pathlib import Path
 
 import numpy as np
-from safetensors.numpy import save_file
+import sqlalchemy as sa
+from safetensors.numpy import load_file, save_file
 
 from common.adapters import lora_config
 from common.config import LoraSettings
 from common.files import atomic_directory
 
+STATES = ("candidate", "canary", "stable", "retired")
 
-class PersonaStore:
-    def __init__(self, root: Path, lora: LoraSettings, base_model: str):
+metadata = sa.MetaData()
+versions = sa.Table(
+    "versions", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("persona", sa.Integer, nullable=False, index=True),
+    sa.Column("parent", sa.Integer, nullable=True),
+    sa.Column("round", sa.Integer, nullable=False),
+    sa.Column("devices", sa.Integer, nullable=False),
+    sa.Column("epsilon", sa.Float, nullable=True),
+    sa.Column("delta", sa.Float, nullable=True),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("path", sa.String(512), nullable=False),
+    sa.Column("manifest", sa.Text, nullable=False),
+    sa.Column("created", sa.Float, nullable=False),
+)
+rollouts = sa.Table(
+    "rollouts", metadata,
+    sa.Column("persona", sa.Integer, primary_key=True),
+    sa.Column("stable", sa.Integer, nullable=True),
+    sa.Column("previous_stable", sa.Integer, nullable=True),
+    sa.Column("canary", sa.Integer, nullable=True),
+    sa.Column("percent", sa.Float, nullable=False, default=0.0),
+    sa.Column("paused", sa.Boolean, nullable=False, default=False),
+)
+evaluations = sa.Table(  # pooled held-out error sums per version, from devices' evaluation replies
+    "evaluations", metadata,
+    sa.Column("version", sa.Integer, primary_key=True),
+    sa.Column("sse", sa.Float, nullable=False, default=0.0),
+    sa.Column("sae", sa.Float, nullable=False, default=0.0),
+    sa.Column("n", sa.Float, nullable=False, default=0.0),
+    sa.Column("devices", sa.Integer, nullable=False, default=0),
+)
+events = sa.Table(
+    "events", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("at", sa.Float, nullable=False),
+    sa.Column("actor", sa.String(128), nullable=False),
+    sa.Column("action", sa.String(32), nullable=False),
+    sa.Column("persona", sa.Integer, nullable=True),
+    sa.Column("version", sa.Integer, nullable=True),
+    sa.Column("reason", sa.Text, nullable=False, default=""),
+    sa.Column("detail", sa.Text, nullable=False, default="{}"),
+)
+
+
+class RegistryError(Exception):
+    """A request the registry cannot satisfy; `status` is the HTTP status the admin API answers with."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+def make_engine(url: str) -> sa.Engine:
+    if not url.startswith("sqlite"):
+        return sa.create_engine(url, pool_pre_ping=True)
+    engine = sa.create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+
+    # SQLAlchemy's documented pysqlite recipe: let SQLAlchemy emit BEGIN itself, and make it BEGIN IMMEDIATE so
+    # concurrent read-modify-write transactions serialise instead of failing on lock upgrade.
+    @sa.event.listens_for(engine, "connect")
+    def _connect(dbapi_connection, _record):
+        dbapi_connection.isolation_level = None
+        dbapi_connection.execute("PRAGMA journal_mode=WAL")
+        dbapi_connection.execute("PRAGMA busy_timeout=30000")
+
+    @sa.event.listens_for(engine, "begin")
+    def _begin(connection):
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+def _row(row) -> dict:
+    d = dict(row._mapping)
+    if "manifest" in d:
+        d["manifest"] = json.loads(d["manifest"])
+    return d
+
+
+class PersonaRegistry:
+    def __init__(self, root: Path | str, url: str | None = None, lora: LoraSettings | None = None,
+                 base_model: str | None = None):
         self.root = Path(root)
-        self.lora = lora
-        self.base_model = base_model
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.engine = make_engine(url or f"sqlite:///{self.root / 'registry.db'}")
+        metadata.create_all(self.engine)
+        self.lora, self.base_model = lora, base_model
 
-    def path(self, persona: int, round_: int) -> Path:
-        return self.root / f"p{persona}" / f"r{round_:04d}"
-
-    def release(self, round_: int, persona: int, arrays: dict[str, np.ndarray], devices: int, metrics: dict,
-                privacy: dict | None = None) -> Path:
-        """Write one persona version atomically: a complete PEFT directory or nothing."""
-        target = self.path(persona, round_)
+    # --- writing versions ----------------------------------------------------------------------------------
+    def add_version(self, persona: int, round_: int, arrays: dict[str, np.ndarray], devices: int,
+                    metrics: dict | None = None, privacy: dict | None = None, parent: int | None = None,
+                    state: str = "candidate") -> int:
+        """Write the PEFT directory (atomically), then its row; returns the version id."""
+        if self.lora is None:
+            raise RegistryError("this registry was opened read-only (no LoRA settings)", 500)
+        if state not in STATES:
+            raise RegistryError(f"unknown state {state!r}")
+        privacy = privacy or {"dp": False}
+        manifest = {"persona": persona, "round": round_, "parent": parent, "contributing_devices": devices,
+                    "base_model": self.base_model, "created": time.time(),
+                    "train_metrics": {k: float(v) for k, v in (metrics or {}).items()}, "privacy": privacy}
+        target = self.root / "personas" / f"p{persona}" / f"r{round_:04d}"
+        if target.exists():  # a resumed run writes a round again: keep both
+            target = target.with_name(f"{target.name}-{time.time_ns()}")
         with atomic_directory(target) as tmp:
             config = lora_config(self.lora)
             config.base_model_name_or_path = self.base_model
             config.save_pretrained(tmp)
             save_file({k: np.ascontiguousarray(v, np.float32) for k, v in arrays.items()},
                       str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-            manifest = {"persona": persona, "round": round_, "contributing_devices": devices,
-                        "base_model": self.base_model, "created": time.time(),
-                        "train_metrics": {k: float(v) for k, v in metrics.items()},
-                        "privacy": privacy or {"dp": False}}
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        return target
+        epsilon = privacy.get("epsilon") if privacy.get("dp") else None
+        with self.engine.begin() as conn:
+            version = conn.execute(versions.insert().values(
+                persona=persona, parent=parent, round=round_, devices=devices, epsilon=epsilon,
+                delta=privacy.get("delta"), state=state, path=str(target.relative_to(self.root)),
+                manifest=json.dumps(manifest), created=manifest["created"])).inserted_primary_key[0]
+            if conn.execute(sa.select(rollouts.c.persona).where(rollouts.c.persona == persona)).first() is None:
+                conn.execute(rollouts.insert().values(persona=persona, percent=0.0, paused=False))
+        return int(version)
 
-    def versions(self, persona: int) -> list[Path]:
-        return sorted((self.root / f"p{persona}").glob("r[0-9]*"))
+    # --- reading -------------------------------------------------------------------------------------------
+    def version(self, version: int) -> dict:
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(versions).where(versions.c.id == version)).first()
+        if row is None:
+            raise RegistryError(f"unknown version {version}", 404)
+        return _row(row)
+
+    def versions(self, persona: int | None = None, limit: int = 50, offset: int = 0) -> tuple[list[dict], int]:
+        query = sa.select(versions)
+        count = sa.select(sa.func.count()).select_from(versions)
+        if persona is not None:
+            query, count = query.where(versions.c.persona == persona), count.where(versions.c.persona == persona)
+        with self.engine.connect() as conn:
+            rows = conn.execute(query.order_by(versions.c.id).limit(limit).offset(offset)).all()
+            total = conn.execute(count).scalar_one()
+        return [_row(r) for r in rows], int(total)
+
+    def path(self, version: int) -> Path:
+        return self.root / self.version(version)["path"]
+
+    def arrays(self, version: int) -> dict[str, np.ndarray]:
+        return load_file(str(self.path(version) / "adapter_model.safetensors"))
+
+    def personas(self) -> list[int]:
+        with self.engine.connect() as conn:
+            return [r[0] for r in conn.execute(sa.select(rollouts.c.persona).order_by(rollouts.c.persona))]
+
+    def rollout(self, persona: int) -> dict:
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(rollouts).where(rollouts.c.persona == persona)).first()
+        if row is None:
+            raise RegistryError(f"unknown persona {persona}", 404)
+        return _row(row)
+
+    def head(self, persona: int) -> int | None:
+        """Where training resumes for a persona: its newest candidate, else its stable version."""
+        with self.engine.connect() as conn:
+            newest = conn.execute(sa.select(versions.c.id).where(versions.c.persona == persona)
+                                  .where(versions.c.state.in_(("candidate", "canary")))
+                                  .order_by(versions.c.id.desc()).limit(1)).scalar()
+            stable = conn.execute(sa.select(rollouts.c.stable).where(rollouts.c.persona == persona)).scalar()
+        return newest if newest is not None and (stable is None or newest > stable) else stable
+
+    def evaluation(self, version: int) -> dict:
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(evaluations).where(evaluations.c.version == version)).first()
+        if row is None:
+            return {"version": version, "devices": 0, "ratings": 0, "rmse": None, "mae": None}
+        r = row._mapping
+        return {"version": version, "devices": r["devices"], "ratings": r["n"],
+                "rmse": float(np.sqrt(r["sse"] / r["n"])) if r["n"] else None,
+                "mae": r["sae"] / r["n"] if r["n"] else None}

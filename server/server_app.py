@@ -1,8 +1,11 @@
 """Flower ServerApp: discover personas from aggregates, then train K persona adapters with PersonaStrategy.
 
 Output directory (`out-dir`), which holds persona artefacts only:
+    registry.db                  the persona registry (versions, rollouts, evaluations, audit events)
     personas/p{k}/r{round:04d}/  adapter_config.json, adapter_model.safetensors, manifest.json
     history.json                 per-round train and evaluation metrics, persona sizes, timings
+
+A restart on the same directory resumes every persona from its registry head (newest candidate, else stable).
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ from common.config import FederationConfig, UserDP
 from common.model import load_base_model
 from common.personas import update_centroids
 from common.privacy import Event, user_level_history, user_level_noise
-from server.registry import PersonaStore
+from server.registry import PersonaRegistry
+from server.rollouts import Rollouts
 from server.strategy import PersonaStrategy, join_personas
 
 # L2 bounds on one device's discovery contribution: a unit embedding plus a count of 1 in one slot; onboarding
@@ -109,6 +113,26 @@ def discover_personas(grid: Grid, nodes: list[int], cfg: FederationConfig, noise
     return node_persona, eval_nodes, {"sizes": sizes, "cold_start_devices": cold}
 
 
+def starting_versions(registry: PersonaRegistry, rollouts: Rollouts, cfg: FederationConfig,
+                      private: bool) -> dict[int, int]:
+    """Each persona's version to train from: its registry head after a restart, else a fresh data-independent
+    adapter released as version 0 and made stable."""
+    heads = {}
+    initial = None
+    for persona in range(cfg.num_personas):
+        head = registry.head(persona) if persona in registry.personas() else None
+        if head is None:
+            if initial is None:
+                initial = adapter_arrays(add_lora(load_base_model(cfg.base_model)[0], cfg.lora, seed=cfg.seed))
+            head = registry.add_version(persona, 0, initial, 0, {}, {"dp": private, "epsilon": 0.0,
+                                                                     "note": "data-independent"})
+            rollouts.make_stable(persona, head, "server", "initial adapter")
+        else:
+            log(INFO, "persona %d resumes from version %d", persona, head)
+        heads[persona] = head
+    return heads
+
+
 def wait_for_nodes(grid: Grid, expected: int, timeout: float = 600) -> list[int]:
     deadline = time.time() + timeout
     while len(nodes := sorted(grid.get_node_ids())) < expected and time.time() < deadline:
@@ -138,16 +162,22 @@ def run(grid: Grid, cfg: FederationConfig) -> None:
         log(INFO, "user-level DP: noise multiplier %.3f (discovery %.3f), clip %.3g, delta %g", dp.noise_multiplier,
             discovery_noise, dp.clip, dp.delta)
     node_persona, eval_nodes, persona_info = discover_personas(grid, nodes, cfg, discovery_noise)
-    model, _ = load_base_model(cfg.base_model)
-    initial = adapter_arrays(add_lora(model, cfg.lora, seed=cfg.seed))
-    store = PersonaStore(out / "personas", cfg.lora, cfg.base_model)
-    for persona in range(cfg.num_personas):
-        store.release(0, persona, initial, 0, {}, {"dp": bool(dp), "epsilon": 0.0, "note": "data-independent"})
+    registry = PersonaRegistry(out, lora=cfg.lora, base_model=cfg.base_model)
+    rollouts = Rollouts(registry)
+    heads = starting_versions(registry, rollouts, cfg, dp is not None)
+
+    def release(round_, persona, arrays, devices, metrics, privacy) -> int:
+        version = registry.add_version(persona, round_, arrays, devices, metrics, privacy, parent=heads[persona])
+        heads[persona] = version
+        if cfg.auto_promote:
+            rollouts.make_stable(persona, version, "server", f"auto-promote: round {round_}")
+        return version
 
     strategy = PersonaStrategy(node_persona, cfg.fraction_train, cfg.min_train_nodes, eval_nodes,
-                               cfg.eval_every, cfg.num_rounds, on_release=store.release, seed=cfg.seed,
-                               dp=dp, prior_releases=prior)
-    result = strategy.start(grid, join_personas({p: initial for p in range(cfg.num_personas)}),
+                               cfg.eval_every, cfg.num_rounds, on_release=release, seed=cfg.seed,
+                               dp=dp, prior_releases=prior, rollouts=rollouts,
+                               rollback=(cfg.rollback_margin, cfg.rollback_min_devices))
+    result = strategy.start(grid, join_personas({p: registry.arrays(v) for p, v in heads.items()}),
                             num_rounds=cfg.num_rounds, train_config=ConfigRecord(), evaluate_config=ConfigRecord())
     history = {
         "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},

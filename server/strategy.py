@@ -33,10 +33,11 @@ from flwr.supercore.differential_privacy import add_gaussian_noise_inplace, clip
 
 from common.config import UserDP
 from common.privacy import Event, epsilon
+from server.rollouts import Rollouts
 
 Arrays = dict[str, np.ndarray]
-# (round, persona, new adapter, contributing devices, aggregated train metrics, privacy) -> None
-ReleaseHook = Callable[[int, int, Arrays, int, dict, dict], None]
+# (round, persona, new adapter, contributing devices, aggregated train metrics, privacy) -> version id or None
+ReleaseHook = Callable[[int, int, Arrays, int, dict, dict], int | None]
 
 
 def join_personas(personas: dict[int, Arrays]) -> ArrayRecord:
@@ -85,9 +86,13 @@ class PersonaStrategy(FedAvg):
         seed: int = 0,
         dp: UserDP | None = None,
         prior_releases: list[Event] = (),
+        rollouts: Rollouts | None = None,
+        rollback: tuple[float, int] = (0.05, 5),
     ) -> None:
         """`dp`: user-level DP on every persona release; `prior_releases`: user-level events every device already
-        took part in (persona discovery), composed into each persona's epsilon."""
+        took part in (persona discovery), composed into each persona's epsilon. With `rollouts`, each evaluated
+        device gets the version its bucket says (stable or canary), its metrics are pooled per version, and a
+        canary worse than stable by `rollback` = (RMSE margin, minimum devices) is rolled back."""
         super().__init__(fraction_train=fraction_train, min_train_nodes=min_train_nodes, min_available_nodes=1,
                          min_evaluate_nodes=0, weighted_by_key="num-examples")
         self.node_persona = dict(node_persona)
@@ -102,6 +107,9 @@ class PersonaStrategy(FedAvg):
             if self.node_persona else {}
         self.privacy_history: dict[int, list[Event]] = {p: list(prior_releases) for p in self.sizes}
         self._sample_rate = 0.0
+        self.rollouts = rollouts
+        self.rollback_margin, self.rollback_min_devices = rollback
+        self._served: dict[int, int] = {}  # evaluation node -> version sent
 
     def summary(self) -> None:
         sizes = np.bincount(list(self.node_persona.values())) if self.node_persona else []
@@ -205,7 +213,21 @@ class PersonaStrategy(FedAvg):
             return []
         config["server-round"] = server_round
         online = set(grid.get_node_ids())
-        return self._messages([n for n in self.eval_nodes if n in online], arrays, config, MessageType.EVALUATE)
+        nodes = [n for n in self.eval_nodes if n in online]
+        messages = self._messages(nodes, arrays, config, MessageType.EVALUATE)
+        if self.rollouts is not None:
+            self._served = {}
+            payloads: dict[int, ArrayRecord] = {}
+            for node, message in zip(nodes, messages):
+                version = self.rollouts.assign(node, self.node_persona[node])
+                if version is None:
+                    continue
+                if version not in payloads:
+                    payloads[version] = to_record(self.rollouts.registry.arrays(version))
+                message.content["arrays"] = payloads[version]
+                message.content["config"]["version"] = version
+                self._served[node] = version
+        return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         valid, _ = self._check_and_log_replies(replies, is_train=False, validate=False)
@@ -221,6 +243,8 @@ class PersonaStrategy(FedAvg):
                 sums[f"{scope}/personal_distance"] += float(m.get("personal_distance", 0.0))
         if not valid:
             return None
+        if self.rollouts is not None:
+            self._record_versions(valid)
         out = MetricRecord()
         for scope in sorted({k.split("/")[0] for k in sums}):
             n = sums[f"{scope}/n"]
@@ -235,6 +259,25 @@ class PersonaStrategy(FedAvg):
             out[f"{prefix}ratings"] = n
             out[f"{prefix}users"] = sums[f"{scope}/users"]
         return out
+
+
+    def _record_versions(self, replies: list[Message]) -> None:
+        """Pool persona-path error sums per served version, then let rollouts judge each running canary."""
+        pooled: dict[int, list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0, 0])
+        for msg in replies:
+            node, m = msg.metadata.src_node_id, msg.content["metrics"]
+            version = self._served.get(node)
+            if version is None or m.get("version") != version:
+                log(WARNING, "evaluation from node %s is not tagged with the version it was sent (%s); not pooled",
+                    node, version)
+                continue
+            p = pooled[version]
+            p[0], p[1], p[2], p[3] = p[0] + m["persona_sse"], p[1] + m["persona_sae"], p[2] + m["n"], p[3] + 1
+        for version, (sse, sae, n, devices) in pooled.items():
+            self.rollouts.record_evaluation(version, sse, sae, n, devices)
+        for persona in sorted(set(self.node_persona.values())):
+            if self.rollouts.check_canary(persona, self.rollback_margin, self.rollback_min_devices):
+                log(WARNING, "persona %d: canary rolled back automatically", persona)
 
 
 def _mean_metrics(contents: list[RecordDict]) -> dict[str, float]:

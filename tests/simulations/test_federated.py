@@ -12,6 +12,7 @@ from client.keys import KEY_ENV, RawKey
 from client.store import EncryptedStore
 from common.model import load_base_model
 from common.privacy import PrivacyLedger
+from server.registry import PersonaRegistry
 from simulations.federated import run_federation
 from tests.conftest import make_data, write_grouplens_100k
 
@@ -60,7 +61,7 @@ def test_coordinator_output_holds_persona_artefacts_only(federation):
     for path in out.rglob("*"):
         if path.is_file():
             rel = path.relative_to(out)
-            assert rel.as_posix() == "history.json" or (
+            assert rel.as_posix() in ("history.json", "registry.db", "registry.db-wal", "registry.db-shm") or (
                 rel.parts[0] == "personas" and rel.parts[1].startswith("p") and rel.name in PERSONA_FILES), rel
     history_text = (out / "history.json").read_text()
     assert "partition" not in history_text and "user" not in json.loads(history_text)["train"]["1"]
@@ -141,3 +142,19 @@ def test_dp_simulation_reports_user_level_epsilon_in_every_persona_manifest(dp_f
                for node in devices.glob("node-*") for u in EncryptedStore(node, key).users()
                if EncryptedStore(node, key).versions(u, "privacy-ledger")]
     assert ledgers and all(ledger.history and 0 < ledger.spent <= 50.0 for ledger in ledgers)
+
+
+def test_registry_records_lineage_stable_versions_and_per_version_evaluations(federation):
+    out = federation[1]
+    registry = PersonaRegistry(out)
+    assert registry.personas() == [0, 1]
+    for persona in (0, 1):
+        items, total = registry.versions(persona)
+        assert total == len(items) >= 2 and items[0]["round"] == 0 and items[0]["parent"] is None
+        for older, newer in zip(items, items[1:]):
+            assert newer["parent"] == older["id"]  # each version is trained from the previous one
+        rollout = registry.rollout(persona)
+        assert rollout["stable"] == items[-1]["id"] and items[-1]["state"] == "stable"  # auto-promote
+        assert all(v["state"] == "retired" for v in items[:-1])
+    evaluated = [registry.evaluation(v["id"]) for v in registry.versions()[0]]
+    assert sum(e["devices"] for e in evaluated) == 6 * 2  # every evaluation device, both evaluation rounds
