@@ -1,0 +1,225 @@
+"""The admin API against a real uvicorn server on loopback, over a real SQLite registry file."""
+
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+import uvicorn
+
+from common.config import LoraSettings
+from server.admin_api import create_app
+from server.auth import TokenConfigError, TokenStore
+from server.registry import PersonaRegistry
+from server.rollouts import Rollouts, bucket
+
+TOKENS = {"reader": "r" * 24, "operator": "o" * 24, "root": "a" * 24}
+
+
+class LiveServer:
+    def __init__(self, app):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 20
+        while not self.server.started and time.time() < deadline:
+            time.sleep(0.02)
+        assert self.server.started
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+def _tokens() -> TokenStore:
+    return TokenStore([("reader", TOKENS["reader"], ["read"]), ("operator", TOKENS["operator"], ["read", "rollout"]),
+                       ("root", TOKENS["root"], ["admin"])])
+
+
+def _registry(root) -> PersonaRegistry:
+    return PersonaRegistry(root, lora=LoraSettings(rank=2, targets=("q_proj",)), base_model="tiny")
+
+
+def _arrays(value: float) -> dict:
+    return {"m.q_proj.lora_A.weight": np.full((2, 4), value, np.float32),
+            "m.q_proj.lora_B.weight": np.full((4, 2), value, np.float32)}
+
+
+@pytest.fixture
+def live(tmp_path):
+    """Two personas, each with a stable version 0 and two candidates; a live server over them."""
+    registry = _registry(tmp_path)
+    rollouts = Rollouts(registry)
+    for persona in (0, 1):
+        v0 = registry.add_version(persona, 0, _arrays(0.0), 0)
+        rollouts.make_stable(persona, v0, "test")
+        registry.add_version(persona, 1, _arrays(1.0), 3, {"train_loss": 1.2}, parent=v0)
+        registry.add_version(persona, 2, _arrays(2.0), 4, parent=v0 + 1)
+    server = LiveServer(create_app(registry, _tokens()))
+    yield server, registry, tmp_path
+    server.stop()
+
+
+def _client(server, who: str | None = None) -> httpx.Client:
+    headers = {"Authorization": f"Bearer {TOKENS[who]}"} if who else {}
+    return httpx.Client(base_url=server.url, headers=headers, timeout=30)
+
+
+def _candidate(registry, persona) -> int:
+    return next(v["id"] for v in registry.versions(persona)[0] if v["state"] == "candidate")
+
+
+ENDPOINTS = [  # method, path, body, scope
+    ("GET", "/personas", None, "read"),
+    ("GET", "/personas/0", None, "read"),
+    ("GET", "/versions", None, "read"),
+    ("GET", "/versions/1", None, "read"),
+    ("GET", "/versions/1/manifest", None, "read"),
+    ("GET", "/versions/1/download", None, "read"),
+    ("POST", "/personas/0/canary", {"version": 2, "percent": 20}, "rollout"),
+    ("POST", "/personas/0/pause", {}, "rollout"),
+    ("POST", "/personas/0/resume", {}, "rollout"),
+    ("POST", "/personas/0/promote", {}, "rollout"),
+    ("POST", "/personas/0/rollback", {}, "rollout"),
+    ("POST", "/personas/1/stable", {"version": 5}, "admin"),
+    ("GET", "/events", None, "admin"),
+]
+HOLDERS = {"read": ["reader", "operator", "root"], "rollout": ["operator", "root"], "admin": ["root"]}
+
+
+def test_auth_matrix_for_every_endpoint(live):
+    server, _, _ = live
+    assert _client(server).get("/health").status_code == 200  # the only open endpoint
+    for method, path, body, scope in ENDPOINTS:
+        assert _client(server).request(method, path, json=body).status_code == 401, path
+        wrong = httpx.request(method, server.url + path, json=body, headers={"Authorization": "Bearer " + "x" * 24})
+        assert wrong.status_code == 401, path
+        for who in set(TOKENS) - set(HOLDERS[scope]):
+            assert _client(server, who).request(method, path, json=body).status_code == 403, (path, who)
+        # The endpoints above run in order as a scenario: each allowed call succeeds.
+        response = _client(server, HOLDERS[scope][-1]).request(method, path, json=body)
+        assert response.status_code == 200, (path, response.text)
+
+
+def test_canary_promote_rollback_and_audit(live):
+    server, registry, _ = live
+    ops, root = _client(server, "operator"), _client(server, "root")
+    candidate = _candidate(registry, 0)
+    r = ops.post("/personas/0/canary", json={"version": candidate, "percent": 25, "reason": "try round 1"})
+    assert r.status_code == 200 and r.json()["canary"] == candidate and r.json()["percent"] == 25
+    assert ops.post("/personas/0/canary", json={"version": candidate + 1, "percent": 5}).status_code == 409
+    stable_before = r.json()["stable"]
+    r = ops.post("/personas/0/promote", json={"reason": "looks good"})
+    assert r.json()["stable"] == candidate and r.json()["canary"] is None
+    assert r.json()["previous_stable"] == stable_before
+    r = ops.post("/personas/0/rollback", json={"reason": "users complained"})
+    assert r.json()["stable"] == stable_before
+    assert ops.post("/personas/0/rollback", json={}).status_code == 409  # nothing left to roll back to
+    events = root.get("/events", params={"persona": 0}).json()
+    assert [e["action"] for e in events["items"]] == ["stable", "canary", "promote", "rollback"]
+    assert events["items"][1]["actor"] == "operator" and events["items"][1]["reason"] == "try round 1"
+    assert ops.get(f"/versions/{candidate}").json()["state"] == "retired"
+    archive = ops.get(f"/versions/{candidate}/download")
+    assert archive.headers["content-type"] == "application/gzip" and len(archive.content) > 100
+
+
+def test_canary_buckets_are_stable_and_near_the_percentage(live):
+    _, registry, _ = live
+    rollouts = Rollouts(registry)
+    candidate = _candidate(registry, 1)
+    rollouts.start_canary(1, candidate, 30, "test")
+    served = [rollouts.assign(device, 1) for device in range(3000)]
+    share = np.mean([v == candidate for v in served])
+    assert 0.27 < share < 0.33
+    assert served == [rollouts.assign(device, 1) for device in range(3000)]  # a device stays in its bucket
+    assert all(rollouts.assign(d, 1) == candidate for d in range(3000) if bucket(d, 1) < 30)
+    rollouts.pause(1, "test")
+    assert {rollouts.assign(d, 1) for d in range(200)} == {registry.rollout(1)["stable"]}
+
+
+def test_auto_rollback_when_the_canary_is_worse(live):
+    _, registry, _ = live
+    rollouts = Rollouts(registry)
+    candidate, stable = _candidate(registry, 0), registry.rollout(0)["stable"]
+    rollouts.start_canary(0, candidate, 50, "test")
+    rollouts.record_evaluation(stable, sse=1.0 * 100, sae=80, n=100, devices=6)
+    rollouts.record_evaluation(candidate, sse=1.1 * 100, sae=85, n=100, devices=4)
+    assert not rollouts.check_canary(0, margin=0.05, min_devices=5)  # too few canary devices yet
+    rollouts.record_evaluation(candidate, sse=1.2 * 100, sae=90, n=100, devices=2)  # canary RMSE ~1.072 vs 1.0
+    assert rollouts.check_canary(0, margin=0.05, min_devices=5)
+    r = registry.rollout(0)
+    assert r["canary"] is None and r["stable"] == stable
+    event = rollouts.events(0)[0][-1]
+    assert event["actor"] == "auto-rollback" and event["detail"]["canary_devices"] == 6
+
+
+def test_fifty_concurrent_rollout_requests_leave_a_consistent_state(live):
+    server, registry, _ = live
+    candidates = [v["id"] for v in registry.versions(0)[0] if v["state"] == "candidate"]
+    actions = [("canary", {"version": candidates[i % 2], "percent": 10 + i}) if i % 3 == 0 else
+               ("promote", {}) if i % 3 == 1 else ("rollback", {}) for i in range(50)]
+
+    def call(action):
+        with _client(server, "operator") as c:
+            return c.post(f"/personas/0/{action[0]}", json=action[1]).status_code
+
+    with ThreadPoolExecutor(16) as pool:
+        codes = list(pool.map(call, actions))
+    assert set(codes) <= {200, 409}
+    r = registry.rollout(0)
+    states = {v["id"]: v["state"] for v in registry.versions(0)[0]}
+    assert [v for v, s in states.items() if s == "stable"] == [r["stable"]]
+    assert [v for v, s in states.items() if s == "canary"] == ([r["canary"]] if r["canary"] else [])
+    events = Rollouts(registry).events(0)[0]
+    assert len(events) == 1 + codes.count(200)  # the initial 'stable' plus one per successful request
+
+
+def test_restart_keeps_everything(live):
+    server, registry, root = live
+    ops = _client(server, "operator")
+    candidate = _candidate(registry, 1)
+    ops.post("/personas/1/canary", json={"version": candidate, "percent": 40})
+    before = ops.get("/personas/1").json()
+    server.stop()
+    again = LiveServer(create_app(_registry(root), _tokens()))
+    try:
+        assert _client(again, "operator").get("/personas/1").json() == before
+        assert _client(again, "root").get("/events").json()["total"] == 3
+    finally:
+        again.stop()
+
+
+def test_bad_requests_get_clear_4xx(live):
+    server, registry, _ = live
+    ops = _client(server, "operator")
+    assert ops.get("/personas/9").json() == {"detail": "unknown persona 9"}
+    assert ops.get("/versions/999").status_code == 404
+    r = ops.post("/personas/0/canary", json={"version": _candidate(registry, 0), "percent": 150})
+    assert r.status_code == 422 and "percent" in r.text
+    r = ops.post("/personas/0/canary", content=b"{not json", headers={"Content-Type": "application/json"})
+    assert r.status_code == 422 and "JSON" in r.text
+    r = ops.post("/personas/0/canary", json={"version": _candidate(registry, 1), "percent": 10})
+    assert r.status_code == 409 and "belongs to persona 1" in r.text
+    assert ops.post("/personas/0/promote", json={"reason": "x", "extra": 1}).status_code == 422
+    assert ops.get("/versions", params={"limit": 0}).status_code == 422
+    page = ops.get("/versions", params={"limit": 2, "offset": 1}).json()
+    assert page["total"] == 6 and [v["id"] for v in page["items"]] == [2, 3]
+    assert registry.rollout(0)["canary"] is None  # nothing changed by the bad requests
+
+
+def test_token_configuration_errors(tmp_path, monkeypatch):
+    with pytest.raises(TokenConfigError, match="unknown scopes"):
+        TokenStore([("x", "y" * 20, ["write"])])
+    with pytest.raises(TokenConfigError, match="shorter"):
+        TokenStore([("x", "short", ["read"])])
+    monkeypatch.setenv("PERSONAFL_ADMIN_TOKENS", f"ops:{'t' * 20}:read+rollout")
+    assert TokenStore.from_env().authenticate("t" * 20).scopes == {"read", "rollout"}
+    (tmp_path / "t.json").write_text("{broken")
+    with pytest.raises(TokenConfigError, match="malformed"):
+        TokenStore.from_file(tmp_path / "t.json")
