@@ -26,12 +26,12 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.device import Device, feature_space, runtime
+from client.device import Device, runtime
 from client.keys import KEY_ENV, RawKey
 from client.store import EncryptedStore
 from common.config import DeviceDP, FederationConfig, ScoringConfig, split_preset
 from common.data import load_movielens
-from common.personas import cold_start_persona, embed_profiles, initial_slot, nearest, slot_sums
+from common.personas import FeatureSpace, cold_start_persona, embed_profiles, initial_slot, nearest, slot_sums
 from common.privacy import BudgetExhausted, PrivacyLedger, noise_for_target
 from common.split import sample_users, temporal_split
 from server.strategy import from_record, to_record
@@ -194,7 +194,7 @@ def build_app(overrides: dict | None = None) -> ClientApp:
     def assign(message: Message, context: Context) -> Message:
         device, cfg = _device(context, overrides)
         k = cfg.num_personas
-        space = feature_space(device.data)
+        space = FeatureSpace.of(device.data)
         onboarding = np.zeros((k, space.size), np.float32)
         if device.n_train < cfg.cold_start_threshold:
             return _reply(message, {"cold": 1}, {"features": _array(onboarding), "counts": _array(np.zeros(k, np.float32))})
@@ -213,7 +213,7 @@ def build_app(overrides: dict | None = None) -> ClientApp:
         if device.n_train >= cfg.cold_start_threshold:
             _save_state(device, cfg, context, persona=int(state["persona"]))
             return _reply(message, {"cold": 0, "persona": int(state["persona"]), "eval": in_eval})
-        space = feature_space(device.data)
+        space = FeatureSpace.of(device.data)
         tables = message.content["tables"]
         persona = cold_start_persona(space.encode(device.onboarding()), tables["features"].numpy(),
                                      tables["counts"].numpy(), space)

@@ -17,7 +17,7 @@ from common.adapters import adapter_arrays, add_lora, load_adapter_arrays
 from common.config import DeviceDP, LoraSettings, PromptConfig, ScoringConfig, TrainConfig
 from common.data import MovieLens
 from common.model import load_base_model
-from common.personas import FeatureSpace, Onboarding
+from common.personas import Onboarding
 from common.prompt import PromptBuilder, movie_text, user_profile
 from common.privacy import PrivacyLedger
 from common.scoring import RatingHead, predict_with_prefix, rating_nll
@@ -127,9 +127,3 @@ class Device:
         pred = self.predict(arrays)
         _, true = self.test_examples
         return {"sse": float(((pred - true) ** 2).sum()), "sae": float(np.abs(pred - true).sum()), "n": float(len(true))}
-
-
-def feature_space(data: MovieLens) -> FeatureSpace:
-    """Onboarding layout: the data set's occupations and genres, sorted, so every party derives the same one."""
-    genres = sorted({g for gs in data.items["genres"] for g in gs})
-    return FeatureSpace(occupations=tuple(sorted(data.users["occupation"].unique())), genres=tuple(genres))

@@ -106,6 +106,13 @@ class FeatureSpace:
                 v[off + self.genres.index(g)] = 1
         return v
 
+    @classmethod
+    def of(cls, data) -> "FeatureSpace":
+        """The layout for a MovieLens data set's schema (occupations, genres; sorted, so every party derives the
+        same one). Only the schema is read, not anyone's answers."""
+        genres = sorted({g for gs in data.items["genres"] for g in gs})
+        return cls(occupations=tuple(sorted(data.users["occupation"].unique())), genres=tuple(genres))
+
     def groups(self) -> list[slice]:
         """Single-choice groups (age, gender, occupation); genres are independent yes/no features after them."""
         a, g, o = len(AGE_BRACKETS), len(GENDERS), len(self.occupations)

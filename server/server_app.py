@@ -2,6 +2,7 @@
 
 Output directory (`out-dir`), which holds persona artefacts only:
     registry.db                  the persona registry (versions, rollouts, evaluations, audit events)
+    onboarding.json              per-persona onboarding counts (aggregates) for cold-start serving
     personas/p{k}/r{round:04d}/  adapter_config.json, adapter_model.safetensors, manifest.json
     history.json                 per-round train and evaluation metrics, persona sizes, timings
 
@@ -25,10 +26,12 @@ from flwr.serverapp import Grid, ServerApp
 from common.adapters import adapter_arrays, add_lora
 from common.config import FederationConfig, UserDP
 from common.model import load_base_model
-from common.personas import update_centroids
+from common.data import load_movielens
+from common.personas import FeatureSpace, update_centroids
 from common.privacy import Event, user_level_history, user_level_noise
 from server.registry import PersonaRegistry
 from server.rollouts import Rollouts
+from server.serving import ONBOARDING_FILE, save_onboarding
 from server.strategy import PersonaStrategy, join_personas
 
 # L2 bounds on one device's discovery contribution: a unit embedding plus a count of 1 in one slot; onboarding
@@ -103,6 +106,8 @@ def discover_personas(grid: Grid, nodes: list[int], cfg: FederationConfig, noise
     features = np.clip(features, 0.0, counts[:, None])
     tables = ArrayRecord({"features": Array(features.astype(np.float32)),
                           "counts": Array(counts.astype(np.float32))})
+    save_onboarding(Path(cfg.out_dir) / ONBOARDING_FILE, FeatureSpace.of(load_movielens(cfg.dataset)), features,
+                    counts)  # for cold-start serving: the schema of the data set and the aggregated tables only
     replies = _query(grid, nodes, "cold", RecordDict({"tables": tables}), timeout)
     node_persona = {r.metadata.src_node_id: int(r.content["metrics"]["persona"]) for r in replies}
     # Membership of the evaluation sample is a seeded coin the device reports; it says nothing about its data.

@@ -1,6 +1,7 @@
 import numpy as np
 
-from client.device import Device, feature_space, runtime
+from client.device import Device, runtime
+from common.personas import FeatureSpace
 from common.adapters import adapter_arrays
 from common.config import LoraSettings, PromptConfig
 from common.data import load_movielens
@@ -38,6 +39,6 @@ def test_onboarding_answers_come_from_the_users_own_data(ml100k_dir):
     device = _device(ml100k_dir, user=2)
     answers = device.onboarding()
     assert (answers.age, answers.gender, answers.occupation) == (21, "M", "engineer")
-    space = feature_space(device.data)
+    space = FeatureSpace.of(device.data)
     assert set(answers.liked_genres) <= set(space.genres) and len(answers.liked_genres) <= 3
     assert space.encode(answers).sum() == 3 + len(answers.liked_genres)

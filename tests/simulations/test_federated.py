@@ -61,7 +61,8 @@ def test_coordinator_output_holds_persona_artefacts_only(federation):
     for path in out.rglob("*"):
         if path.is_file():
             rel = path.relative_to(out)
-            assert rel.as_posix() in ("history.json", "registry.db", "registry.db-wal", "registry.db-shm") or (
+            assert rel.as_posix() in ("history.json", "onboarding.json", "registry.db", "registry.db-wal",
+                                    "registry.db-shm") or (
                 rel.parts[0] == "personas" and rel.parts[1].startswith("p") and rel.name in PERSONA_FILES), rel
     history_text = (out / "history.json").read_text()
     assert "partition" not in history_text and "user" not in json.loads(history_text)["train"]["1"]

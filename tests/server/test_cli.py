@@ -1,0 +1,62 @@
+"""The admin CLI: `serve` started as a real process on loopback, the calls made against it."""
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from server.cli import main
+from server.registry import PersonaRegistry
+from server.rollouts import Rollouts
+from tests.server.test_admin_api import _arrays, _registry
+
+ROOT = Path(__file__).resolve().parents[2]
+TOKEN = "c" * 24
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_and_rollout_calls(tmp_path, monkeypatch, capsys):
+    registry = _registry(tmp_path)
+    v0 = registry.add_version(0, 0, _arrays(0.0), 0)
+    Rollouts(registry).make_stable(0, v0, "test")
+    v1 = registry.add_version(0, 1, _arrays(1.0), 2, parent=v0)
+    (tmp_path / "tokens.json").write_text(json.dumps({"tokens": [{"name": "ops", "token": TOKEN,
+                                                                  "scopes": ["read", "rollout"]}]}))
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--root", str(tmp_path), "--tokens",
+                             str(tmp_path / "tokens.json"), "--port", str(port)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        monkeypatch.setenv("PERSONAFL_ADMIN_URL", url)
+        monkeypatch.setenv("PERSONAFL_ADMIN_TOKEN", TOKEN)
+        main(["canary", "0", str(v1), "--percent", "20", "--reason", "cli test"])
+        assert json.loads(capsys.readouterr().out)["canary"] == v1
+        main(["promote", "0"])
+        assert json.loads(capsys.readouterr().out)["stable"] == v1
+        main(["versions", "--persona", "0"])
+        assert json.loads(capsys.readouterr().out)["total"] == 2
+        with pytest.raises(SystemExit):
+            main(["promote", "0"])  # no canary any more: 409, non-zero exit
+        assert "no canary" in capsys.readouterr().out
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    assert PersonaRegistry(tmp_path).rollout(0)["stable"] == v1  # the served registry file holds the change

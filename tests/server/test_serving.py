@@ -1,0 +1,94 @@
+"""Cold-start serving with the tiny model and two persona adapters, directly and through the live admin API."""
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from common.adapters import adapter_arrays, add_lora
+from common.config import LoraSettings
+from common.data import load_movielens
+from common.model import load_base_model
+from common.personas import FeatureSpace, Onboarding, cold_start_persona
+from server.admin_api import create_app
+from server.auth import TokenStore
+from server.registry import PersonaRegistry
+from server.rollouts import Rollouts
+from server.serving import ONBOARDING_FILE, ColdStartService, save_onboarding
+from tests.conftest import make_data, write_grouplens_100k
+from tests.server.test_admin_api import LiveServer
+
+TOKEN = "s" * 24
+
+
+def _adapter(seed: int) -> dict:
+    model = add_lora(load_base_model("tiny")[0], LoraSettings())
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return adapter_arrays(model)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serving")
+    data = load_movielens(str(write_grouplens_100k(root / "ml", *make_data(n_users=6, n_items=30, seed=5))))
+    space = FeatureSpace.of(data)
+    # Persona 0 is all women, persona 1 all men (onboarding one-hot counts per persona).
+    features = np.zeros((2, space.size))
+    gender = slice(space.groups()[1].start, space.groups()[1].stop)
+    features[0, gender.start + 0] = 10  # GENDERS[0]
+    features[1, gender.start + 1] = 10
+    counts = np.array([10.0, 10.0])
+    registry = PersonaRegistry(root / "coordinator", lora=LoraSettings(), base_model="tiny")
+    save_onboarding(registry.root / ONBOARDING_FILE, space, features, counts)
+    rollouts = Rollouts(registry)
+    for persona in (0, 1):
+        rollouts.make_stable(persona, registry.add_version(persona, 1, _adapter(persona), 5), "test")
+    return registry, data, space, features, counts
+
+
+def test_persona_assignment_matches_the_devices_rule(setup):
+    registry, data, space, features, counts = setup
+    service = ColdStartService(registry, "tiny", data.items)
+    for o in (Onboarding(30, "F", "writer", ("Drama",)), Onboarding(50, "M", "engineer")):
+        assert service.assign(o) == cold_start_persona(space.encode(o), features, counts, space)
+    assert service.assign(Onboarding(30, "F", "writer")) != service.assign(Onboarding(30, "M", "writer"))
+
+
+def test_two_personas_give_different_ratings_and_adapters_are_switched_and_evicted(setup):
+    registry, data, *_ = setup
+    service = ColdStartService(registry, "tiny", data.items, max_resident=1)
+    v0, v1 = registry.rollout(0)["stable"], registry.rollout(1)["stable"]
+    movies = list(data.items.index[:6])
+    a, b, a_again = service.score([(v0, "profile", movies), (v1, "profile", movies), (v0, "profile", movies)])
+    assert not np.allclose(a, b, atol=1e-4) and np.allclose(a, a_again, atol=1e-6)
+    assert ((a >= 1) & (a <= 5)).all() and len(service.resident) == 1  # LRU kept one adapter resident
+
+
+def test_cold_start_endpoints_on_a_live_server(setup):
+    registry, data, *_ = setup
+    service = ColdStartService(registry, "tiny", data.items)
+    server = LiveServer(create_app(registry, TokenStore([("app", TOKEN, ["read"])]), serving=service))
+    try:
+        client = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60)
+        woman = {"age": 30, "gender": "F", "occupation": "writer", "liked_genres": ["Drama"]}
+        man = {**woman, "gender": "M"}
+        assert client.post("/cold-start/assign", json=woman).json()["persona"] == 0
+        movies = [int(m) for m in data.items.index[:5]]
+        r = client.post("/cold-start/score", json={"requests": [
+            {"device_id": "a", "onboarding": woman, "movies": movies},
+            {"device_id": "b", "onboarding": man, "movies": movies}]})
+        assert r.status_code == 200, r.text
+        first, second = r.json()["results"]
+        assert (first["persona"], second["persona"]) == (0, 1)
+        assert first["version"] == registry.rollout(0)["stable"] and first["ratings"] != second["ratings"]
+        bad = client.post("/cold-start/score", json={"requests": [
+            {"device_id": "a", "onboarding": woman, "movies": [99999]}]})
+        assert bad.status_code == 404 and "unknown movie" in bad.text
+        assert client.post("/cold-start/assign", json={**woman, "age": 500}).status_code == 422
+        assert httpx.post(server.url + "/cold-start/assign", json=woman).status_code == 401
+    finally:
+        server.stop()
