@@ -28,6 +28,8 @@ from flwr.clientapp import ClientApp
 
 from client.device import Device, runtime
 from client.keys import KEY_ENV, RawKey
+from client.local_data import Owner, device_data, split_own
+from client.policy import TrainingPolicy
 from client.store import EncryptedStore
 from common.config import DeviceDP, FederationConfig, ScoringConfig, split_preset
 from common.data import load_movielens
@@ -54,6 +56,13 @@ def _eval_sample(name: str, split: str, n: int, seed: int) -> frozenset:
 
 def _device(context: Context, overrides: dict) -> tuple[Device, FederationConfig]:
     cfg = FederationConfig.from_run_config({**dict(context.run_config), **overrides})
+    node = context.node_config
+    if "data-path" in node:  # a deployed device: its owner's own file over the public catalogue
+        owner = Owner(int(node.get("user-id", 0)), int(node["owner-age"]), str(node["owner-gender"]),
+                      str(node["owner-occupation"]))
+        data = device_data(Path(str(node["data-path"])), cfg.dataset, owner)
+        train, test = split_own(data.ratings, split_preset(cfg.split).train_frac)
+        return Device(owner.user, data, train, test, runtime(cfg.base_model, cfg.lora), ScoringConfig()), cfg
     data, split = _dataset(cfg.dataset, cfg.split)
     users = split.users
     partition = int(context.node_config["partition-id"])
@@ -209,7 +218,10 @@ def build_app(overrides: dict | None = None) -> ClientApp:
     def cold(message: Message, context: Context) -> Message:
         device, cfg = _device(context, overrides)
         state = _state(context)
-        in_eval = int(device.user in _eval_sample(cfg.dataset, cfg.split, cfg.eval_users, cfg.seed))
+        if "data-path" in context.node_config:  # deployed: the owner opts in or out of evaluation
+            in_eval = int(context.node_config.get("evaluate", 1))
+        else:
+            in_eval = int(device.user in _eval_sample(cfg.dataset, cfg.split, cfg.eval_users, cfg.seed))
         if device.n_train >= cfg.cold_start_threshold:
             _save_state(device, cfg, context, persona=int(state["persona"]))
             return _reply(message, {"cold": 0, "persona": int(state["persona"]), "eval": in_eval})
@@ -226,11 +238,17 @@ def build_app(overrides: dict | None = None) -> ClientApp:
         device, cfg = _device(context, overrides)
         persona = from_record(message.content["arrays"])
         persona_id = int(message.content["config"]["persona"])
-        try:
-            trained, metrics = _train(device, cfg, context, persona, cfg.local_steps, cfg.device_dp_enabled)
-        except BudgetExhausted as e:  # the device keeps serving; it just stops contributing
+        policy = TrainingPolicy.from_node_config(context.node_config)
+        reason = policy.refusal(len(device.train_examples[1]))
+        if reason is None:
+            try:
+                trained, metrics = _train(device, cfg, context, persona, policy.steps(cfg.local_steps),
+                                          cfg.device_dp_enabled)
+            except BudgetExhausted as e:  # the device keeps serving; it just stops contributing
+                reason = str(e)
+        if reason is not None:
             reply = _reply(message, {"skipped": 1, "persona": persona_id, "num-examples": 1})
-            reply.content["status"] = ConfigRecord({"reason": str(e)})
+            reply.content["status"] = ConfigRecord({"reason": f"skipped: {reason}"})
             return reply
         delta = {k: trained[k] - persona[k] for k in persona}
         _save_state(device, cfg, context, contributed=int(message.content["config"]["server-round"]))

@@ -1,0 +1,101 @@
+"""The device's local inference API: its owner's predictions from the personal adapter, on this device only.
+
+Served on a Unix socket (owner-only permissions) or loopback, and every call needs the device's local API token
+(`<home>/api.token`, mode 0600). The personal adapter is decrypted from the encrypted store into memory for each
+request that needs it (never to a file); before the device has one, the base model scores with the profile only.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+from fastapi import Depends, FastAPI, HTTPException
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field
+
+from client.device import Device, runtime
+from client.local_data import LocalDataError, Owner, device_data, split_own
+from client.store import EncryptedStore
+from common.adapters import adapter_arrays, load_adapter_arrays
+from common.config import FederationConfig, ScoringConfig, split_preset
+from common.scoring import predict_with_prefix
+
+
+class Movies(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    movies: list[int] = Field(min_length=1, max_length=1000)
+
+
+class RankRequest(Movies):
+    top_k: int = Field(10, ge=1, le=1000)
+
+
+class NewRating(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    item: int
+    rating: float = Field(ge=1, le=5)
+    ts: int | None = None
+
+
+def create_local_app(settings: dict, store: EncryptedStore, status) -> FastAPI:
+    """`settings`: the enrolment record (`client.daemon`); `status`: a callable giving the status dict."""
+    cfg = FederationConfig(base_model=settings["base_model"], dataset=settings["catalogue"])
+    owner = Owner(settings["user_id"], settings["age"], settings["gender"], settings["occupation"])
+    data_path = Path(settings["data_path"])
+    token = Path(settings["home"], "api.token").read_text().strip()
+    bearer = HTTPBearer(auto_error=False)
+    app = FastAPI(title="PersonaFL device API", version="1")
+
+    def authorised(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        if credentials is None or not hmac.compare_digest(credentials.credentials, token):
+            raise HTTPException(401, "missing or wrong local API token", headers={"WWW-Authenticate": "Bearer"})
+
+    def device() -> Device:
+        try:
+            data = device_data(data_path, cfg.dataset, owner)
+        except LocalDataError as e:
+            raise HTTPException(409, str(e)) from None
+        train, test = split_own(data.ratings, split_preset(cfg.split).train_frac)
+        return Device(owner.user, data, train, test, runtime(cfg.base_model, cfg.lora), ScoringConfig())
+
+    def predict(d: Device, movies: list[int]) -> np.ndarray:
+        unknown = [m for m in movies if m not in d.data.items.index]
+        if unknown:
+            raise HTTPException(404, f"unknown movie ids {unknown[:5]}")
+        user = str(owner.user)
+        if store.versions(user, "personal"):
+            arrays = {k: v.numpy() for k, v in store.get_adapter(user, "personal").items()}
+        else:  # no personal adapter yet: the base model (the adapter's zero-initialised state)
+            arrays = {k: np.zeros_like(v) if "lora_B" in k else v for k, v in adapter_arrays(d.rt.model).items()}
+        load_adapter_arrays(d.rt.model, arrays)
+        return predict_with_prefix(d.rt.model, d.rt.head, d.prefix, d._suffixes(movies), pad_id=d.rt.pad_id)
+
+    @app.get("/status")
+    def get_status(_=Depends(authorised)) -> dict:
+        return status()
+
+    @app.post("/score")
+    def score(body: Movies, _=Depends(authorised)) -> dict:
+        pred = predict(device(), body.movies)
+        return {"ratings": [{"movie": m, "rating": round(float(p), 4)} for m, p in zip(body.movies, pred)]}
+
+    @app.post("/rank")
+    def rank(body: RankRequest, _=Depends(authorised)) -> dict:
+        pred = predict(device(), body.movies)
+        order = np.argsort(-pred, kind="stable")[: body.top_k]
+        return {"ranking": [{"movie": body.movies[i], "rating": round(float(pred[i]), 4)} for i in order]}
+
+    @app.post("/ratings")
+    def record(body: NewRating, _=Depends(authorised)) -> dict:
+        d = device()
+        if body.item not in d.data.items.index:
+            raise HTTPException(404, f"unknown movie id {body.item}")
+        with open(data_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"item": body.item, "rating": body.rating, "ts": body.ts or int(time.time())}) + "\n")
+        return {"ratings": len(device().data.ratings)}
+
+    return app
