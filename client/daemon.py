@@ -28,7 +28,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from client.client_app import LEDGER, PERSONAL, STATE, load_state
+from client.client_app import LEDGER, PERSONAL, load_state
 from client.keys import PassphraseKey, RawKey
 from client.store import EncryptedStore
 from common.config import FederationConfig
