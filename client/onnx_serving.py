@@ -44,7 +44,7 @@ class _ScoringGraph(torch.nn.Module):
         self.shapes = [tuple(p.shape) for _, p in lora]
         self.register_buffer("rows", _causal_lm(peft_model).get_output_embeddings().weight[head.token_ids].detach())
 
-    def forward(self, input_ids, position_ids, mask, positions, lora):
+    def forward(self, input_ids, position_ids, mask, rows, positions, lora):
         params, offset = {}, 0
         for name, shape in zip(self.names, self.shapes):
             size = int(np.prod(shape))
@@ -52,7 +52,7 @@ class _ScoringGraph(torch.nn.Module):
             offset += size
         hidden = functional_call(self.body, params, args=(), kwargs=dict(
             input_ids=input_ids, attention_mask=mask, position_ids=position_ids)).last_hidden_state
-        return hidden[0, positions] @ self.rows.T
+        return hidden[rows, positions] @ self.rows.T
 
 
 def export(base_model: str, lora: LoraSettings, target: Path | None = None) -> Path:
@@ -64,15 +64,19 @@ def export(base_model: str, lora: LoraSettings, target: Path | None = None) -> P
     model, tokenizer = load_base_model(base_model, device="cpu")
     peft_model = add_lora(model, lora).eval()
     graph = _ScoringGraph(peft_model, RatingHead(tokenizer)).eval()
-    batch = pack([PackedRow(list(range(10, 40)), [list(range(50, 60)), list(range(70, 75))], [3.0, 4.0])])
+    batch = pack([PackedRow(list(range(10, 40)), [list(range(50, 60)), list(range(70, 75))], [3.0, 4.0]),
+                  PackedRow(list(range(10, 40)), [list(range(80, 86))], [2.0])])
     flat = torch.zeros(sum(int(np.prod(s)) for s in graph.shapes))
     length, count = torch.export.Dim("length", min=4, max=8192), torch.export.Dim("count", min=1, max=4096)
+    rows = torch.export.Dim("rows", min=1, max=1024)
     with atomic_directory(target) as tmp, torch.no_grad():
-        torch.onnx.export(graph, (batch.input_ids, batch.position_ids, batch.attention_mask, batch.positions, flat),
-                          str(tmp / "model.onnx"), input_names=["input_ids", "position_ids", "mask", "positions",
-                                                                "lora"],
+        torch.onnx.export(graph, (batch.input_ids, batch.position_ids, batch.attention_mask, batch.rows,
+                                  batch.positions, flat),
+                          str(tmp / "model.onnx"), input_names=["input_ids", "position_ids", "mask", "rows",
+                                                                "positions", "lora"],
                           output_names=["logits"], dynamo=True, external_data=True,
-                          dynamic_shapes=({1: length}, {1: length}, {2: length, 3: length}, {0: count}, None))
+                          dynamic_shapes=({0: rows, 1: length}, {0: rows, 1: length},
+                                          {0: rows, 2: length, 3: length}, {0: count}, {0: count}, None))
         (tmp / "lora.json").write_text(json.dumps({"keys": graph.keys, "shapes": graph.shapes}))
     return target
 
@@ -100,11 +104,14 @@ class OnnxScorer:
         return np.concatenate([np.asarray(arrays[k], np.float32).ravel() for k in self.keys])
 
     def predict(self, prefix: list[int], suffixes: list[list[int]], arrays: dict[str, np.ndarray],
-                flat: np.ndarray | None = None) -> np.ndarray:
-        """Expected ratings of every suffix after one shared prefix (one packed forward pass)."""
-        batch = pack([PackedRow(list(prefix), [list(s) for s in suffixes], [0.0] * len(suffixes))])
+                flat: np.ndarray | None = None, items_per_row: int = 16) -> np.ndarray:
+        """Expected ratings of every suffix after one shared prefix, in one forward pass over packed rows of
+        `items_per_row` movies each (attention is dense per row: short rows keep its quadratic cost small)."""
+        rows = [PackedRow(list(prefix), [list(s) for s in suffixes[i:i + items_per_row]],
+                          [0.0] * len(suffixes[i:i + items_per_row])) for i in range(0, len(suffixes), items_per_row)]
+        batch = pack(rows)
         logits = self.session.run(None, {
             "input_ids": batch.input_ids.numpy(), "position_ids": batch.position_ids.numpy(),
-            "mask": batch.attention_mask.numpy(), "positions": batch.positions.numpy(),
+            "mask": batch.attention_mask.numpy(), "rows": batch.rows.numpy(), "positions": batch.positions.numpy(),
             "lora": self.flatten(arrays) if flat is None else flat})[0]
         return expected_rating(torch.from_numpy(logits)).numpy().astype(np.float64)

@@ -32,7 +32,7 @@ def test_ort_matches_torch_for_two_adapters_swapped_in_memory(exported):
     scorer = OnnxScorer(exported)
     rng = np.random.default_rng(0)
     prefix = list(rng.integers(10, 300, 40))
-    suffixes = [list(rng.integers(10, 300, int(n))) for n in rng.integers(3, 12, 17)]
+    suffixes = [list(rng.integers(10, 300, int(n))) for n in rng.integers(3, 12, 37)]
     outputs = []
     for seed in (1, 2):
         arrays = _adapter(model, seed)
