@@ -97,6 +97,16 @@ def make_engine(url: str) -> sa.Engine:
     return engine
 
 
+def page(engine: sa.Engine, table: sa.Table, persona: int | None, limit: int, offset: int) -> tuple[list, int]:
+    """One page of a table's rows in id order (optionally one persona's) and the total count."""
+    query, count = sa.select(table), sa.select(sa.func.count()).select_from(table)
+    if persona is not None:
+        query, count = query.where(table.c.persona == persona), count.where(table.c.persona == persona)
+    with engine.connect() as conn:
+        rows = conn.execute(query.order_by(table.c.id).limit(limit).offset(offset)).all()
+        return rows, int(conn.execute(count).scalar_one())
+
+
 def _row(row) -> dict:
     d = dict(row._mapping)
     if "manifest" in d:
@@ -155,14 +165,8 @@ class PersonaRegistry:
         return _row(row)
 
     def versions(self, persona: int | None = None, limit: int = 50, offset: int = 0) -> tuple[list[dict], int]:
-        query = sa.select(versions)
-        count = sa.select(sa.func.count()).select_from(versions)
-        if persona is not None:
-            query, count = query.where(versions.c.persona == persona), count.where(versions.c.persona == persona)
-        with self.engine.connect() as conn:
-            rows = conn.execute(query.order_by(versions.c.id).limit(limit).offset(offset)).all()
-            total = conn.execute(count).scalar_one()
-        return [_row(r) for r in rows], int(total)
+        rows, total = page(self.engine, versions, persona, limit, offset)
+        return [_row(r) for r in rows], total
 
     def path(self, version: int) -> Path:
         return self.root / self.version(version)["path"]

@@ -16,7 +16,7 @@ import time
 
 import sqlalchemy as sa
 
-from server.registry import PersonaRegistry, RegistryError, evaluations, events, rollouts, versions
+from server.registry import PersonaRegistry, RegistryError, evaluations, events, page, rollouts, versions
 
 
 def bucket(device: int | str, persona: int) -> float:
@@ -163,11 +163,5 @@ class Rollouts:
         return True
 
     def events(self, persona: int | None = None, limit: int = 50, offset: int = 0) -> tuple[list[dict], int]:
-        query = sa.select(events)
-        count = sa.select(sa.func.count()).select_from(events)
-        if persona is not None:
-            query, count = query.where(events.c.persona == persona), count.where(events.c.persona == persona)
-        with self.engine.connect() as conn:
-            rows = conn.execute(query.order_by(events.c.id).limit(limit).offset(offset)).all()
-            total = conn.execute(count).scalar_one()
-        return [{**dict(r._mapping), "detail": json.loads(r.detail)} for r in rows], int(total)
+        rows, total = page(self.engine, events, persona, limit, offset)
+        return [{**dict(r._mapping), "detail": json.loads(r.detail)} for r in rows], total
