@@ -3,7 +3,9 @@
 The coordinator's whole model state is one ArrayRecord holding K persona adapters under keys "p{k}/<peft key>".
 That keeps `Strategy.start` (rounds, timeouts, history) usable unchanged: `configure_train` sends each sampled
 device only its persona's slice, and `aggregate_train` folds the example-weighted mean of the returned deltas
-into that persona alone. A persona none of whose devices replied keeps its adapter and version.
+into that persona alone. A persona none of whose devices replied keeps its adapter and version. Replies are
+streamed into one running float64 sum per persona (FedAvg's `aggregate_arrayrecords` wants every record at
+once), so memory stays at K adapters however many devices reply.
 
 With user-level DP (`dp`), the math of Flower's `DifferentialPrivacyServerSideFixedClipping`, per persona (the
 wrapper itself clips against the whole joined state and divides by the round's total sample, so it cannot give
@@ -28,7 +30,6 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Met
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
-from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from flwr.supercore.differential_privacy import add_gaussian_noise_inplace, clip_inputs_inplace, compute_stdv
 
 from common.config import UserDP
@@ -120,11 +121,12 @@ class PersonaStrategy(FedAvg):
     def _messages(self, nodes: list[int], arrays: ArrayRecord, config: ConfigRecord, kind: str) -> list[Message]:
         personas = split_personas(arrays)
         self._current = personas
+        records = {p: to_record(arrs) for p, arrs in personas.items()}  # one per persona, shared by its messages
         messages = []
         for node in nodes:
             persona = self.node_persona[node]
             cfg = ConfigRecord({**dict(config), "persona": persona})
-            content = RecordDict({"arrays": to_record(personas[persona]), "config": cfg})
+            content = RecordDict({"arrays": records[persona], "config": cfg})
             messages.append(Message(content=content, message_type=kind, dst_node_id=node))
         return messages
 
@@ -140,71 +142,71 @@ class PersonaStrategy(FedAvg):
         return self._messages(nodes, arrays, config, MessageType.TRAIN)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        valid, _ = self._check_and_log_replies(replies, is_train=True, validate=False)
-        groups: dict[int, list[RecordDict]] = defaultdict(list)
-        for msg in valid:
-            persona = self.node_persona.get(msg.metadata.src_node_id)
-            content = msg.content
+        """Stream the replies into one running sum per persona: no list of all updates is ever held."""
+        running: dict[int, _Running] = {}
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            if msg.has_error():
+                log(WARNING, "node %s failed this round: %s", node, msg.error.reason)
+                continue
+            persona, content = self.node_persona.get(node), msg.content
             if "metrics" in content and content["metrics"].get("skipped"):
                 reason = content["status"]["reason"] if "status" in content else "no reason given"
-                log(INFO, "node %s skipped the round: %s", msg.metadata.src_node_id, reason)
+                log(INFO, "node %s skipped the round: %s", node, reason)
                 continue
             if persona is None or "arrays" not in content or "metrics" not in content:
-                log(WARNING, "rejected reply from node %s: not a persona update", msg.metadata.src_node_id)
+                log(WARNING, "rejected reply from node %s: not a persona update", node)
                 continue
-            problem = check_update(from_record(content["arrays"]), self._current[persona])
+            delta = from_record(content["arrays"])
+            problem = check_update(delta, self._current[persona])
             weight = content["metrics"].get("num-examples", 0)
             if problem is None and not (isinstance(weight, (int, float)) and weight > 0):
                 problem = f"num-examples must be positive, got {weight!r}"
             if problem:
-                log(WARNING, "rejected update from node %s: %s", msg.metadata.src_node_id, problem)
+                log(WARNING, "rejected update from node %s: %s", node, problem)
                 continue
-            groups[persona].append(content)
+            acc = running.setdefault(persona, _Running(self._current[persona]))
+            arrays = [delta[k].astype(np.float64) for k in acc.keys]
+            if self.dp:  # user-level DP: each device's delta clipped, every device weighs the same
+                clip_inputs_inplace(arrays, self.dp.clip)
+                weight = 1
+            acc.add(arrays, float(weight), content["metrics"])
 
         new = {p: dict(arrs) for p, arrs in self._current.items()}
         metrics = MetricRecord()
         # Under DP every persona is released every round (noise only without updates); otherwise only updated ones.
-        released = [p for p in sorted(self._current) if self.sizes.get(p, 0)] if self.dp else sorted(groups)
+        released = [p for p in sorted(self._current) if self.sizes.get(p, 0)] if self.dp else sorted(running)
         for persona in released:
-            contents = groups.get(persona, [])
+            acc = running.get(persona) or _Running(self._current[persona])
             if self.dp:
-                mean_delta, privacy = self._private_mean(persona, contents)
+                mean_delta, privacy = self._private_mean(persona, acc)
                 metrics[f"p{persona}_epsilon"] = privacy["epsilon"]
             else:
-                mean_delta, privacy = from_record(aggregate_arrayrecords(contents, "num-examples")), {"dp": False}
+                mean_delta, privacy = {k: v / acc.weight for k, v in zip(acc.keys, acc.sum)}, {"dp": False}
             new[persona] = {k: (v + mean_delta[k]).astype(np.float32) for k, v in self._current[persona].items()}
-            persona_metrics = _mean_metrics(contents) if contents else {}
-            for key in ("train_loss", "tokens_per_s", "gflops_per_s"):
-                if key in persona_metrics:
-                    metrics[f"p{persona}_{key}"] = persona_metrics[key]
-            metrics[f"p{persona}_devices"] = len(contents)
+            persona_metrics = acc.mean_metrics()
+            for key, value in persona_metrics.items():
+                metrics[f"p{persona}_{key}"] = value
+            metrics[f"p{persona}_devices"] = acc.devices
             if self.on_release:
-                self.on_release(server_round, persona, new[persona], len(contents), persona_metrics, privacy)
+                self.on_release(server_round, persona, new[persona], acc.devices, persona_metrics, privacy)
         if not released:
             return None, None
-        if groups:
-            metrics.update({k: v for k, v in _mean_metrics([c for g in groups.values() for c in g]).items()
-                            if k in ("train_loss", "tokens_per_s", "gflops_per_s")})
+        if running:
+            metrics.update(_Running.pooled(running.values()))
         return join_personas(new), metrics
 
-    def _private_mean(self, persona: int, contents: list[RecordDict]) -> tuple[Arrays, dict]:
+    def _private_mean(self, persona: int, acc: "_Running") -> tuple[Arrays, dict]:
         """Clipped sum / expected devices + Gaussian noise (Flower's DP helpers), and the persona's new epsilon."""
-        keys = list(self._current[persona])
-        total = [np.zeros_like(self._current[persona][k], dtype=np.float64) for k in keys]
-        for content in contents:
-            delta = [content["arrays"][k].numpy().astype(np.float64) for k in keys]
-            clip_inputs_inplace(delta, self.dp.clip)
-            for t, d in zip(total, delta):
-                t += d
         expected = self._sample_rate * self.sizes[persona]
-        mean = [t / expected for t in total]
+        mean = [t / expected for t in acc.sum]
         add_gaussian_noise_inplace(mean, compute_stdv(self.dp.noise_multiplier, self.dp.clip, expected))
         self.privacy_history[persona].append((self.dp.noise_multiplier, self._sample_rate, 1))
         eps = epsilon(self.privacy_history[persona], self.dp.delta)
-        return dict(zip(keys, mean)), {"dp": True, "level": "user", "epsilon": eps, "delta": self.dp.delta,
-                                       "noise_multiplier": self.dp.noise_multiplier, "clip": self.dp.clip,
-                                       "sample_rate": self._sample_rate, "expected_devices": expected,
-                                       "releases": [list(e) for e in self.privacy_history[persona]]}
+        return dict(zip(acc.keys, mean)), {"dp": True, "level": "user", "epsilon": eps, "delta": self.dp.delta,
+                                           "noise_multiplier": self.dp.noise_multiplier, "clip": self.dp.clip,
+                                           "sample_rate": self._sample_rate, "expected_devices": expected,
+                                           "releases": [list(e) for e in self.privacy_history[persona]]}
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
@@ -280,9 +282,39 @@ class PersonaStrategy(FedAvg):
                 log(WARNING, "persona %d: canary rolled back automatically", persona)
 
 
-def _mean_metrics(contents: list[RecordDict]) -> dict[str, float]:
-    """Example-weighted means of the numeric train metrics of several replies."""
-    total = sum(c["metrics"]["num-examples"] for c in contents)
-    keys = set.intersection(*(set(c["metrics"]) for c in contents)) - {"num-examples", "persona"}
-    return {k: sum(c["metrics"][k] * c["metrics"]["num-examples"] for c in contents) / total
-            for k in sorted(keys) if all(isinstance(c["metrics"][k], (int, float)) for c in contents)}
+TRAIN_METRICS = ("train_loss", "tokens_per_s", "gflops_per_s")
+
+
+class _Running:
+    """One persona's running aggregate: weighted sum of deltas (float64), total weight, devices, and
+    weighted sums of the train metrics — constant memory however many updates stream in."""
+
+    def __init__(self, reference: Arrays):
+        self.keys = list(reference)
+        self.sum = [np.zeros(reference[k].shape, np.float64) for k in self.keys]
+        self.weight, self.devices = 0.0, 0
+        self.metric_sums: dict[str, float] = defaultdict(float)
+        self.metric_weights: dict[str, float] = defaultdict(float)
+
+    def add(self, arrays: list[np.ndarray], weight: float, metrics) -> None:
+        for total, a in zip(self.sum, arrays):
+            total += weight * a
+        self.weight += weight
+        self.devices += 1
+        for key in TRAIN_METRICS:
+            value = metrics.get(key)
+            if isinstance(value, (int, float)):
+                self.metric_sums[key] += weight * value
+                self.metric_weights[key] += weight
+
+    def mean_metrics(self) -> dict[str, float]:
+        return {k: self.metric_sums[k] / self.metric_weights[k] for k in self.metric_sums if self.metric_weights[k]}
+
+    @staticmethod
+    def pooled(groups) -> dict[str, float]:
+        sums, weights = defaultdict(float), defaultdict(float)
+        for g in groups:
+            for k in g.metric_sums:
+                sums[k] += g.metric_sums[k]
+                weights[k] += g.metric_weights[k]
+        return {k: sums[k] / weights[k] for k in sums if weights[k]}
