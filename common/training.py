@@ -194,6 +194,7 @@ def train_local_dp(
     ledger.check(dp.noise_multiplier, sample_rate, cfg.steps)
 
     params = [p for p in model.parameters() if p.requires_grad]
+    model.train()  # Opacus refuses a module in eval mode (a shared runtime is left in eval after scoring)
     engine = PrivacyEngine(accountant="rdp")
     seed = noise_seed if noise_seed is not None else int.from_bytes(os.urandom(8), "little")
     hooks, optimizer, dp_loader = engine.make_private(

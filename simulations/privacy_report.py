@@ -150,6 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device-noise", type=float, default=1.0, help="DP-SGD noise multiplier on devices at DP levels")
     p.add_argument("--mia-users", type=int, default=16, help="members and non-members each, at most")
     p.add_argument("--mia-ratings", type=int, default=24, help="training ratings per attacked user, at most")
+    p.add_argument("--no-plain", action="store_true", help="skip the no-DP level")
     p.add_argument("--out", default="results/privacy")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="run-config override")
     args = p.parse_args(argv)
@@ -164,8 +165,8 @@ def main(argv: list[str] | None = None) -> None:
 
     out = Path(args.out)
     rows = []
-    levels = [("no DP", "none", None)] + [(f"ε={e}", f"eps{e}", float(e)) for e in args.epsilons.split(",")
-                                            if e.strip()]
+    levels = [] if args.no_plain else [("no DP", "none", None)]
+    levels += [(f"ε={e}", f"eps{e}", float(e)) for e in args.epsilons.split(",") if e.strip()]
     for name, slug, target in levels:
         print(f"\n=== privacy level: {name} ===")
         level = {**overrides, "out-dir": str(out / slug), "device-dir": str(out / "devices" / slug)}
