@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
 
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import Mod
 
 from client.device import Device, runtime
 from client.keys import KEY_ENV, RawKey
@@ -179,10 +181,11 @@ def _personal(device: Device, cfg: FederationConfig, context: Context, persona: 
     return personal, metrics
 
 
-def build_app(overrides: dict | None = None) -> ClientApp:
-    """The ClientApp; `overrides` (run-config keys) take precedence over the run's config (used by simulations)."""
+def build_app(overrides: dict | None = None, mods: Iterable[Mod] = ()) -> ClientApp:
+    """The ClientApp; `overrides` (run-config keys) take precedence over the run's config, `mods` wrap it (both
+    used by simulations)."""
     overrides = dict(overrides or {})
-    app = ClientApp()
+    app = ClientApp(mods=list(mods))
 
     @app.query("embed")
     def embed(message: Message, context: Context) -> Message:

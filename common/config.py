@@ -99,6 +99,9 @@ class UserDP:
     delta: float
 
 
+AGGREGATIONS = ("mean", "trimmed-mean", "median")
+
+
 @dataclass(frozen=True)
 class FederationConfig:
     """Everything a federated run needs; read from `[tool.flwr.app.config]` (overridable with --run-config)."""
@@ -151,6 +154,24 @@ class FederationConfig:
     auto_promote: bool = True
     rollback_margin: float = 0.05
     rollback_min_devices: int = 5
+    # How one persona's deltas are combined: "mean" (example-weighted FedAvg, streamed in constant memory),
+    # "trimmed-mean" (coordinate-wise, cutting trim-fraction of the updates at each end) or "median"
+    # (coordinate-wise); the robust two hold a round's updates for a persona in memory and weigh devices equally.
+    # max-update-norm > 0 rejects any delta with a larger L2 norm (under user-level DP deltas are clipped instead).
+    aggregation: str = "mean"
+    trim_fraction: float = 0.2
+    max_update_norm: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
+        if not 0.0 <= self.trim_fraction < 0.5:
+            raise ValueError(f"trim-fraction must be in [0, 0.5), got {self.trim_fraction}")
+        if self.max_update_norm < 0:
+            raise ValueError(f"max-update-norm must be >= 0 (0 = off), got {self.max_update_norm}")
+        if self.aggregation != "mean" and self.user_dp_enabled:
+            # The Gaussian mechanism's sensitivity is that of a clipped sum; a trimmed mean or median has another.
+            raise ValueError("robust aggregation cannot be combined with user-level DP; use aggregation='mean'")
 
     @classmethod
     def from_run_config(cls, run_config: dict) -> "FederationConfig":

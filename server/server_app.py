@@ -181,7 +181,9 @@ def run(grid: Grid, cfg: FederationConfig) -> None:
     strategy = PersonaStrategy(node_persona, cfg.fraction_train, cfg.min_train_nodes, eval_nodes,
                                cfg.eval_every, cfg.num_rounds, on_release=release, seed=cfg.seed,
                                dp=dp, prior_releases=prior, rollouts=rollouts,
-                               rollback=(cfg.rollback_margin, cfg.rollback_min_devices))
+                               rollback=(cfg.rollback_margin, cfg.rollback_min_devices),
+                               aggregation=cfg.aggregation, trim_fraction=cfg.trim_fraction,
+                               max_update_norm=cfg.max_update_norm)
     result = strategy.start(grid, join_personas({p: registry.arrays(v) for p, v in heads.items()}),
                             num_rounds=cfg.num_rounds, train_config=ConfigRecord(), evaluate_config=ConfigRecord())
     history = {

@@ -5,7 +5,9 @@ That keeps `Strategy.start` (rounds, timeouts, history) usable unchanged: `confi
 device only its persona's slice, and `aggregate_train` folds the example-weighted mean of the returned deltas
 into that persona alone. A persona none of whose devices replied keeps its adapter and version. Replies are
 streamed into one running float64 sum per persona (FedAvg's `aggregate_arrayrecords` wants every record at
-once), so memory stays at K adapters however many devices reply.
+once), so memory stays at K adapters however many devices reply. The robust options (`aggregation` =
+"trimmed-mean" or "median", coordinate-wise and unweighted like Flower's FedTrimmedAvg and FedMedian, whose
+`trim_mean` is reused) need a round's updates for a persona at once, so they hold them in memory.
 
 With user-level DP (`dp`), the math of Flower's `DifferentialPrivacyServerSideFixedClipping`, per persona (the
 wrapper itself clips against the whole joined state and divides by the round's total sample, so it cannot give
@@ -30,6 +32,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Met
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
 from flwr.supercore.differential_privacy import add_gaussian_noise_inplace, clip_inputs_inplace, compute_stdv
 
 from common.config import UserDP
@@ -62,8 +65,13 @@ def from_record(record: ArrayRecord) -> Arrays:
     return {k: a.numpy() for k, a in record.items()}
 
 
-def check_update(delta: Arrays, reference: Arrays) -> str | None:
-    """Why an update is unusable (wrong keys or shapes, non-finite values), or None if it is fine."""
+def update_norm(delta: Arrays) -> float:
+    return float(math.sqrt(sum(float(np.sum(np.square(v, dtype=np.float64))) for v in delta.values())))
+
+
+def check_update(delta: Arrays, reference: Arrays, max_norm: float = 0.0) -> str | None:
+    """Why an update is unusable (wrong keys or shapes, non-finite values, L2 norm above `max_norm` when that is
+    set), or None if it is fine."""
     if set(delta) != set(reference):
         return f"keys differ from the persona adapter ({len(set(delta) ^ set(reference))} mismatched)"
     for k, v in delta.items():
@@ -71,6 +79,8 @@ def check_update(delta: Arrays, reference: Arrays) -> str | None:
             return f"{k} has shape {v.shape}, expected {reference[k].shape}"
         if not np.isfinite(v).all():
             return f"{k} has NaN or Inf values"
+    if max_norm and (norm := update_norm(delta)) > max_norm:
+        return f"L2 norm {norm:.4g} is above the bound {max_norm:.4g}"
     return None
 
 
@@ -89,11 +99,19 @@ class PersonaStrategy(FedAvg):
         prior_releases: list[Event] = (),
         rollouts: Rollouts | None = None,
         rollback: tuple[float, int] = (0.05, 5),
+        aggregation: str = "mean",
+        trim_fraction: float = 0.2,
+        max_update_norm: float = 0.0,
     ) -> None:
         """`dp`: user-level DP on every persona release; `prior_releases`: user-level events every device already
         took part in (persona discovery), composed into each persona's epsilon. With `rollouts`, each evaluated
         device gets the version its bucket says (stable or canary), its metrics are pooled per version, and a
-        canary worse than stable by `rollback` = (RMSE margin, minimum devices) is rolled back."""
+        canary worse than stable by `rollback` = (RMSE margin, minimum devices) is rolled back. `aggregation`,
+        `trim_fraction`, `max_update_norm`: see FederationConfig."""
+        if aggregation not in ("mean", "trimmed-mean", "median"):
+            raise ValueError(f"unknown aggregation {aggregation!r}")
+        if dp and aggregation != "mean":
+            raise ValueError("robust aggregation cannot be combined with user-level DP")
         super().__init__(fraction_train=fraction_train, min_train_nodes=min_train_nodes, min_available_nodes=1,
                          min_evaluate_nodes=0, weighted_by_key="num-examples")
         self.node_persona = dict(node_persona)
@@ -111,10 +129,14 @@ class PersonaStrategy(FedAvg):
         self.rollouts = rollouts
         self.rollback_margin, self.rollback_min_devices = rollback
         self._served: dict[int, int] = {}  # evaluation node -> version sent
+        self.aggregation, self.trim_fraction, self.max_update_norm = aggregation, trim_fraction, max_update_norm
 
     def summary(self) -> None:
         sizes = np.bincount(list(self.node_persona.values())) if self.node_persona else []
         log(INFO, "\t├── Personas: %d, devices per persona %s", len(sizes), list(map(int, sizes)))
+        log(INFO, "\t├── Aggregation %s%s, update norm bound %s", self.aggregation,
+            f" (trim {self.trim_fraction})" if self.aggregation == "trimmed-mean" else "",
+            self.max_update_norm or "none")
         log(INFO, "\t└── Train fraction %.3f, evaluation devices %d every %d rounds",
             self.fraction_train, len(self.eval_nodes), self.eval_every)
 
@@ -144,28 +166,35 @@ class PersonaStrategy(FedAvg):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Stream the replies into one running sum per persona: no list of all updates is ever held."""
         running: dict[int, _Running] = {}
+        counts = {"failed": 0, "skipped": 0, "rejected": 0}
+        max_norm = 0.0  # of accepted updates, before any clipping: what an operator sets max-update-norm from
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
                 log(WARNING, "node %s failed this round: %s", node, msg.error.reason)
+                counts["failed"] += 1
                 continue
             persona, content = self.node_persona.get(node), msg.content
             if "metrics" in content and content["metrics"].get("skipped"):
                 reason = content["status"]["reason"] if "status" in content else "no reason given"
                 log(INFO, "node %s skipped the round: %s", node, reason)
+                counts["skipped"] += 1
                 continue
             if persona is None or "arrays" not in content or "metrics" not in content:
                 log(WARNING, "rejected reply from node %s: not a persona update", node)
+                counts["rejected"] += 1
                 continue
             delta = from_record(content["arrays"])
-            problem = check_update(delta, self._current[persona])
+            problem = check_update(delta, self._current[persona], 0.0 if self.dp else self.max_update_norm)
             weight = content["metrics"].get("num-examples", 0)
             if problem is None and not (isinstance(weight, (int, float)) and weight > 0):
                 problem = f"num-examples must be positive, got {weight!r}"
             if problem:
                 log(WARNING, "rejected update from node %s: %s", node, problem)
+                counts["rejected"] += 1
                 continue
-            acc = running.setdefault(persona, _Running(self._current[persona]))
+            max_norm = max(max_norm, update_norm(delta))
+            acc = running.setdefault(persona, _Running(self._current[persona], keep=self.aggregation != "mean"))
             arrays = [delta[k].astype(np.float64) for k in acc.keys]
             if self.dp:  # user-level DP: each device's delta clipped, every device weighs the same
                 clip_inputs_inplace(arrays, self.dp.clip)
@@ -182,7 +211,7 @@ class PersonaStrategy(FedAvg):
                 mean_delta, privacy = self._private_mean(persona, acc)
                 metrics[f"p{persona}_epsilon"] = privacy["epsilon"]
             else:
-                mean_delta, privacy = {k: v / acc.weight for k, v in zip(acc.keys, acc.sum)}, {"dp": False}
+                mean_delta, privacy = acc.combine(self.aggregation, self.trim_fraction), {"dp": False}
             new[persona] = {k: (v + mean_delta[k]).astype(np.float32) for k, v in self._current[persona].items()}
             persona_metrics = acc.mean_metrics()
             for key, value in persona_metrics.items():
@@ -194,6 +223,9 @@ class PersonaStrategy(FedAvg):
             return None, None
         if running:
             metrics.update(_Running.pooled(running.values()))
+        metrics.update(counts)
+        if not self.dp:  # a single device's statistic: kept out of what a DP run reports
+            metrics["max_update_norm"] = max_norm
         return join_personas(new), metrics
 
     def _private_mean(self, persona: int, acc: "_Running") -> tuple[Arrays, dict]:
@@ -289,9 +321,10 @@ class _Running:
     """One persona's running aggregate: weighted sum of deltas (float64), total weight, devices, and
     weighted sums of the train metrics — constant memory however many updates stream in."""
 
-    def __init__(self, reference: Arrays):
+    def __init__(self, reference: Arrays, keep: bool = False):
         self.keys = list(reference)
         self.sum = [np.zeros(reference[k].shape, np.float64) for k in self.keys]
+        self.kept: list[list[np.ndarray]] | None = [] if keep else None  # every update, for robust aggregation
         self.weight, self.devices = 0.0, 0
         self.metric_sums: dict[str, float] = defaultdict(float)
         self.metric_weights: dict[str, float] = defaultdict(float)
@@ -301,11 +334,23 @@ class _Running:
             total += weight * a
         self.weight += weight
         self.devices += 1
+        if self.kept is not None:
+            self.kept.append([a.astype(np.float32) for a in arrays])
         for key in TRAIN_METRICS:
             value = metrics.get(key)
             if isinstance(value, (int, float)):
                 self.metric_sums[key] += weight * value
                 self.metric_weights[key] += weight
+
+    def combine(self, how: str, trim_fraction: float) -> Arrays:
+        """The persona's aggregate delta: weighted mean, or coordinate-wise trimmed mean / median of the updates."""
+        if how == "mean":
+            return {k: v / self.weight for k, v in zip(self.keys, self.sum)}
+        out = {}
+        for i, key in enumerate(self.keys):
+            stack = np.stack([update[i] for update in self.kept])
+            out[key] = trim_mean(stack, trim_fraction) if how == "trimmed-mean" else np.median(stack, axis=0)
+        return out
 
     def mean_metrics(self) -> dict[str, float]:
         return {k: self.metric_sums[k] / self.metric_weights[k] for k in self.metric_sums if self.metric_weights[k]}

@@ -33,8 +33,9 @@ from simulations.classical import Biases, GlobalMean, tune_mf
 QUICK = {"num-rounds": 2, "eval-every": 2, "eval-users": 6, "fraction-train": 0.025, "kmeans-iters": 2}
 
 
-def run_federation(overrides: dict, num_nodes: int, cpus_per_node: float | None = None) -> dict:
-    """One Flower simulation; returns the ServerApp's history."""
+def run_federation(overrides: dict, num_nodes: int, cpus_per_node: float | None = None, mods=()) -> dict:
+    """One Flower simulation (its ClientApp wrapped in `mods`, e.g. simulated attackers); returns the ServerApp's
+    history."""
     from flwr.simulation import run_simulation
 
     from client.client_app import build_app as client_app
@@ -48,7 +49,7 @@ def run_federation(overrides: dict, num_nodes: int, cpus_per_node: float | None 
     overrides = {**overrides, "min-nodes": num_nodes}
     # One node at a time with every core: 2-core machines gain nothing from parallel model replicas.
     resources = {"num_cpus": cpus_per_node or float(os.cpu_count() or 1), "num_gpus": 0.0}
-    run_simulation(server_app=server_app(overrides), client_app=client_app(overrides), num_supernodes=num_nodes,
+    run_simulation(server_app=server_app(overrides), client_app=client_app(overrides, mods), num_supernodes=num_nodes,
                    backend_config={"client_resources": resources})
     history_file = out / "history.json"
     if not history_file.exists():

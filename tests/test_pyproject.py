@@ -21,3 +21,14 @@ def test_unknown_run_config_key_is_refused():
 
     with pytest.raises(ValueError, match="unknown run-config keys"):
         FederationConfig.from_run_config({"num-round": 3})
+
+
+def test_bad_aggregation_settings_are_refused_with_the_reason():
+    import pytest
+
+    with pytest.raises(ValueError, match="aggregation must be one of"):
+        FederationConfig.from_run_config({"aggregation": "krum"})
+    with pytest.raises(ValueError, match="trim-fraction"):
+        FederationConfig.from_run_config({"aggregation": "trimmed-mean", "trim-fraction": 0.5})
+    with pytest.raises(ValueError, match="user-level DP"):
+        FederationConfig.from_run_config({"aggregation": "median", "dp-user-noise": 1.0})

@@ -83,8 +83,48 @@ def test_malformed_updates_are_rejected_and_the_round_goes_on(bad):
     messages = list(strategy.configure_train(1, join_personas({0: _persona(0.0)}), ConfigRecord(), FakeGrid([1, 2])))
     good, evil = _reply(messages[0], _persona(2.0), 10), _reply(messages[1], bad, 10)
     assert check_update(bad, _persona(0.0)) is not None
-    new, _ = strategy.aggregate_train(1, [good, evil])
+    new, metrics = strategy.aggregate_train(1, [good, evil])
     np.testing.assert_allclose(split_personas(new)[0]["a.lora_A.weight"], 2.0)
+    assert metrics["rejected"] == 1 and metrics["p0_devices"] == 1
+
+
+def test_an_update_above_the_norm_bound_is_rejected_and_one_below_is_kept():
+    strategy, released = _strategy({1: 0, 2: 0}, max_update_norm=10.0)
+    messages = list(strategy.configure_train(1, join_personas({0: _persona(0.0)}), ConfigRecord(), FakeGrid([1, 2])))
+    # _persona(v) has 12 entries: L2 norm 2*sqrt(12) ~ 6.9 (kept) and 100*sqrt(12) ~ 346 (rejected).
+    assert check_update(_persona(100.0), _persona(0.0), max_norm=10.0).startswith("L2 norm")
+    new, _ = strategy.aggregate_train(1, [_reply(messages[0], _persona(2.0), 10), _reply(messages[1], _persona(100.0), 10)])
+    np.testing.assert_allclose(split_personas(new)[0]["a.lora_A.weight"], 2.0)
+    assert released[0][2] == 1
+
+
+def _poisoned_round(aggregation: str, **kw) -> np.ndarray:
+    """Eight honest devices send deltas 1..8 (weights differ); two attackers send -1000 (a boosted sign flip)."""
+    nodes = list(range(1, 11))
+    strategy, _ = _strategy({n: 0 for n in nodes}, aggregation=aggregation, **kw)
+    messages = list(strategy.configure_train(1, join_personas({0: _persona(0.0)}), ConfigRecord(), FakeGrid(nodes)))
+    values = [1, 2, 3, 4, 5, 6, 7, 8, -1000, -1000]
+    replies = [_reply(m, _persona(float(v)), examples=n) for m, v, n in zip(messages, values, nodes)]
+    new, metrics = strategy.aggregate_train(1, replies)
+    assert metrics["p0_devices"] == 10
+    return split_personas(new)[0]["a.lora_B.weight"]
+
+
+def test_plain_mean_is_dragged_by_attackers_and_robust_aggregations_are_not():
+    weights = np.arange(1, 11)
+    values = np.array([1, 2, 3, 4, 5, 6, 7, 8, -1000, -1000], float)
+    np.testing.assert_allclose(_poisoned_round("mean"), (weights * values).sum() / weights.sum(), rtol=1e-6)
+    # Trimming 20% of 10 cuts two updates at each end: both attackers and the two largest honest ones.
+    np.testing.assert_allclose(_poisoned_round("trimmed-mean", trim_fraction=0.2), np.mean([1, 2, 3, 4, 5, 6]),
+                               rtol=1e-6)
+    np.testing.assert_allclose(_poisoned_round("median"), np.median(values), rtol=1e-6)
+
+
+def test_robust_aggregation_with_user_level_dp_is_refused():
+    with pytest.raises(ValueError, match="robust aggregation"):
+        _strategy({1: 0}, aggregation="median", dp=UserDP(noise_multiplier=1.0, clip=1.0, delta=1e-5))
+    with pytest.raises(ValueError, match="aggregation"):
+        _strategy({1: 0}, aggregation="krum")
 
 
 def test_evaluation_sums_errors_exactly_per_persona_and_bucket():
