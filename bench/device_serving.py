@@ -2,9 +2,11 @@
 
     python -m bench.device_serving [--base-model smollm2-135m] [--repeats 5]
 
-Both paths score a real MovieLens user's profile prefix with a random personal adapter: torch eager with the
-shared-prefix KV cache (`common.scoring.predict_with_prefix`), ORT with one packed forward pass over the prefix
-and all candidates (`client.onnx_serving`). The first call of each is a warm-up and not timed.
+Both paths score a real MovieLens user's profile prefix with a random personal adapter and do the same work: the
+prefix encoded once, its keys/values reused by batches of 32 candidates (torch eager + peft:
+`common.scoring.predict_with_prefix`; ORT: the prefix and suffix graphs of `client.onnx_serving`). The first call
+of each is a warm-up and not timed. Also printed: the achieved GFLOP/s of each (2 x non-embedding parameters per
+token), since on a compute-bound CPU the two can only differ by how close they run to the matmul peak.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import time
 import numpy as np
 import torch
 
+from bench.training import matmul_peak
 from client.device import Device, runtime
 from client.onnx_serving import OnnxScorer, export
 from common.adapters import adapter_arrays, load_adapter_arrays
@@ -23,6 +26,7 @@ from common.config import FederationConfig, ScoringConfig, split_preset
 from common.data import load_movielens
 from common.scoring import predict_with_prefix
 from common.split import temporal_split
+from common.training import flops_per_token
 
 
 def _time(fn, repeats: int) -> float:
@@ -39,7 +43,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dataset", default="ml-100k")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--candidates", type=int, default=100)
-    p.add_argument("--items-per-row", type=int, default=16, help="ORT: movies packed behind one prefix copy")
     args = p.parse_args(argv)
 
     cfg = FederationConfig(base_model=args.base_model, dataset=args.dataset)
@@ -64,17 +67,21 @@ def main(argv: list[str] | None = None) -> None:
             return predict_with_prefix(rt.model, rt.head, device.prefix, suffixes, pad_id=rt.pad_id)
 
     flat = scorer.flatten(arrays)
-    agree = np.abs(torch_path(candidates) - scorer.predict(device.prefix, candidates, arrays, flat, args.items_per_row)).max()
-    rows = [("1 rating", _time(lambda: torch_path(one), args.repeats),
-             _time(lambda: scorer.predict(device.prefix, one, arrays, flat), args.repeats)),
-            (f"{args.candidates}-candidate ranking", _time(lambda: torch_path(candidates), args.repeats),
-             _time(lambda: scorer.predict(device.prefix, candidates, arrays, flat, args.items_per_row), args.repeats))]
+    agree = np.abs(torch_path(candidates) - scorer.predict(device.prefix, candidates, arrays, flat)).max()
+    rows = []
+    for name, suffixes in (("1 rating", one), (f"{args.candidates}-candidate ranking", candidates)):
+        tokens = len(device.prefix) + sum(map(len, suffixes))
+        t_torch = _time(lambda: torch_path(suffixes), args.repeats)
+        t_ort = _time(lambda: scorer.predict(device.prefix, suffixes, arrays, flat), args.repeats)
+        rows.append((name, tokens, t_torch, t_ort))
+    per_token = flops_per_token(rt.model, training=False)
     print(f"base {cfg.base_model}, prefix {len(device.prefix)} tokens, {os.cpu_count()} CPU cores; "
-          f"export/load {setup:.1f} s; max |ORT - torch| = {agree:.2e}")
-    print("| request | torch eager (ms) | ONNX Runtime (ms) | speed-up |")
-    print("|---|---:|---:|---:|")
-    for name, t_torch, t_ort in rows:
-        print(f"| {name} | {t_torch:.1f} | {t_ort:.1f} | {t_torch / t_ort:.2f}x |")
+          f"export/load {setup:.1f} s; max |ORT - torch| = {agree:.2e}; matmul peak {matmul_peak():.0f} GFLOP/s")
+    print("| request | tokens | torch eager (ms) | ONNX Runtime (ms) | speed-up | torch GFLOP/s | ORT GFLOP/s |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name, tokens, t_torch, t_ort in rows:
+        print(f"| {name} | {tokens:,} | {t_torch:.1f} | {t_ort:.1f} | {t_torch / t_ort:.2f}x "
+              f"| {tokens * per_token / t_torch / 1e6:.0f} | {tokens * per_token / t_ort / 1e6:.0f} |")
 
 
 if __name__ == "__main__":

@@ -1,11 +1,12 @@
 """On-device serving with ONNX Runtime: the fp32 base exported once, the personal adapter fed as an input.
 
-The exported graph computes the rating logits of a *packed* prompt: the user's prefix followed by many movie
-suffixes under the tree attention mask of `common.training.pack`, so the prefix is encoded once per request and
-only five logits per movie are formed. Every LoRA matrix is a slice of one flat float32 input (`lora`), so an
-adapter decrypted in memory is swapped in per request: no re-export, no plaintext file. The graph is cached under
-the user cache directory, keyed by base model and LoRA shape; torch + peft (`client.device`) is the reference
-path and the two agree (tested).
+Two graphs, as the torch path (`common.scoring.predict_with_prefix`) does it: `prefix.onnx` encodes the user's
+profile prefix once and returns every layer's keys and values; `suffix.onnx` scores a batch of movie suffixes
+attending to them, forming only five logits per movie. So a 100-movie ranking encodes the prefix once, not once
+per packed row. Every LoRA matrix is a slice of one flat float32 input (`lora`) of both graphs, so an adapter
+decrypted in memory is swapped in per request: no re-export, no plaintext file. The graphs are cached under the
+user cache directory, keyed by base model and LoRA shape; torch + peft (`client.device`) is the reference path
+and the two agree (tested).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.func import functional_call
+from transformers import DynamicCache
 
 from common.adapters import add_lora
 from common.assets import cache_root
@@ -25,7 +27,8 @@ from common.config import LoraSettings
 from common.files import atomic_directory
 from common.model import load_base_model
 from common.scoring import RatingHead, _causal_lm, decoder, expected_rating
-from common.training import PackedRow, pack
+
+FORMAT = "kv-2"  # part of the cache key: a changed graph layout is exported afresh
 
 
 def _state_key(parameter_name: str) -> str:
@@ -33,8 +36,10 @@ def _state_key(parameter_name: str) -> str:
     return parameter_name.replace(".default", "")
 
 
-class _ScoringGraph(torch.nn.Module):
-    def __init__(self, peft_model, head: RatingHead):
+class _WithLoraInput(torch.nn.Module):
+    """The decoder body with its LoRA matrices read from one flat input instead of its parameters."""
+
+    def __init__(self, peft_model):
         super().__init__()
         self.body = decoder(peft_model)
         prefix = next(n for n, m in peft_model.named_modules() if m is self.body) + "."
@@ -42,42 +47,64 @@ class _ScoringGraph(torch.nn.Module):
         self.names = [n[len(prefix):] for n, _ in lora]  # relative to the body, for functional_call
         self.keys = [_state_key(n) for n, _ in lora]
         self.shapes = [tuple(p.shape) for _, p in lora]
-        self.register_buffer("rows", _causal_lm(peft_model).get_output_embeddings().weight[head.token_ids].detach())
 
-    def forward(self, input_ids, position_ids, mask, rows, positions, lora):
+    def run(self, lora: torch.Tensor, **kwargs):
         params, offset = {}, 0
         for name, shape in zip(self.names, self.shapes):
             size = int(np.prod(shape))
             params[name] = lora[offset:offset + size].reshape(shape)
             offset += size
-        hidden = functional_call(self.body, params, args=(), kwargs=dict(
-            input_ids=input_ids, attention_mask=mask, position_ids=position_ids)).last_hidden_state
-        return hidden[rows, positions] @ self.rows.T
+        return functional_call(self.body, params, args=(), kwargs=kwargs)
+
+
+class _PrefixGraph(_WithLoraInput):
+    def forward(self, input_ids, lora):
+        """[1, P] prefix -> past [layers, 2 (keys, values), 1, kv heads, P, head dim]."""
+        cache = self.run(lora, input_ids=input_ids, use_cache=True).past_key_values
+        return torch.stack([torch.stack([layer.keys, layer.values]) for layer in cache.layers])
+
+
+class _SuffixGraph(_WithLoraInput):
+    def __init__(self, peft_model, head: RatingHead):
+        super().__init__(peft_model)
+        self.register_buffer("rows", _causal_lm(peft_model).get_output_embeddings().weight[head.token_ids].detach())
+
+    def forward(self, input_ids, past, last, lora):
+        """[N, S] right-padded suffixes after the prefix in `past`; `last` [N] each one's final real token ->
+        [N, 5] rating logits. Padding comes after every real token, so the causal mask keeps it out."""
+        n, s, p = input_ids.shape[0], input_ids.shape[1], past.shape[4]
+        cache = DynamicCache(ddp_cache_data=[(past[i, 0].expand(n, -1, -1, -1), past[i, 1].expand(n, -1, -1, -1))
+                                             for i in range(past.shape[0])])
+        positions = (torch.arange(s) + p).unsqueeze(0).expand(n, s)
+        mask = torch.cat([torch.ones(s, p, dtype=torch.bool), torch.ones(s, s, dtype=torch.bool).tril()], 1)
+        hidden = self.run(lora, input_ids=input_ids, attention_mask=mask[None, None].expand(n, 1, s, p + s),
+                          position_ids=positions, past_key_values=cache, use_cache=True).last_hidden_state
+        return hidden[torch.arange(n), last] @ self.rows.T
 
 
 def export(base_model: str, lora: LoraSettings, target: Path | None = None) -> Path:
-    """Export (once) the scoring graph for a base model and LoRA shape; returns its directory."""
-    key = hashlib.sha256(json.dumps([base_model, asdict(lora)], sort_keys=True).encode()).hexdigest()[:16]
+    """Export (once) the prefix and suffix graphs for a base model and LoRA shape; returns their directory."""
+    key = hashlib.sha256(json.dumps([base_model, asdict(lora), FORMAT], sort_keys=True).encode()).hexdigest()[:16]
     target = Path(target or cache_root() / "onnx" / f"{Path(base_model).name}-{key}")
-    if (target / "model.onnx").exists():
+    if (target / "suffix.onnx").exists():
         return target
     model, tokenizer = load_base_model(base_model, device="cpu")
     peft_model = add_lora(model, lora).eval()
-    graph = _ScoringGraph(peft_model, RatingHead(tokenizer)).eval()
-    batch = pack([PackedRow(list(range(10, 40)), [list(range(50, 60)), list(range(70, 75))], [3.0, 4.0]),
-                  PackedRow(list(range(10, 40)), [list(range(80, 86))], [2.0])])
-    flat = torch.zeros(sum(int(np.prod(s)) for s in graph.shapes))
-    length, count = torch.export.Dim("length", min=4, max=8192), torch.export.Dim("count", min=1, max=4096)
-    rows = torch.export.Dim("rows", min=1, max=1024)
+    prefix_graph, suffix_graph = _PrefixGraph(peft_model).eval(), _SuffixGraph(peft_model, RatingHead(tokenizer)).eval()
+    flat = torch.zeros(sum(int(np.prod(s)) for s in prefix_graph.shapes))
+    prefix_ids = torch.arange(10, 40).unsqueeze(0)
+    suffix_ids = torch.arange(50, 74).reshape(3, 8)
+    length = torch.export.Dim("length", min=2, max=8192)
+    count, width = torch.export.Dim("count", min=1, max=4096), torch.export.Dim("width", min=2, max=1024)
     with atomic_directory(target) as tmp, torch.no_grad():
-        torch.onnx.export(graph, (batch.input_ids, batch.position_ids, batch.attention_mask, batch.rows,
-                                  batch.positions, flat),
-                          str(tmp / "model.onnx"), input_names=["input_ids", "position_ids", "mask", "rows",
-                                                                "positions", "lora"],
-                          output_names=["logits"], dynamo=True, external_data=True,
-                          dynamic_shapes=({0: rows, 1: length}, {0: rows, 1: length},
-                                          {0: rows, 2: length, 3: length}, {0: count}, {0: count}, None))
-        (tmp / "lora.json").write_text(json.dumps({"keys": graph.keys, "shapes": graph.shapes}))
+        past = prefix_graph(prefix_ids, flat)
+        torch.onnx.export(prefix_graph, (prefix_ids, flat), str(tmp / "prefix.onnx"), input_names=["input_ids", "lora"],
+                          output_names=["past"], dynamo=True, external_data=True,
+                          dynamic_shapes=({1: length}, None))
+        torch.onnx.export(suffix_graph, (suffix_ids, past, torch.tensor([7, 5, 2]), flat), str(tmp / "suffix.onnx"),
+                          input_names=["input_ids", "past", "last", "lora"], output_names=["logits"], dynamo=True,
+                          external_data=True, dynamic_shapes=({0: count, 1: width}, {4: length}, {0: count}, None))
+        (tmp / "lora.json").write_text(json.dumps({"keys": prefix_graph.keys, "shapes": prefix_graph.shapes}))
     return target
 
 
@@ -88,8 +115,9 @@ class OnnxScorer:
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(Path(directory) / "model.onnx"), options,
-                                            providers=["CPUExecutionProvider"])
+        self.prefix, self.suffix = (ort.InferenceSession(str(Path(directory) / name), options,
+                                                         providers=["CPUExecutionProvider"])
+                                    for name in ("prefix.onnx", "suffix.onnx"))
         layout = json.loads((Path(directory) / "lora.json").read_text())
         self.keys, self.shapes = layout["keys"], [tuple(s) for s in layout["shapes"]]
 
@@ -104,14 +132,20 @@ class OnnxScorer:
         return np.concatenate([np.asarray(arrays[k], np.float32).ravel() for k in self.keys])
 
     def predict(self, prefix: list[int], suffixes: list[list[int]], arrays: dict[str, np.ndarray],
-                flat: np.ndarray | None = None, items_per_row: int = 16) -> np.ndarray:
-        """Expected ratings of every suffix after one shared prefix, in one forward pass over packed rows of
-        `items_per_row` movies each (attention is dense per row: short rows keep its quadratic cost small)."""
-        rows = [PackedRow(list(prefix), [list(s) for s in suffixes[i:i + items_per_row]],
-                          [0.0] * len(suffixes[i:i + items_per_row])) for i in range(0, len(suffixes), items_per_row)]
-        batch = pack(rows)
-        logits = self.session.run(None, {
-            "input_ids": batch.input_ids.numpy(), "position_ids": batch.position_ids.numpy(),
-            "mask": batch.attention_mask.numpy(), "rows": batch.rows.numpy(), "positions": batch.positions.numpy(),
-            "lora": self.flatten(arrays) if flat is None else flat})[0]
-        return expected_rating(torch.from_numpy(logits)).numpy().astype(np.float64)
+                flat: np.ndarray | None = None, batch_size: int = 32) -> np.ndarray:
+        """Expected ratings of every suffix after one shared prefix: the prefix is encoded once, then suffixes
+        sorted by length are scored in batches padded only to their batch's longest."""
+        flat = self.flatten(arrays) if flat is None else flat
+        past = self.prefix.run(None, {"input_ids": np.asarray([prefix], np.int64), "lora": flat})[0]
+        out = np.empty(len(suffixes), np.float64)
+        order = sorted(range(len(suffixes)), key=lambda i: len(suffixes[i]))
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            # The graph's suffix width is at least 2 (a dimension of 1 would be specialised away at export).
+            ids = np.zeros((len(idx), max(2, max(len(suffixes[i]) for i in idx))), np.int64)
+            for row, i in enumerate(idx):
+                ids[row, :len(suffixes[i])] = suffixes[i]
+            last = np.asarray([len(suffixes[i]) - 1 for i in idx], np.int64)
+            logits = self.suffix.run(None, {"input_ids": ids, "past": past, "last": last, "lora": flat})[0]
+            out[idx] = expected_rating(torch.from_numpy(logits)).numpy()
+        return out

@@ -42,10 +42,14 @@ def test_ort_matches_torch_for_two_adapters_swapped_in_memory(exported):
         assert np.abs(ort - reference).max() < 1e-3
         outputs.append(ort)
     assert np.abs(outputs[0] - outputs[1]).max() > 1e-3  # the adapter input really changes the result
+    # One movie, and a one-token suffix (padded to the graph's minimum width), agree too.
+    for few in ([suffixes[0]], [[42], suffixes[1]]):
+        np.testing.assert_allclose(scorer.predict(prefix, few, arrays), predict_with_prefix(model, head, prefix, few),
+                                   atol=1e-3)
     with pytest.raises(ValueError, match="do not match"):
         scorer.predict(prefix, suffixes, {"x": np.zeros(3, np.float32)})
 
 
 def test_export_is_cached(exported):
     assert export("tiny", LoraSettings(), exported) == exported
-    assert (exported / "lora.json").exists()
+    assert {"prefix.onnx", "suffix.onnx", "lora.json"} <= {p.name for p in exported.iterdir()}
