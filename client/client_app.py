@@ -35,7 +35,8 @@ from client.policy import TrainingPolicy
 from client.store import EncryptedStore
 from common.config import DeviceDP, FederationConfig, ScoringConfig, split_preset
 from common.data import load_movielens
-from common.personas import FeatureSpace, cold_start_persona, embed_profiles, initial_slot, nearest, slot_sums
+from common.personas import (FeatureSpace, cold_start_persona, embed_profiles, embedding_sse, initial_slot, nearest,
+                             slot_sums)
 from common.privacy import BudgetExhausted, PrivacyLedger, noise_for_target
 from common.split import sample_users, temporal_split
 from server.strategy import from_record, to_record
@@ -74,6 +75,12 @@ def _device(context: Context, overrides: dict) -> tuple[Device, FederationConfig
     train = split.train[split.train["user"] == user]
     test = split.test[split.test["user"] == user]
     return Device(user, data, train, test, runtime(cfg.base_model, cfg.lora), ScoringConfig()), cfg
+
+
+def _k(message: Message, cfg: FederationConfig) -> int:
+    """The number of personas a discovery query is about (the coordinator may be trying several)."""
+    config = message.content["config"] if "config" in message.content else {}
+    return int(config.get("k", cfg.num_personas))
 
 
 def _state(context: Context) -> ConfigRecord:
@@ -190,22 +197,26 @@ def build_app(overrides: dict | None = None, mods: Iterable[Mod] = ()) -> Client
     @app.query("embed")
     def embed(message: Message, context: Context) -> Message:
         device, cfg = _device(context, overrides)
-        k = cfg.num_personas
+        k = _k(message, cfg)
         if device.n_train < cfg.cold_start_threshold:  # too little history to embed: sits out discovery
             return _reply(message, {"cold": 1}, {"sums": _array(np.zeros((k, 384), np.float32)),
-                                                 "counts": _array(np.zeros(k, np.float32))})
+                                                 "counts": _array(np.zeros(k, np.float32)),
+                                                 "sse": _array(np.zeros(k, np.float32))})
         e = _embedding(device, context)
+        sse = np.zeros(k, np.float32)
         if "centroids" in message.content:
-            slot = nearest(e, message.content["centroids"]["c"].numpy())
+            centroids = message.content["centroids"]["c"].numpy()
+            slot = nearest(e, centroids)
+            sse = embedding_sse(e, centroids, slot)
         else:
             slot = initial_slot(device.user, k, cfg.seed)
         sums, counts = slot_sums(e, slot, k)
-        return _reply(message, {"cold": 0}, {"sums": _array(sums), "counts": _array(counts)})
+        return _reply(message, {"cold": 0}, {"sums": _array(sums), "counts": _array(counts), "sse": _array(sse)})
 
     @app.query("assign")
     def assign(message: Message, context: Context) -> Message:
         device, cfg = _device(context, overrides)
-        k = cfg.num_personas
+        k = _k(message, cfg)
         space = FeatureSpace.of(device.data)
         onboarding = np.zeros((k, space.size), np.float32)
         if device.n_train < cfg.cold_start_threshold:

@@ -161,8 +161,19 @@ class FederationConfig:
     aggregation: str = "mean"
     trim_fraction: float = 0.2
     max_update_norm: float = 0.0
+    # K chosen from the data: comma-separated candidates (e.g. "1,2,4,8"); discovery then runs federated k-means
+    # for each, the devices also return their squared distance to their centroid (summed, so only the inertia
+    # per K reaches the coordinator), and K is taken at the elbow of inertia vs K. num-personas is then ignored.
+    persona_candidates: str = ""
 
     def __post_init__(self) -> None:
+        if self.persona_candidates:
+            ks = self.candidate_ks
+            if len(ks) < 3 or min(ks) < 1:
+                raise ValueError(f"persona-candidates needs at least three K >= 1, got {self.persona_candidates!r}")
+            if self.kmeans_iters < 2:
+                raise ValueError("persona-candidates needs kmeans-iters >= 2 (inertia is measured against the "
+                                 "previous iteration's centroids)")
         if self.aggregation not in AGGREGATIONS:
             raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
         if not 0.0 <= self.trim_fraction < 0.5:
@@ -185,6 +196,10 @@ class FederationConfig:
             kind = type(getattr(cls, name))
             values[name] = kind(value) if kind is not bool else str(value).lower() in ("1", "true", "yes")
         return cls(**values)
+
+    @property
+    def candidate_ks(self) -> list[int]:
+        return sorted({int(k) for k in self.persona_candidates.split(",") if k.strip()})
 
     @property
     def lora(self) -> LoraSettings:

@@ -54,6 +54,27 @@ def slot_sums(embedding: np.ndarray, slot: int, k: int) -> tuple[np.ndarray, np.
     return sums, counts
 
 
+def embedding_sse(embedding: np.ndarray, centroids: np.ndarray, slot: int) -> np.ndarray:
+    """This device's share of the k-means inertia: its squared distance to its slot's centroid, in that slot."""
+    sse = np.zeros(len(centroids), np.float32)
+    sse[slot] = float(((embedding - centroids[slot]) ** 2).sum())
+    return sse
+
+
+def elbow(inertia: dict[int, float]) -> int:
+    """The K at the elbow of inertia against K ("kneedle"): with both axes scaled to [0, 1], the candidate
+    farthest below the straight line from the smallest to the largest K. Needs at least three candidates."""
+    ks = sorted(inertia)
+    if len(ks) < 3:
+        raise ValueError(f"the elbow rule needs at least three candidate K, got {ks}")
+    x = (np.array(ks, float) - ks[0]) / (ks[-1] - ks[0])
+    y = np.array([inertia[k] for k in ks], float)
+    span = y.max() - y.min()
+    y = (y - y.min()) / span if span > 0 else np.zeros_like(y)
+    chord = y[0] + (y[-1] - y[0]) * x
+    return ks[int(np.argmax(chord - y))]
+
+
 def update_centroids(sums: np.ndarray, counts: np.ndarray, previous: np.ndarray | None) -> np.ndarray:
     """New centroids from summed slots; an empty slot keeps its previous centroid (or the global mean).
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import replace
 from logging import INFO, WARNING
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from common.adapters import adapter_arrays, add_lora
 from common.config import FederationConfig, UserDP
 from common.model import load_base_model
 from common.data import load_movielens
-from common.personas import FeatureSpace, update_centroids
+from common.personas import FeatureSpace, elbow, update_centroids
 from common.privacy import Event, user_level_history, user_level_noise
 from server.registry import PersonaRegistry
 from server.rollouts import Rollouts
@@ -37,6 +38,8 @@ from server.strategy import PersonaStrategy, join_personas
 # L2 bounds on one device's discovery contribution: a unit embedding plus a count of 1 in one slot; onboarding
 # answers one-hot (age bracket, gender, occupation, up to 3 genres) plus a count of 1.
 EMBED_BOUND = math.sqrt(2.0)
+# With inertia: plus a squared distance of at most 4 between a unit embedding and a centroid (a mean of unit vectors).
+INERTIA_BOUND = math.sqrt(1.0 + 1.0 + 4.0**2)
 ONBOARDING_BOUND = math.sqrt(7.0)
 
 def _query(grid: Grid, nodes: list[int], action: str, content: RecordDict, timeout: float) -> list[Message]:
@@ -64,7 +67,10 @@ def _sum(replies: list[Message], keys: tuple[str, ...], bound: float, noise: flo
 
 
 def discovery_releases(cfg: FederationConfig) -> int:
-    """Aggregates every device contributes to during discovery: the k-means iterations and the onboarding tables."""
+    """Aggregates every device contributes to during discovery: the k-means iterations (for each candidate K
+    when K is chosen from the data) and the onboarding tables."""
+    if cfg.persona_candidates:
+        return len(cfg.candidate_ks) * cfg.kmeans_iters + 1
     return (cfg.kmeans_iters if cfg.num_personas > 1 else 0) + 1
 
 
@@ -82,24 +88,49 @@ def privacy_plan(cfg: FederationConfig, num_nodes: int) -> tuple[UserDP | None, 
     return UserDP(noise, cfg.dp_user_clip, cfg.dp_delta), discovery_noise, prior
 
 
-def discover_personas(grid: Grid, nodes: list[int], cfg: FederationConfig, noise: float = 0.0,
-                      timeout: float = 3600) -> tuple[dict[int, int], list[int], dict]:
-    """Federated k-means over profile embeddings, then cold-start assignment; aggregates get DP noise `noise`.
-
-    Returns node -> persona, the evaluation devices, and persona sizes.
-    """
-    centroids = None
-    for iteration in range(cfg.kmeans_iters if cfg.num_personas > 1 else 0):
-        content = RecordDict({"config": ConfigRecord({"iteration": iteration})})
+def federated_kmeans(grid: Grid, nodes: list[int], k: int, iters: int, noise: float, timeout: float,
+                     inertia: bool = False) -> tuple[np.ndarray | None, float | None]:
+    """Lloyd iterations from per-slot sums and counts only; with `inertia`, the devices' summed squared distances
+    to the previous iteration's centroids come back too (clipped and noised with the sums)."""
+    centroids, sse = None, None
+    keys, bound = (("sums", "counts", "sse"), INERTIA_BOUND) if inertia else (("sums", "counts"), EMBED_BOUND)
+    for iteration in range(iters):
+        content = RecordDict({"config": ConfigRecord({"iteration": iteration, "k": k})})
         if centroids is not None:
             content["centroids"] = ArrayRecord({"c": Array(centroids.astype(np.float32))})
         replies = _query(grid, nodes, "embed", content, timeout)
-        sums, counts = _sum(replies, ("sums", "counts"), EMBED_BOUND, noise)
+        sums, counts, *rest = _sum(replies, keys, bound, noise)
+        if rest and centroids is not None:
+            sse = float(max(rest[0].sum(), 0.0))
         centroids = update_centroids(sums, counts, centroids)
-        log(INFO, "persona discovery %d: sizes %s", iteration, counts.astype(int).tolist())
+        log(INFO, "persona discovery K=%d, iteration %d: sizes %s%s", k, iteration, counts.astype(int).tolist(),
+            f", inertia {sse:.2f}" if sse is not None else "")
+    return centroids, sse
+
+
+def discover_personas(grid: Grid, nodes: list[int], cfg: FederationConfig, noise: float = 0.0,
+                      timeout: float = 3600) -> tuple[dict[int, int], list[int], dict]:
+    """Federated k-means over profile embeddings (for each candidate K, then K at the elbow, when
+    `persona-candidates` is set), then cold-start assignment; aggregates get DP noise `noise`.
+
+    Returns node -> persona, the evaluation devices, and persona info (K, sizes, the inertia per candidate K).
+    """
+    info: dict = {}
+    if cfg.persona_candidates:
+        runs = {k: federated_kmeans(grid, nodes, k, cfg.kmeans_iters, noise, timeout, inertia=True)
+                for k in cfg.candidate_ks}
+        info["inertia"] = {k: sse for k, (_, sse) in runs.items()}
+        k = elbow(info["inertia"])
+        centroids = runs[k][0]
+        log(INFO, "persona discovery: inertia per K %s -> K=%d at the elbow",
+            {c: round(v, 2) for c, v in info["inertia"].items()}, k)
+    else:
+        k = cfg.num_personas
+        centroids, _ = federated_kmeans(grid, nodes, k, cfg.kmeans_iters if k > 1 else 0, noise, timeout)
     if centroids is None:
-        centroids = np.zeros((cfg.num_personas, 384))
-    content = RecordDict({"centroids": ArrayRecord({"c": Array(centroids.astype(np.float32))})})
+        centroids = np.zeros((k, 384))
+    content = RecordDict({"centroids": ArrayRecord({"c": Array(centroids.astype(np.float32))}),
+                          "config": ConfigRecord({"k": k})})
     assigned = _query(grid, nodes, "assign", content, timeout)
     features, counts = _sum(assigned, ("features", "counts"), ONBOARDING_BOUND, noise)
     counts = np.maximum(counts, 0.0)  # post-processing keeps the noisy tables valid counts
@@ -108,14 +139,14 @@ def discover_personas(grid: Grid, nodes: list[int], cfg: FederationConfig, noise
                           "counts": Array(counts.astype(np.float32))})
     save_onboarding(Path(cfg.out_dir) / ONBOARDING_FILE, FeatureSpace.of(load_movielens(cfg.dataset)), features,
                     counts)  # for cold-start serving: the schema of the data set and the aggregated tables only
-    replies = _query(grid, nodes, "cold", RecordDict({"tables": tables}), timeout)
+    replies = _query(grid, nodes, "cold", RecordDict({"tables": tables, "config": ConfigRecord({"k": k})}), timeout)
     node_persona = {r.metadata.src_node_id: int(r.content["metrics"]["persona"]) for r in replies}
     # Membership of the evaluation sample is a seeded coin the device reports; it says nothing about its data.
     eval_nodes = sorted(r.metadata.src_node_id for r in replies if r.content["metrics"].get("eval"))
     cold = sum(int(r.content["metrics"]["cold"]) for r in replies)
-    sizes = np.bincount(list(node_persona.values()), minlength=cfg.num_personas).tolist()
+    sizes = np.bincount(list(node_persona.values()), minlength=k).tolist()
     log(INFO, "personas: sizes %s (%d cold-start devices placed from onboarding answers)", sizes, cold)
-    return node_persona, eval_nodes, {"sizes": sizes, "cold_start_devices": cold}
+    return node_persona, eval_nodes, {"k": k, "sizes": sizes, "cold_start_devices": cold, **info}
 
 
 def starting_versions(registry: PersonaRegistry, rollouts: Rollouts, cfg: FederationConfig,
@@ -167,6 +198,7 @@ def run(grid: Grid, cfg: FederationConfig) -> None:
         log(INFO, "user-level DP: noise multiplier %.3f (discovery %.3f), clip %.3g, delta %g", dp.noise_multiplier,
             discovery_noise, dp.clip, dp.delta)
     node_persona, eval_nodes, persona_info = discover_personas(grid, nodes, cfg, discovery_noise)
+    cfg = replace(cfg, num_personas=persona_info["k"])  # K may have been chosen from the data
     registry = PersonaRegistry(out, lora=cfg.lora, base_model=cfg.base_model)
     rollouts = Rollouts(registry)
     heads = starting_versions(registry, rollouts, cfg, dp is not None)

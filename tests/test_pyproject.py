@@ -32,3 +32,14 @@ def test_bad_aggregation_settings_are_refused_with_the_reason():
         FederationConfig.from_run_config({"aggregation": "trimmed-mean", "trim-fraction": 0.5})
     with pytest.raises(ValueError, match="user-level DP"):
         FederationConfig.from_run_config({"aggregation": "median", "dp-user-noise": 1.0})
+
+
+def test_persona_candidates_need_three_ks_and_two_kmeans_iterations():
+    import pytest
+
+    cfg = FederationConfig.from_run_config({"persona-candidates": "4, 1,2,2", "kmeans-iters": 3})
+    assert cfg.candidate_ks == [1, 2, 4]
+    with pytest.raises(ValueError, match="at least three"):
+        FederationConfig.from_run_config({"persona-candidates": "2,4"})
+    with pytest.raises(ValueError, match="kmeans-iters >= 2"):
+        FederationConfig.from_run_config({"persona-candidates": "1,2,4", "kmeans-iters": 1})

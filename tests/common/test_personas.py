@@ -1,7 +1,7 @@
 import numpy as np
 
-from common.personas import (FeatureSpace, Onboarding, cold_start_persona, embed_profiles, initial_slot, nearest,
-                             slot_sums, update_centroids)
+from common.personas import (FeatureSpace, Onboarding, cold_start_persona, elbow, embed_profiles, embedding_sse,
+                             initial_slot, nearest, slot_sums, update_centroids)
 
 
 def _federated_kmeans(points: np.ndarray, k: int, iters: int, seed: int = 0):
@@ -27,6 +27,30 @@ def test_federated_kmeans_recovers_separated_clusters():
     for c in range(3):
         assert len(set(np.array(slots)[truth == c])) == 1
     assert len(set(slots)) == 3
+
+
+def test_summed_device_inertia_finds_the_true_number_of_clusters_at_the_elbow():
+    rng = np.random.default_rng(1)
+    centres = np.array([[5.0, 0.0], [-5.0, 0.0], [0.0, 6.0]])
+    points = (centres[np.repeat(np.arange(3), 30)] + rng.normal(0, 0.5, (90, 2))).astype(np.float32)
+    inertia = {}
+    for k in (1, 2, 3, 5, 8):
+        centroids, _ = _federated_kmeans(points, k, iters=10)
+        # What the coordinator receives: the sum of the devices' K-slot squared distances.
+        total = sum(embedding_sse(p, centroids, nearest(p, centroids)) for p in points)
+        inertia[k] = float(total.sum())
+        direct = ((points[:, None] - centroids[None]) ** 2).sum(-1).min(1).sum()
+        assert np.isclose(inertia[k], direct, rtol=1e-4)
+    assert elbow(inertia) == 3
+
+
+def test_elbow_rule_needs_three_candidates_and_handles_a_flat_curve():
+    assert elbow({1: 100.0, 2: 40.0, 4: 35.0, 8: 30.0}) == 2
+    assert elbow({1: 5.0, 2: 5.0, 4: 5.0}) == 1
+    import pytest
+
+    with pytest.raises(ValueError, match="three"):
+        elbow({1: 1.0, 2: 0.5})
 
 
 def test_empty_slot_keeps_previous_centroid():

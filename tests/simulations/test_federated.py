@@ -11,6 +11,7 @@ from safetensors.numpy import load_file
 from client.keys import KEY_ENV, RawKey
 from client.store import EncryptedStore
 from common.model import load_base_model
+from common.personas import elbow
 from common.privacy import PrivacyLedger
 from server.registry import PersonaRegistry
 from simulations.federated import run_federation
@@ -111,8 +112,9 @@ def dp_federation(tmp_path_factory):
     ratings, items, users = make_data(n_users=5, n_items=40, per_user=25, seed=3)
     data_dir = write_grouplens_100k(root / "ml", ratings, items, users)
     overrides = {"base-model": "tiny", "dataset": str(data_dir), "split": "default", "num-personas": 2, "num-rounds": 2,
-                 "fraction-train": 0.6, "eval-every": 2, "eval-users": 5, "kmeans-iters": 1, "lr": 0.01,
-                 "dp-device-noise": 0.8, "dp-device-budget": 50.0, "dp-user-noise": 1.0, "dp-user-clip": 0.5,
+                 "fraction-train": 0.6, "eval-every": 2, "eval-users": 5, "kmeans-iters": 2, "lr": 0.01,
+                 "persona-candidates": "1,2,3", "dp-device-noise": 0.8, "dp-device-budget": 50.0,
+                 "dp-user-noise": 1.0, "dp-user-clip": 0.5,
                  "out-dir": str(root / "out"), "device-dir": str(root / "devices")}
     key = RawKey.generate()
     with pytest.MonkeyPatch.context() as mp:
@@ -131,8 +133,9 @@ def test_dp_simulation_reports_user_level_epsilon_in_every_persona_manifest(dp_f
     for m in trained:
         privacy = m["privacy"]
         assert privacy["dp"] and privacy["level"] == "user" and 0 < privacy["epsilon"] < 1e3
-        # discovery (k-means iteration + onboarding tables, every device) then one event per round
-        assert privacy["releases"][0] == [1.0, 1.0, 2] and len(privacy["releases"]) == 1 + m["round"]
+        # discovery (2 k-means iterations for each of 3 candidate K + onboarding tables, every device), then one
+        # event per round
+        assert privacy["releases"][0] == [1.0, 1.0, 7] and len(privacy["releases"]) == 1 + m["round"]
     for persona in {m["persona"] for m in trained}:
         eps = [m["privacy"]["epsilon"] for m in trained if m["persona"] == persona]
         assert eps == sorted(eps) and eps[0] < eps[-1]  # spending accumulates
@@ -145,6 +148,16 @@ def test_dp_simulation_reports_user_level_epsilon_in_every_persona_manifest(dp_f
                for node in devices.glob("node-*") for u in EncryptedStore(node, key).users()
                if EncryptedStore(node, key).versions(u, "privacy-ledger")]
     assert ledgers and all(ledger.history and 0 < ledger.spent <= 50.0 for ledger in ledgers)
+
+
+def test_k_is_chosen_at_the_elbow_of_the_noisy_federated_inertia(dp_federation):
+    history, out, _, _ = dp_federation
+    personas = history["personas"]
+    inertia = {int(k): v for k, v in personas["inertia"].items()}
+    assert sorted(inertia) == [1, 2, 3] and all(v >= 0 for v in inertia.values())
+    assert personas["k"] == elbow(inertia) == len(personas["sizes"])
+    assert history["config"]["num_personas"] == personas["k"]
+    assert {p.name for p in (out / "personas").iterdir()} == {f"p{k}" for k in range(personas["k"])}
 
 
 def test_registry_records_lineage_stable_versions_and_per_version_evaluations(federation):
