@@ -65,7 +65,8 @@ def _device(context: Context, overrides: dict) -> tuple[Device, FederationConfig
                       str(node["owner-occupation"]))
         data = device_data(Path(str(node["data-path"])), cfg.dataset, owner)
         train, test = split_own(data.ratings, split_preset(cfg.split).train_frac)
-        return Device(owner.user, data, train, test, runtime(cfg.base_model, cfg.lora), ScoringConfig()), cfg
+        return Device(owner.user, data, train, test, runtime(cfg.base_model, cfg.lora), ScoringConfig(),
+                      cfg.memory_items), cfg
     data, split = _dataset(cfg.dataset, cfg.split)
     users = split.users
     partition = int(context.node_config["partition-id"])
@@ -74,7 +75,8 @@ def _device(context: Context, overrides: dict) -> tuple[Device, FederationConfig
     user = int(users[partition])
     train = split.train[split.train["user"] == user]
     test = split.test[split.test["user"] == user]
-    return Device(user, data, train, test, runtime(cfg.base_model, cfg.lora), ScoringConfig()), cfg
+    return Device(user, data, train, test, runtime(cfg.base_model, cfg.lora), ScoringConfig(),
+                      cfg.memory_items), cfg
 
 
 def _k(message: Message, cfg: FederationConfig) -> int:

@@ -16,6 +16,7 @@ import torch
 from common.adapters import adapter_arrays, add_lora, load_adapter_arrays
 from common.config import DeviceDP, LoraSettings, PromptConfig, ScoringConfig, TrainConfig
 from common.data import MovieLens
+from common.memory import catalogue_embeddings, memory_text, recall
 from common.model import load_base_model
 from common.personas import Onboarding
 from common.prompt import PromptBuilder, movie_text, user_profile
@@ -51,6 +52,7 @@ class Device:
     test: pd.DataFrame  # this user's held-out ratings only
     rt: Runtime
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    memory_items: int = 0  # long-term memory: similar past ratings recalled into each movie's prompt
 
     @cached_property
     def profile(self) -> str:
@@ -61,7 +63,13 @@ class Device:
         return self.rt.builder.prefix_ids(self.profile)
 
     def _suffixes(self, items) -> list[list[int]]:
-        return [self.rt.builder.suffix_ids(movie_text(self.data.items.loc[i])) for i in items]
+        catalogue = self.data.items
+        if self.memory_items <= 0:
+            return [self.rt.builder.suffix_ids(movie_text(catalogue.loc[i])) for i in items]
+        embeddings, history = catalogue_embeddings(catalogue), self.train[["item", "rating"]]
+        return [self.rt.builder.suffix_ids(movie_text(catalogue.loc[i]),
+                                           memory_text(recall(i, history, embeddings, self.memory_items), catalogue))
+                for i in items]
 
     @cached_property
     def train_examples(self) -> tuple[list[list[int]], np.ndarray]:

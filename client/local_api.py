@@ -60,7 +60,8 @@ def create_local_app(settings: dict, store: EncryptedStore, status) -> FastAPI:
         except LocalDataError as e:
             raise HTTPException(409, str(e)) from None
         train, test = split_own(data.ratings, split_preset(cfg.split).train_frac)
-        return Device(owner.user, data, train, test, runtime(cfg.base_model, cfg.lora), ScoringConfig())
+        return Device(owner.user, data, train, test, runtime(cfg.base_model, cfg.lora), ScoringConfig(),
+                      cfg.memory_items)
 
     def predict(d: Device, movies: list[int]) -> np.ndarray:
         unknown = [m for m in movies if m not in d.data.items.index]

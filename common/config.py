@@ -165,6 +165,9 @@ class FederationConfig:
     # for each, the devices also return their squared distance to their centroid (summed, so only the inertia
     # per K reaches the coordinator), and K is taken at the elbow of inertia vs K. num-personas is then ignored.
     persona_candidates: str = ""
+    # Long-term memory: each movie's prompt also quotes the user's this-many most similar past ratings (MiniLM
+    # embeddings of the movie texts, on the device); 0 = profile (short-term memory) only, the paper's prompt.
+    memory_items: int = 0
 
     def __post_init__(self) -> None:
         if self.persona_candidates:
@@ -174,6 +177,8 @@ class FederationConfig:
             if self.kmeans_iters < 2:
                 raise ValueError("persona-candidates needs kmeans-iters >= 2 (inertia is measured against the "
                                  "previous iteration's centroids)")
+        if self.memory_items < 0:
+            raise ValueError(f"memory-items must be >= 0, got {self.memory_items}")
         if self.aggregation not in AGGREGATIONS:
             raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
         if not 0.0 <= self.trim_fraction < 0.5:

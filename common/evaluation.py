@@ -9,6 +9,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from common.config import PromptConfig, ScoringConfig
+from common.memory import catalogue_embeddings, memory_text, recall
 from common.prompt import PromptBuilder, movie_text, user_profile
 from common.scoring import RatingHead, predict_with_prefix
 
@@ -23,10 +24,12 @@ def predict_users(
     prompt: PromptConfig = PromptConfig(),
     scoring: ScoringConfig = ScoringConfig(),
     progress: bool = True,
+    memory_items: int = 0,
 ) -> pd.DataFrame:
     """Predicted ratings for every test row of `users`: the test rows with a `pred` column added.
 
-    Each user's profile comes from their training ratings only; their prefix is encoded once.
+    Each user's profile comes from their training ratings only; their prefix is encoded once. With
+    `memory_items`, each movie's prompt also recalls that many of the user's most similar training ratings.
     """
     builder = PromptBuilder(tokenizer, prompt)
     head = RatingHead(tokenizer)
@@ -39,9 +42,14 @@ def predict_users(
         rows = test_by_user.get(user)
         if rows is None:
             continue
-        profile = user_profile(train_by_user.get(user, train.iloc[:0]), items, prompt)
+        history = train_by_user.get(user, train.iloc[:0])
+        profile = user_profile(history, items, prompt)
         suffixes = []
         for item in rows["item"]:
+            if memory_items > 0:  # depends on the user: not cached
+                recalled = recall(item, history, catalogue_embeddings(items), memory_items)
+                suffixes.append(builder.suffix_ids(movie_text(items.loc[item]), memory_text(recalled, items)))
+                continue
             if item not in suffix_cache:
                 suffix_cache[item] = builder.suffix_ids(movie_text(items.loc[item]))
             suffixes.append(suffix_cache[item])

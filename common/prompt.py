@@ -72,9 +72,9 @@ class PromptBuilder:
                 self._chat = False  # a template that rewrites earlier turns cannot be cached as a prefix
             else:
                 before, after = full[len(head):].split(_SENTINEL)
-                self._suffix_format = (before + "Movie: {movie}" + after).replace("{movie}", "\x01")
+                self._suffix_format = before + "\x02Movie: \x01" + after
         if not self._chat:
-            self._suffix_format = "Movie: \x01\nRating:"
+            self._suffix_format = "\x02Movie: \x01\nRating:"
 
     def _render(self, messages: list[dict], generation: bool = True) -> str:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
@@ -85,14 +85,15 @@ class PromptBuilder:
             return self._render([{"role": "system", "content": system}], generation=False)
         return system + "\n\n"
 
-    def suffix_text(self, movie: str) -> str:
-        return self._suffix_format.replace("\x01", movie)
+    def suffix_text(self, movie: str, memory: str = "") -> str:
+        """The movie's user turn; `memory` (long-term memory recalled for this movie) goes before it."""
+        return self._suffix_format.replace("\x02", memory + "\n" if memory else "").replace("\x01", movie)
 
     def prefix_ids(self, profile: str) -> list[int]:
         return self._encode(self.prefix_text(profile))
 
-    def suffix_ids(self, movie: str) -> list[int]:
-        return self._encode(self.suffix_text(movie))
+    def suffix_ids(self, movie: str, memory: str = "") -> list[int]:
+        return self._encode(self.suffix_text(movie, memory))
 
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]

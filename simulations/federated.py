@@ -71,10 +71,15 @@ def baseline_rows(cfg: FederationConfig, eval_users, with_slm: bool) -> list[dic
     if with_slm:
         start = time.perf_counter()
         model, tok = load_base_model(cfg.base_model)
-        pred = predict_users(model, tok, data.items, split.train, test, eval_users, PromptConfig(), ScoringConfig())
-        rows.append(_row("SLM vanilla prompting", "-", pred["rating"], pred["pred"], len(eval_users),
+        pred = predict_users(model, tok, data.items, split.train, test, eval_users, PromptConfig(), ScoringConfig(),
+                             memory_items=cfg.memory_items)
+        rows.append(_row("SLM vanilla prompting" + _memory(cfg), "-", pred["rating"], pred["pred"], len(eval_users),
                          time.perf_counter() - start))
     return rows
+
+
+def _memory(cfg: FederationConfig) -> str:
+    return f" + long-term memory ({cfg.memory_items})" if cfg.memory_items else ""
 
 
 def _row(method, personas, true, pred, users, wall) -> dict:
@@ -149,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"\n=== federation: {name} (K={k}) ===")
         histories[name] = run_federation({**overrides, "num-personas": k, "out-dir": str(out / f"k{k}"),
                                           "device-dir": str(out / "devices" / f"k{k}")}, nodes)
-        rows += federated_rows(name, k, histories[name])
+        rows += federated_rows(name + _memory(cfg), k, histories[name])
 
     table = markdown(rows)
     print("\n" + table)

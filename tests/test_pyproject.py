@@ -43,3 +43,10 @@ def test_persona_candidates_need_three_ks_and_two_kmeans_iterations():
         FederationConfig.from_run_config({"persona-candidates": "2,4"})
     with pytest.raises(ValueError, match="kmeans-iters >= 2"):
         FederationConfig.from_run_config({"persona-candidates": "1,2,4", "kmeans-iters": 1})
+
+
+def test_negative_memory_items_are_refused():
+    import pytest
+
+    with pytest.raises(ValueError, match="memory-items"):
+        FederationConfig.from_run_config({"memory-items": -1})

@@ -76,3 +76,12 @@ def test_device_target_epsilon_is_spread_over_a_participation_in_every_round():
     spent = epsilon([(dp.noise_multiplier, 0.25, 5 * 2)], cfg.dp_delta)
     assert 2.9 < spent <= 3.0
     assert _device_dp(device, FederationConfig(dp_device_noise=1.5)).budget == float("inf")  # 0 = no limit
+
+
+def test_simulated_device_takes_the_long_term_memory_setting_from_the_run_config(ml100k_dir):
+    from client.client_app import _device
+
+    overrides = {"base-model": "tiny", "dataset": str(ml100k_dir), "split": "default", "memory-items": 2}
+    device, cfg = _device(_context({"partition-id": 0}), overrides)
+    assert cfg.memory_items == device.memory_items == 2
+    assert "Similar movies they rated" in device.rt.tokenizer.decode(device.test_examples[0][0])

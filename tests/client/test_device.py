@@ -5,6 +5,7 @@ from common.personas import FeatureSpace
 from common.adapters import adapter_arrays
 from common.config import LoraSettings, PromptConfig
 from common.data import load_movielens
+from common.prompt import title_year
 from common.split import temporal_split
 
 
@@ -42,3 +43,21 @@ def test_onboarding_answers_come_from_the_users_own_data(ml100k_dir):
     space = FeatureSpace.of(device.data)
     assert set(answers.liked_genres) <= set(space.genres) and len(answers.liked_genres) <= 3
     assert space.encode(answers).sum() == 3 + len(answers.liked_genres)
+
+
+def test_long_term_memory_recalls_other_past_ratings_into_each_movie_prompt(ml100k_dir):
+    plain = _device(ml100k_dir)
+    device = Device(plain.user, plain.data, plain.train, plain.test, plain.rt, memory_items=3)
+    tok = device.rt.tokenizer
+    with_memory, ratings = device.train_examples
+    assert len(with_memory) == len(plain.train_examples[0]) and (ratings == plain.train_examples[1]).all()
+    for suffix, base in zip(with_memory, plain.train_examples[0]):
+        text = tok.decode(suffix)
+        assert "Similar movies they rated:" in text and len(suffix) > len(base)
+        assert text.count("/5") == 3
+    # a training target never quotes its own rating: its title appears once, as the movie being rated
+    for item in device.train["item"].iloc[:5]:
+        quoted = title_year(device.data.items.loc[item]) + ":"
+        assert quoted not in tok.decode(device._suffixes([item])[0])
+    assert not np.allclose(device.predict(adapter_arrays(device.rt.model)),
+                           plain.predict(adapter_arrays(plain.rt.model)))

@@ -47,3 +47,18 @@ def test_plain_prompt_without_chat_template():
     builder = PromptBuilder(tiny_tokenizer(), PromptConfig(use_chat_template=False))
     assert builder.suffix_text("Big (1988)") == "Movie: Big (1988)\nRating:"
     assert builder.prefix_text("P").endswith("P\n\n")
+
+
+def test_long_term_memory_goes_before_the_movie_in_its_user_turn():
+    tok = tiny_tokenizer()
+    builder = PromptBuilder(tok)
+    memory = "Similar movies they rated: Heat (1995): 4/5."
+    suffix = builder.suffix_text("Alien (1979) [Horror]", memory)
+    full = tok.apply_chat_template(
+        [{"role": "system", "content": f"{PromptConfig().instruction}\n\nPROFILE"},
+         {"role": "user", "content": memory + "\nMovie: Alien (1979) [Horror]"}], tokenize=False,
+        add_generation_prompt=True)
+    assert builder.prefix_text("PROFILE") + suffix == full
+    assert builder.suffix_text("x", "") == builder.suffix_text("x")
+    plain = PromptBuilder(tok, PromptConfig(use_chat_template=False))
+    assert plain.suffix_text("Big (1988)", "M.") == "M.\nMovie: Big (1988)\nRating:"
