@@ -39,6 +39,20 @@ from common.config import UserDP
 from common.privacy import Event, epsilon
 from server.rollouts import Rollouts
 
+# Evaluation is also pooled by how many training ratings a user has (cold-start users vs heavy users): that is
+# where personas should matter most.
+ACTIVITY_EDGES = (20, 50, 100, 200)
+
+
+def activity_bucket(n_train: int) -> str:
+    """'ratings_0_19', ..., 'ratings_200_plus': the scope name of a user with `n_train` training ratings."""
+    lo = 0
+    for hi in ACTIVITY_EDGES:
+        if n_train < hi:
+            return f"ratings_{lo}_{hi - 1}"
+        lo = hi
+    return f"ratings_{lo}_plus"
+
 Arrays = dict[str, np.ndarray]
 # (round, persona, new adapter, contributing devices, aggregated train metrics, privacy) -> version id or None
 ReleaseHook = Callable[[int, int, Arrays, int, dict, dict], int | None]
@@ -270,7 +284,7 @@ class PersonaStrategy(FedAvg):
             m = msg.content["metrics"]
             persona = self.node_persona.get(msg.metadata.src_node_id)
             bucket = "cold" if m.get("cold") else "warm"
-            for scope in ("all", f"p{persona}", bucket):
+            for scope in ("all", f"p{persona}", bucket, activity_bucket(int(m["num-examples"]))):
                 for key in ("persona_sse", "persona_sae", "personal_sse", "personal_sae", "n"):
                     sums[f"{scope}/{key}"] += float(m[key])
                 sums[f"{scope}/users"] += 1

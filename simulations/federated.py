@@ -20,6 +20,7 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from common.config import FederationConfig, PromptConfig, ScoringConfig, split_preset
@@ -28,6 +29,7 @@ from common.evaluation import predict_users
 from common.metrics import mae, rmse
 from common.model import load_base_model
 from common.split import sample_users, temporal_split
+from server.strategy import ACTIVITY_EDGES, activity_bucket
 from simulations.classical import Biases, GlobalMean, tune_mf
 
 QUICK = {"num-rounds": 2, "eval-every": 2, "eval-users": 6, "fraction-train": 0.025, "kmeans-iters": 2}
@@ -58,23 +60,29 @@ def run_federation(overrides: dict, num_nodes: int, cpus_per_node: float | None 
 
 
 def baseline_rows(cfg: FederationConfig, eval_users, with_slm: bool) -> list[dict]:
+    """Rows of the results table; each also carries its RMSE per user-activity bucket under "activity"."""
     data = load_movielens(cfg.dataset)
     split = temporal_split(data.ratings, split_preset(cfg.split))
     test = split.test[split.test["user"].isin(eval_users)]
+    counts = split.train["user"].value_counts()
+
+    def buckets(users: pd.Series) -> pd.Series:
+        return users.map(counts).fillna(0).astype(int).map(activity_bucket)
+
     rows = []
     for name, fit in [("global mean", lambda: GlobalMean().fit(split.train)),
                       ("user+item bias", lambda: Biases().fit(split.train)),
                       ("matrix factorisation", lambda: tune_mf(split.train, seed=cfg.seed))]:
         start = time.perf_counter()
         pred = fit().predict(test["user"], test["item"])
-        rows.append(_row(name, "-", test["rating"], pred, len(eval_users), time.perf_counter() - start))
+        rows.append(_row(name, "-", test["rating"], pred, len(eval_users), time.perf_counter() - start, buckets(test["user"])))
     if with_slm:
         start = time.perf_counter()
         model, tok = load_base_model(cfg.base_model)
         pred = predict_users(model, tok, data.items, split.train, test, eval_users, PromptConfig(), ScoringConfig(),
                              memory_items=cfg.memory_items)
         rows.append(_row("SLM vanilla prompting" + _memory(cfg), "-", pred["rating"], pred["pred"], len(eval_users),
-                         time.perf_counter() - start))
+                         time.perf_counter() - start, buckets(pred["user"])))
     return rows
 
 
@@ -82,9 +90,12 @@ def _memory(cfg: FederationConfig) -> str:
     return f" + long-term memory ({cfg.memory_items})" if cfg.memory_items else ""
 
 
-def _row(method, personas, true, pred, users, wall) -> dict:
+def _row(method, personas, true, pred, users, wall, buckets: pd.Series) -> dict:
+    true, pred = pd.Series(np.asarray(true, float)), pd.Series(np.asarray(pred, float))
+    buckets = pd.Series(np.asarray(buckets))
+    activity = {b: rmse(pred[buckets == b], true[buckets == b]) for b in sorted(set(buckets))}
     return {"method": method, "K": personas, "users": users, "test_ratings": len(true),
-            "rmse": rmse(pred, true), "mae": mae(pred, true), "wall_s": round(wall, 1)}
+            "rmse": rmse(pred, true), "mae": mae(pred, true), "wall_s": round(wall, 1), "activity": activity}
 
 
 def federated_rows(name: str, k: int, history: dict) -> list[dict]:
@@ -92,7 +103,10 @@ def federated_rows(name: str, k: int, history: dict) -> list[dict]:
     last = evals[max(evals, key=int)]
     return [{"method": f"{name}: {path} adapter", "K": k, "users": int(last["users"]),
              "test_ratings": int(last["ratings"]), "rmse": last[f"{path}_rmse"], "mae": last[f"{path}_mae"],
-             "wall_s": round(history["seconds"], 1)} for path in ("persona", "personal")]
+             "wall_s": round(history["seconds"], 1),
+             "activity": {key[: -len(f"_{path}_rmse")]: v for key, v in last.items()
+                          if key.startswith("ratings_") and key.endswith(f"_{path}_rmse")}}
+            for path in ("persona", "personal")]
 
 
 def plot(histories: dict[str, dict], baselines: list[dict], path: Path) -> None:
@@ -122,6 +136,17 @@ def markdown(rows: list[dict]) -> str:
     lines = ["| method | K | users | test ratings | RMSE | MAE | wall (s) |", "|---|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['method']} | {r['K']} | {r['users']} | {r['test_ratings']:,} | {r['rmse']:.4f} | {r['mae']:.4f} "
               f"| {r['wall_s']:.1f} |" for r in rows]
+    return "\n".join(lines)
+
+
+def activity_markdown(rows: list[dict]) -> str:
+    """RMSE per user-activity bucket (training ratings per user), one column per bucket present."""
+    order = [activity_bucket(lo) for lo in (0, *ACTIVITY_EDGES)]
+    present = [b for b in order if any(b in r["activity"] for r in rows)]
+    names = [b.removeprefix("ratings_").replace("_plus", "+").replace("_", "-") for b in present]
+    lines = ["| method | " + " | ".join(f"{n} ratings" for n in names) + " |", "|---|" + "---:|" * len(present)]
+    lines += ["| " + r["method"] + " | " + " | ".join(f"{r['activity'][b]:.4f}" if b in r["activity"] else "-"
+                                                     for b in present) + " |" for r in rows]
     return "\n".join(lines)
 
 
@@ -156,11 +181,12 @@ def main(argv: list[str] | None = None) -> None:
                                           "device-dir": str(out / "devices" / f"k{k}")}, nodes)
         rows += federated_rows(name + _memory(cfg), k, histories[name])
 
-    table = markdown(rows)
+    table = markdown(rows) + "\n\nRMSE by user activity (training ratings per user):\n\n" + activity_markdown(rows)
     print("\n" + table)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text(table + "\n")
-    pd.DataFrame(rows).to_csv(out / "results.csv", index=False)
+    pd.DataFrame([{k: v for k, v in r.items() if k != "activity"} for r in rows]).to_csv(out / "results.csv",
+                                                                                         index=False)
     (out / "results.json").write_text(json.dumps({"overrides": overrides, "rows": rows, "histories": histories},
                                                  indent=2, default=str))
     plot(histories, rows[: 4 if not args.no_slm_baseline else 3], out / "rmse_per_round.png")

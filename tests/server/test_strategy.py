@@ -7,7 +7,8 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from common.config import UserDP
 from common.privacy import epsilon
-from server.strategy import PersonaStrategy, check_update, join_personas, split_personas, to_record
+from server.strategy import (PersonaStrategy, activity_bucket, check_update, join_personas, split_personas,
+                             to_record)
 
 
 @pytest.fixture(autouse=True)
@@ -142,6 +143,24 @@ def test_evaluation_sums_errors_exactly_per_persona_and_bucket():
     assert out["personal_rmse"] == pytest.approx(np.sqrt(13 / 4 / 5))
     assert out["p1_persona_rmse"] == pytest.approx(3.0) and out["cold_users"] == 1
     assert out["warm_persona_mae"] == pytest.approx(1.0)
+
+
+def test_evaluation_is_also_pooled_by_user_activity():
+    assert [activity_bucket(n) for n in (0, 19, 20, 99, 100, 199, 200, 5000)] == [
+        "ratings_0_19", "ratings_0_19", "ratings_20_49", "ratings_50_99", "ratings_100_199", "ratings_100_199",
+        "ratings_200_plus", "ratings_200_plus"]
+    strategy, _ = _strategy({1: 0, 2: 0, 3: 0}, eval_nodes=[1, 2, 3], eval_every=1)
+    messages = list(strategy.configure_evaluate(1, join_personas({0: _persona(0.0)}), ConfigRecord(),
+                                                FakeGrid([1, 2, 3])))
+    replies = []
+    for m, (sse, n, history) in zip(messages, [(4.0, 4, 10), (9.0, 1, 150), (1.0, 1, 120)]):
+        metrics = MetricRecord({"persona_sse": sse, "persona_sae": sse, "personal_sse": sse, "personal_sae": sse,
+                                "n": n, "cold": int(history < 20), "num-examples": history})
+        replies.append(Message(content=RecordDict({"metrics": metrics}), reply_to=m))
+    out = strategy.aggregate_evaluate(1, replies)
+    assert out["ratings_0_19_persona_rmse"] == pytest.approx(1.0) and out["ratings_0_19_users"] == 1
+    assert out["ratings_100_199_persona_rmse"] == pytest.approx(np.sqrt(10 / 2)) and out["ratings_100_199_users"] == 2
+    assert "ratings_50_99_users" not in out
 
 
 def test_no_evaluation_between_scheduled_rounds():

@@ -174,3 +174,27 @@ def test_registry_records_lineage_stable_versions_and_per_version_evaluations(fe
         assert all(v["state"] == "retired" for v in items[:-1])
     evaluated = [registry.evaluation(v["id"]) for v in registry.versions()[0]]
     assert sum(e["devices"] for e in evaluated) == 6 * 2  # every evaluation device, both evaluation rounds
+
+
+def test_main_job_writes_the_table_with_rmse_per_user_activity_bucket(tmp_path):
+    from simulations.federated import main
+
+    ratings, items, users = make_data(n_users=6, n_items=70, per_user=60, seed=4)
+    # Users 5 and 6 are light (8 training ratings), the rest heavier (48): two activity buckets.
+    ratings = ratings[~((ratings["user"] >= 5) & (ratings.groupby("user").cumcount() >= 10))]
+    data_dir = write_grouplens_100k(tmp_path / "ml", ratings, items, users)
+    out = tmp_path / "results"
+    sets = {"base-model": "tiny", "dataset": str(data_dir), "split": "default", "num-rounds": 1, "eval-every": 1,
+            "eval-users": 6, "kmeans-iters": 2, "cold-start-threshold": 18, "memory-items": 2, "lr": 0.01}
+    main(["--personas", "2", "--out", str(out)] + [a for k, v in sets.items() for a in ("--set", f"{k}={v}")])
+    result = json.loads((out / "results.json").read_text())
+    rows = {r["method"]: r for r in result["rows"]}
+    assert {"SLM vanilla prompting + long-term memory (2)",
+            "2 personas + long-term memory (2): personal adapter"} <= set(rows)
+    for row in rows.values():
+        assert set(row["activity"]) == {"ratings_0_19", "ratings_20_49"}, row["method"]
+        # a pooled RMSE lies between its parts
+        assert min(row["activity"].values()) - 1e-9 <= row["rmse"] <= max(row["activity"].values()) + 1e-9
+    table = (out / "results.md").read_text()
+    assert "| method | 0-19 ratings | 20-49 ratings |" in table
+    assert (out / "results.csv").exists() and (out / "rmse_per_round.png").exists()
