@@ -139,6 +139,20 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def persona_runs(spec: str, overrides: dict) -> list[tuple[str, int | str, dict]]:
+    """(name, K or 'elbow', settings) for each federation: K=1 first, then the requested persona counts."""
+    runs: list[tuple[str, int | str, dict]] = [("single adapter", 1, {"persona-candidates": ""})]
+    for part in (p.strip() for p in spec.split(",") if p.strip()):
+        if part == "elbow":
+            candidates = overrides.get("persona-candidates") or "1,2,4,8"
+            runs.append((f"K at the elbow of {candidates}", "elbow", {"persona-candidates": candidates}))
+        elif not part.isdigit() or int(part) < 1:
+            raise SystemExit(f"--personas: each K must be an integer >= 1 or 'elbow', got {part!r}")
+        elif int(part) > 1:
+            runs.append((f"{int(part)} personas", int(part), {"persona-candidates": ""}))
+    return runs
+
+
 def activity_markdown(rows: list[dict]) -> str:
     """RMSE per user-activity bucket (training ratings per user), one column per bucket present."""
     order = [activity_bucket(lo) for lo in (0, *ACTIVITY_EDGES)]
@@ -153,7 +167,9 @@ def activity_markdown(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="under 10 minutes: 2 rounds, 6 evaluation users")
-    p.add_argument("--personas", type=int, default=4, help="K for the persona run (K=1 always runs too)")
+    p.add_argument("--personas", default="4",
+                   help="K for the persona runs, comma-separated, e.g. 2,4,8 (K=1, the single adapter, always runs); "
+                        "'elbow' lets federated discovery pick K from persona-candidates (default 1,2,4,8)")
     p.add_argument("--no-slm-baseline", action="store_true", help="skip the vanilla-prompting row")
     p.add_argument("--out", default="results/federated")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -175,11 +191,12 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     rows = baseline_rows(cfg, eval_users, with_slm=not args.no_slm_baseline)
     histories = {}
-    for name, k in (("single adapter", 1), (f"{args.personas} personas", args.personas)):
-        print(f"\n=== federation: {name} (K={k}) ===")
-        histories[name] = run_federation({**overrides, "num-personas": k, "out-dir": str(out / f"k{k}"),
-                                          "device-dir": str(out / "devices" / f"k{k}")}, nodes)
-        rows += federated_rows(name + _memory(cfg), k, histories[name])
+    for name, k, extra in persona_runs(args.personas, overrides):
+        print(f"\n=== federation: {name} ===")
+        histories[name] = run_federation({**overrides, **extra, "num-personas": k if k != "elbow" else 1,
+                                          "out-dir": str(out / f"k{k}"), "device-dir": str(out / "devices" / f"k{k}")},
+                                         nodes)
+        rows += federated_rows(name + _memory(cfg), histories[name]["personas"]["k"], histories[name])
 
     table = markdown(rows) + "\n\nRMSE by user activity (training ratings per user):\n\n" + activity_markdown(rows)
     print("\n" + table)

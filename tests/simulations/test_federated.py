@@ -185,12 +185,16 @@ def test_main_job_writes_the_table_with_rmse_per_user_activity_bucket(tmp_path):
     data_dir = write_grouplens_100k(tmp_path / "ml", ratings, items, users)
     out = tmp_path / "results"
     sets = {"base-model": "tiny", "dataset": str(data_dir), "split": "default", "num-rounds": 1, "eval-every": 1,
-            "eval-users": 6, "kmeans-iters": 2, "cold-start-threshold": 18, "memory-items": 2, "lr": 0.01}
-    main(["--personas", "2", "--out", str(out)] + [a for k, v in sets.items() for a in ("--set", f"{k}={v}")])
+            "eval-users": 6, "kmeans-iters": 2, "cold-start-threshold": 18, "memory-items": 2, "lr": 0.01,
+            "persona-candidates": "1,2,3"}
+    main(["--personas", "2,elbow", "--out", str(out)] + [a for k, v in sets.items() for a in ("--set", f"{k}={v}")])
     result = json.loads((out / "results.json").read_text())
     rows = {r["method"]: r for r in result["rows"]}
-    assert {"SLM vanilla prompting + long-term memory (2)",
+    assert {"SLM vanilla prompting + long-term memory (2)", "single adapter + long-term memory (2): persona adapter",
             "2 personas + long-term memory (2): personal adapter"} <= set(rows)
+    elbow_row = rows["K at the elbow of 1,2,3 + long-term memory (2): persona adapter"]
+    assert elbow_row["K"] == result["histories"]["K at the elbow of 1,2,3"]["personas"]["k"] in (1, 2, 3)
+    assert rows["2 personas + long-term memory (2): persona adapter"]["K"] == 2
     for row in rows.values():
         assert set(row["activity"]) == {"ratings_0_19", "ratings_20_49"}, row["method"]
         # a pooled RMSE lies between its parts
@@ -198,3 +202,15 @@ def test_main_job_writes_the_table_with_rmse_per_user_activity_bucket(tmp_path):
     table = (out / "results.md").read_text()
     assert "| method | 0-19 ratings | 20-49 ratings |" in table
     assert (out / "results.csv").exists() and (out / "rmse_per_round.png").exists()
+
+
+def test_persona_runs_always_start_with_the_single_adapter_and_refuse_bad_k():
+    from simulations.federated import persona_runs
+
+    runs = persona_runs("2,4,8", {})
+    assert [(name, k) for name, k, _ in runs] == [("single adapter", 1), ("2 personas", 2), ("4 personas", 4),
+                                                  ("8 personas", 8)]
+    assert all(extra == {"persona-candidates": ""} for _, _, extra in runs)
+    assert persona_runs("elbow", {})[1][2] == {"persona-candidates": "1,2,4,8"}
+    with pytest.raises(SystemExit, match="integer >= 1"):
+        persona_runs("2,x", {})
