@@ -41,6 +41,7 @@ EMBED_BOUND = math.sqrt(2.0)
 # With inertia: plus a squared distance of at most 4 between a unit embedding and a centroid (a mean of unit vectors).
 INERTIA_BOUND = math.sqrt(1.0 + 1.0 + 4.0**2)
 ONBOARDING_BOUND = math.sqrt(7.0)
+EMBED_DIM = 384  # all-MiniLM-L6-v2
 
 def _query(grid: Grid, nodes: list[int], action: str, content: RecordDict, timeout: float) -> list[Message]:
     messages = [Message(content=content, message_type=f"{MessageType.QUERY}.{action}", dst_node_id=n) for n in nodes]
@@ -52,15 +53,27 @@ def _query(grid: Grid, nodes: list[int], action: str, content: RecordDict, timeo
     return ok
 
 
-def _sum(replies: list[Message], keys: tuple[str, ...], bound: float, noise: float) -> list[np.ndarray]:
+def _sum(replies: list[Message], shapes: dict[str, tuple[int, ...]], bound: float, noise: float,
+         action: str) -> list[np.ndarray]:
     """Sum of the replies' arrays; with `noise` > 0 each reply is clipped to `bound` and the sum gets Gaussian
-    noise of std noise x bound (Flower's DP helpers): a user-level Gaussian mechanism on the aggregate."""
-    total = None
+    noise of std noise x bound (Flower's DP helpers): a user-level Gaussian mechanism on the aggregate.
+
+    A reply with a missing array, a wrong shape or a non-finite value is logged and left out; no valid reply at
+    all is an error (there is nothing to discover personas from)."""
+    total, used = [np.zeros(shape) for shape in shapes.values()], 0
     for r in replies:
-        arrays = [r.content["arrays"][k].numpy().astype(np.float64) for k in keys]
+        record = r.content["arrays"] if "arrays" in r.content else {}
+        arrays = [record[k].numpy().astype(np.float64) if k in record else None for k in shapes]
+        bad = [k for k, a in zip(shapes, arrays) if a is None or a.shape != shapes[k] or not np.isfinite(a).all()]
+        if bad:
+            log(WARNING, "query.%s: node %s sent malformed %s; left out", action, r.metadata.src_node_id, bad)
+            continue
         if noise > 0:
             clip_inputs_inplace(arrays, bound)
-        total = arrays if total is None else [t + a for t, a in zip(total, arrays)]
+        total, used = [t + a for t, a in zip(total, arrays)], used + 1
+    if not used:
+        raise RuntimeError(f"persona discovery: no device gave a valid answer to query.{action} "
+                           f"({len(replies)} replies)")
     if noise > 0:
         add_gaussian_noise_inplace(total, noise * bound)
     return total
@@ -93,13 +106,14 @@ def federated_kmeans(grid: Grid, nodes: list[int], k: int, iters: int, noise: fl
     """Lloyd iterations from per-slot sums and counts only; with `inertia`, the devices' summed squared distances
     to the previous iteration's centroids come back too (clipped and noised with the sums)."""
     centroids, sse = None, None
-    keys, bound = (("sums", "counts", "sse"), INERTIA_BOUND) if inertia else (("sums", "counts"), EMBED_BOUND)
+    shapes = {"sums": (k, EMBED_DIM), "counts": (k,), **({"sse": (k,)} if inertia else {})}
+    bound = INERTIA_BOUND if inertia else EMBED_BOUND
     for iteration in range(iters):
         content = RecordDict({"config": ConfigRecord({"iteration": iteration, "k": k})})
         if centroids is not None:
             content["centroids"] = ArrayRecord({"c": Array(centroids.astype(np.float32))})
         replies = _query(grid, nodes, "embed", content, timeout)
-        sums, counts, *rest = _sum(replies, keys, bound, noise)
+        sums, counts, *rest = _sum(replies, shapes, bound, noise, "embed")
         if rest and centroids is not None:
             sse = float(max(rest[0].sum(), 0.0))
         centroids = update_centroids(sums, counts, centroids)
@@ -128,19 +142,28 @@ def discover_personas(grid: Grid, nodes: list[int], cfg: FederationConfig, noise
         k = cfg.num_personas
         centroids, _ = federated_kmeans(grid, nodes, k, cfg.kmeans_iters if k > 1 else 0, noise, timeout)
     if centroids is None:
-        centroids = np.zeros((k, 384))
+        centroids = np.zeros((k, EMBED_DIM))
     content = RecordDict({"centroids": ArrayRecord({"c": Array(centroids.astype(np.float32))}),
                           "config": ConfigRecord({"k": k})})
     assigned = _query(grid, nodes, "assign", content, timeout)
-    features, counts = _sum(assigned, ("features", "counts"), ONBOARDING_BOUND, noise)
+    space = FeatureSpace.of(load_movielens(cfg.dataset))
+    features, counts = _sum(assigned, {"features": (k, space.size), "counts": (k,)}, ONBOARDING_BOUND, noise,
+                            "assign")
     counts = np.maximum(counts, 0.0)  # post-processing keeps the noisy tables valid counts
     features = np.clip(features, 0.0, counts[:, None])
     tables = ArrayRecord({"features": Array(features.astype(np.float32)),
                           "counts": Array(counts.astype(np.float32))})
-    save_onboarding(Path(cfg.out_dir) / ONBOARDING_FILE, FeatureSpace.of(load_movielens(cfg.dataset)), features,
+    save_onboarding(Path(cfg.out_dir) / ONBOARDING_FILE, space, features,
                     counts)  # for cold-start serving: the schema of the data set and the aggregated tables only
     replies = _query(grid, nodes, "cold", RecordDict({"tables": tables, "config": ConfigRecord({"k": k})}), timeout)
-    node_persona = {r.metadata.src_node_id: int(r.content["metrics"]["persona"]) for r in replies}
+    node_persona = {}
+    for r in replies:
+        persona = r.content["metrics"].get("persona", -1)
+        if not 0 <= persona < k or persona != int(persona):
+            log(WARNING, "query.cold: node %s answered persona %r of %d; left out", r.metadata.src_node_id, persona, k)
+            continue
+        node_persona[r.metadata.src_node_id] = int(persona)
+    replies = [r for r in replies if r.metadata.src_node_id in node_persona]
     # Membership of the evaluation sample is a seeded coin the device reports; it says nothing about its data.
     eval_nodes = sorted(r.metadata.src_node_id for r in replies if r.content["metrics"].get("eval"))
     cold = sum(int(r.content["metrics"]["cold"]) for r in replies)

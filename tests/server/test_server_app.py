@@ -34,3 +34,32 @@ def test_privacy_plan_meets_the_user_level_target_including_discovery():
     total = epsilon(prior + [(dp.noise_multiplier, rate, cfg.num_rounds)], cfg.dp_delta)
     assert total == pytest.approx(4.0, rel=0.03) and total <= 4.0
     assert privacy_plan(FederationConfig(), 216) == (None, 0.0, [])
+
+
+def _answer(node: int, **arrays) -> "Message":
+    from flwr.app import Array, ArrayRecord, Message, MessageType, RecordDict
+
+    request = Message(content=RecordDict(), message_type=f"{MessageType.QUERY}.embed", dst_node_id=node)
+    return Message(content=RecordDict({"arrays": ArrayRecord({k: Array(np.asarray(v, np.float32))
+                                                             for k, v in arrays.items()})}), reply_to=request)
+
+
+def test_discovery_sums_leave_out_malformed_answers_and_fail_clearly_without_any(monkeypatch):
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 0)):  # set by Flower in a real run
+        monkeypatch.setattr(TaskIdentity, attr, value)
+    from server.server_app import _sum
+
+    shapes = {"sums": (2, 3), "counts": (2,)}
+    good = [_answer(1, sums=np.ones((2, 3)), counts=[1, 0]), _answer(2, sums=np.full((2, 3), 2.0), counts=[0, 1])]
+    bad = [_answer(3, sums=np.ones((3, 3)), counts=[1, 0]),  # wrong shape
+           _answer(4, sums=np.full((2, 3), np.nan), counts=[1, 0]),  # not finite
+           _answer(5, sums=np.ones((2, 3)))]  # missing counts
+    sums, counts = _sum(good + bad, shapes, bound=1.0, noise=0.0, action="embed")
+    np.testing.assert_array_equal(sums, np.full((2, 3), 3.0))
+    np.testing.assert_array_equal(counts, [1, 1])
+    with pytest.raises(RuntimeError, match="no device gave a valid answer to query.embed"):
+        _sum(bad, shapes, bound=1.0, noise=0.0, action="embed")
+    with pytest.raises(RuntimeError, match="no device"):
+        _sum([], shapes, bound=1.0, noise=0.0, action="embed")
