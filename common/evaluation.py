@@ -37,6 +37,7 @@ def predict_users(
     train_by_user = dict(tuple(train.groupby("user")))
     test_by_user = dict(tuple(test[test["user"].isin(users)].groupby("user")))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    embeddings = catalogue_embeddings(items) if memory_items > 0 else None
     parts = []
     for user in tqdm(list(users), desc="SLM scoring", unit="user", disable=not progress):
         rows = test_by_user.get(user)
@@ -47,7 +48,7 @@ def predict_users(
         suffixes = []
         for item in rows["item"]:
             if memory_items > 0:  # depends on the user: not cached
-                recalled = recall(item, history, catalogue_embeddings(items), memory_items)
+                recalled = recall(item, history, embeddings, memory_items)
                 suffixes.append(builder.suffix_ids(movie_text(items.loc[item]), memory_text(recalled, items)))
                 continue
             if item not in suffix_cache:

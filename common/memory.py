@@ -13,18 +13,20 @@ import pandas as pd
 from common.personas import embed_profiles
 from common.prompt import movie_text, title_year
 
-_CATALOGUES: dict[int, pd.Series] = {}
+_CATALOGUE: dict[str, object] = {}  # the last catalogue seen: its object, content key and embeddings
 
 
 def catalogue_embeddings(items: pd.DataFrame) -> pd.Series:
-    """Unit embedding per item id, computed once per catalogue content in this process (a device re-reads its data
-    file as it grows, but the catalogue stays the same)."""
+    """Unit embedding per item id, computed once per catalogue in this process: the same object is a dictionary
+    hit, and a re-read of the same catalogue (a device re-reads its data file as it grows) is not embedded again."""
+    if _CATALOGUE.get("items") is items:
+        return _CATALOGUE["embeddings"]
     texts = [movie_text(items.loc[i]) for i in items.index]
     key = hash((tuple(items.index), tuple(texts)))
-    if key not in _CATALOGUES:
-        _CATALOGUES.clear()  # one catalogue per process in practice; never hold several
-        _CATALOGUES[key] = pd.Series(list(embed_profiles(texts)), index=items.index)
-    return _CATALOGUES[key]
+    if _CATALOGUE.get("key") != key:
+        _CATALOGUE.update(key=key, embeddings=pd.Series(list(embed_profiles(texts)), index=items.index))
+    _CATALOGUE["items"] = items
+    return _CATALOGUE["embeddings"]
 
 
 def recall(item: int, history: pd.DataFrame, embeddings: pd.Series, k: int) -> pd.DataFrame:
