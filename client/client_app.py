@@ -35,8 +35,8 @@ from client.policy import TrainingPolicy
 from client.store import EncryptedStore
 from common.config import DeviceDP, FederationConfig, ScoringConfig, split_preset
 from common.data import load_movielens
-from common.personas import (FeatureSpace, cold_start_persona, embed_profiles, embedding_sse, initial_slot, nearest,
-                             slot_sums)
+from common.personas import (cold_start_persona, embed_profiles, embedding_sse, initial_slot, nearest,
+                             onboarding_space, slot_sums)
 from common.privacy import BudgetExhausted, PrivacyLedger, noise_for_target
 from common.split import sample_users, temporal_split
 from server.strategy import from_record, to_record
@@ -219,7 +219,7 @@ def build_app(overrides: dict | None = None, mods: Iterable[Mod] = ()) -> Client
     def assign(message: Message, context: Context) -> Message:
         device, cfg = _device(context, overrides)
         k = _k(message, cfg)
-        space = FeatureSpace.of(device.data)
+        space = onboarding_space(cfg.dataset)
         onboarding = np.zeros((k, space.size), np.float32)
         if device.n_train < cfg.cold_start_threshold:
             return _reply(message, {"cold": 1}, {"features": _array(onboarding), "counts": _array(np.zeros(k, np.float32))})
@@ -241,7 +241,7 @@ def build_app(overrides: dict | None = None, mods: Iterable[Mod] = ()) -> Client
         if device.n_train >= cfg.cold_start_threshold:
             _save_state(device, cfg, context, persona=int(state["persona"]))
             return _reply(message, {"cold": 0, "persona": int(state["persona"]), "eval": in_eval})
-        space = FeatureSpace.of(device.data)
+        space = onboarding_space(cfg.dataset)
         tables = message.content["tables"]
         persona = cold_start_persona(space.encode(device.onboarding()), tables["features"].numpy(),
                                      tables["counts"].numpy(), space)

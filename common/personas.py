@@ -18,6 +18,8 @@ from functools import lru_cache
 
 import numpy as np
 
+from common.data import load_movielens
+
 AGE_BRACKETS = ((0, 18), (18, 25), (25, 35), (35, 45), (45, 50), (50, 56), (56, 200))
 GENDERS = ("F", "M")
 
@@ -138,6 +140,13 @@ class FeatureSpace:
         """Single-choice groups (age, gender, occupation); genres are independent yes/no features after them."""
         a, g, o = len(AGE_BRACKETS), len(GENDERS), len(self.occupations)
         return [slice(0, a), slice(a, a + g), slice(a + g, a + g + o)]
+
+
+@lru_cache(maxsize=2)
+def onboarding_space(dataset: str) -> FeatureSpace:
+    """The onboarding layout of a public data set's schema, derived the same way by the coordinator and every
+    device (a deployed device's own data names only its owner's occupation: its layout must not come from that)."""
+    return FeatureSpace.of(load_movielens(dataset))
 
 
 def cold_start_persona(features: np.ndarray, feature_counts: np.ndarray, persona_counts: np.ndarray,

@@ -27,8 +27,7 @@ from flwr.serverapp import Grid, ServerApp
 from common.adapters import adapter_arrays, add_lora
 from common.config import FederationConfig, UserDP
 from common.model import load_base_model
-from common.data import load_movielens
-from common.personas import FeatureSpace, elbow, update_centroids
+from common.personas import elbow, onboarding_space, update_centroids
 from common.privacy import Event, user_level_history, user_level_noise
 from server.registry import PersonaRegistry
 from server.rollouts import Rollouts
@@ -146,7 +145,7 @@ def discover_personas(grid: Grid, nodes: list[int], cfg: FederationConfig, noise
     content = RecordDict({"centroids": ArrayRecord({"c": Array(centroids.astype(np.float32))}),
                           "config": ConfigRecord({"k": k})})
     assigned = _query(grid, nodes, "assign", content, timeout)
-    space = FeatureSpace.of(load_movielens(cfg.dataset))
+    space = onboarding_space(cfg.dataset)
     features, counts = _sum(assigned, {"features": (k, space.size), "counts": (k,)}, ONBOARDING_BOUND, noise,
                             "assign")
     counts = np.maximum(counts, 0.0)  # post-processing keeps the noisy tables valid counts
