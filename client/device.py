@@ -16,7 +16,7 @@ import torch
 from common.adapters import adapter_arrays, add_lora, load_adapter_arrays
 from common.config import DeviceDP, LoraSettings, PromptConfig, ScoringConfig, TrainConfig
 from common.data import MovieLens
-from common.memory import catalogue_embeddings, memory_text, recall
+from common.memory import catalogue_embeddings, recalled_text
 from common.model import load_base_model
 from common.personas import Onboarding
 from common.prompt import PromptBuilder, movie_text, user_profile
@@ -68,7 +68,7 @@ class Device:
             return [self.rt.builder.suffix_ids(movie_text(catalogue.loc[i])) for i in items]
         embeddings, history = catalogue_embeddings(catalogue), self.train[["item", "rating"]]
         return [self.rt.builder.suffix_ids(movie_text(catalogue.loc[i]),
-                                           memory_text(recall(i, history, embeddings, self.memory_items), catalogue))
+                                           recalled_text(i, history, catalogue, embeddings, self.memory_items))
                 for i in items]
 
     @cached_property

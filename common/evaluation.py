@@ -9,7 +9,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from common.config import PromptConfig, ScoringConfig
-from common.memory import catalogue_embeddings, memory_text, recall
+from common.memory import catalogue_embeddings, recalled_text
 from common.prompt import PromptBuilder, movie_text, user_profile
 from common.scoring import RatingHead, predict_with_prefix
 
@@ -48,8 +48,8 @@ def predict_users(
         suffixes = []
         for item in rows["item"]:
             if memory_items > 0:  # depends on the user: not cached
-                recalled = recall(item, history, embeddings, memory_items)
-                suffixes.append(builder.suffix_ids(movie_text(items.loc[item]), memory_text(recalled, items)))
+                memory = recalled_text(item, history, items, embeddings, memory_items)
+                suffixes.append(builder.suffix_ids(movie_text(items.loc[item]), memory))
                 continue
             if item not in suffix_cache:
                 suffix_cache[item] = builder.suffix_ids(movie_text(items.loc[item]))

@@ -47,3 +47,8 @@ def memory_text(recalled: pd.DataFrame, items: pd.DataFrame) -> str:
         return ""
     rated = "; ".join(f"{title_year(items.loc[i])}: {int(r)}/5" for i, r in zip(recalled["item"], recalled["rating"]))
     return f"Similar movies they rated: {rated}."
+
+
+def recalled_text(item: int, history: pd.DataFrame, items: pd.DataFrame, embeddings: pd.Series, k: int) -> str:
+    """The long-term memory line for rating `item`: recall, then text."""
+    return memory_text(recall(item, history, embeddings, k), items)

@@ -75,7 +75,8 @@ def baseline_rows(cfg: FederationConfig, eval_users, with_slm: bool) -> list[dic
                       ("matrix factorisation", lambda: tune_mf(split.train, seed=cfg.seed))]:
         start = time.perf_counter()
         pred = fit().predict(test["user"], test["item"])
-        rows.append(_row(name, "-", test["rating"], pred, len(eval_users), time.perf_counter() - start, buckets(test["user"])))
+        rows.append(_row(name, "-", test["rating"], pred, len(eval_users), time.perf_counter() - start,
+                         buckets(test["user"])))
     if with_slm:
         start = time.perf_counter()
         model, tok = load_base_model(cfg.base_model)
