@@ -35,7 +35,7 @@ from client.policy import TrainingPolicy
 from client.store import EncryptedStore
 from common.config import DeviceDP, FederationConfig, ScoringConfig, split_preset
 from common.data import load_movielens
-from common.personas import (cold_start_persona, embed_profiles, embedding_sse, initial_slot, nearest,
+from common.personas import (EMBED_DIM, cold_start_persona, embed_profiles, embedding_sse, initial_slot, nearest,
                              onboarding_space, slot_sums)
 from common.privacy import BudgetExhausted, PrivacyLedger, noise_for_target
 from common.split import sample_users, temporal_split
@@ -76,7 +76,7 @@ def _device(context: Context, overrides: dict) -> tuple[Device, FederationConfig
     train = split.train[split.train["user"] == user]
     test = split.test[split.test["user"] == user]
     return Device(user, data, train, test, runtime(cfg.base_model, cfg.lora), ScoringConfig(),
-                      cfg.memory_items), cfg
+                  cfg.memory_items), cfg
 
 
 def _k(message: Message, cfg: FederationConfig) -> int:
@@ -201,7 +201,7 @@ def build_app(overrides: dict | None = None, mods: Iterable[Mod] = ()) -> Client
         device, cfg = _device(context, overrides)
         k = _k(message, cfg)
         if device.n_train < cfg.cold_start_threshold:  # too little history to embed: sits out discovery
-            return _reply(message, {"cold": 1}, {"sums": _array(np.zeros((k, 384), np.float32)),
+            return _reply(message, {"cold": 1}, {"sums": _array(np.zeros((k, EMBED_DIM), np.float32)),
                                                  "counts": _array(np.zeros(k, np.float32)),
                                                  "sse": _array(np.zeros(k, np.float32))})
         e = _embedding(device, context)

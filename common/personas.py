@@ -22,6 +22,7 @@ from common.data import load_movielens
 
 AGE_BRACKETS = ((0, 18), (18, 25), (25, 35), (35, 45), (45, 50), (50, 56), (56, 200))
 GENDERS = ("F", "M")
+EMBED_DIM = 384  # all-MiniLM-L6-v2 profile embeddings
 
 
 @lru_cache(maxsize=1)

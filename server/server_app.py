@@ -27,7 +27,7 @@ from flwr.serverapp import Grid, ServerApp
 from common.adapters import adapter_arrays, add_lora
 from common.config import FederationConfig, UserDP
 from common.model import load_base_model
-from common.personas import elbow, onboarding_space, update_centroids
+from common.personas import EMBED_DIM, elbow, onboarding_space, update_centroids
 from common.privacy import Event, user_level_history, user_level_noise
 from server.registry import PersonaRegistry
 from server.rollouts import Rollouts
@@ -40,7 +40,6 @@ EMBED_BOUND = math.sqrt(2.0)
 # With inertia: plus a squared distance of at most 4 between a unit embedding and a centroid (a mean of unit vectors).
 INERTIA_BOUND = math.sqrt(1.0 + 1.0 + 4.0**2)
 ONBOARDING_BOUND = math.sqrt(7.0)
-EMBED_DIM = 384  # all-MiniLM-L6-v2
 
 def _query(grid: Grid, nodes: list[int], action: str, content: RecordDict, timeout: float) -> list[Message]:
     messages = [Message(content=content, message_type=f"{MessageType.QUERY}.{action}", dst_node_id=n) for n in nodes]
