@@ -124,7 +124,7 @@ def supernode_command(settings: dict, superlink: str, root_cert: str | None, pol
 
 
 def run(settings: dict, superlink: str, root_cert: str | None, policy: dict, api_socket: str | None,
-        api_port: int | None, clientappio_port: int | None = None) -> None:
+        api_port: int | None, clientappio_port: int | None = None, engine: str = "torch") -> None:
     import uvicorn
 
     from client.local_api import create_local_app
@@ -135,7 +135,7 @@ def run(settings: dict, superlink: str, root_cert: str | None, policy: dict, api
     store = open_store(settings)
     app = create_local_app(settings, store, lambda: {**status(settings, store),
                                                      "supernode": "running" if supernode.poll() is None else
-                                                     f"exited ({supernode.returncode})"})
+                                                     f"exited ({supernode.returncode})"}, engine)
     try:
         if api_port:
             uvicorn.run(app, host="127.0.0.1", port=api_port, log_level="warning")
@@ -178,6 +178,8 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--max-load", type=float, help="train only when the load per core is below this")
     r.add_argument("--max-steps", type=int)
     r.add_argument("--min-ratings", type=int, default=5)
+    r.add_argument("--engine", choices=("torch", "onnx"), default="torch",
+                   help="local API scoring: torch + peft, or ONNX Runtime (exported once per base model, cached)")
     for s in (e, r, sub.add_parser("status"), sub.add_parser("forget")):
         s.add_argument("--home", default="~/.personafl", help="the device home (default ~/.personafl)")
     args = p.parse_args(argv)
@@ -196,7 +198,8 @@ def main(argv: list[str] | None = None) -> None:
         policy = {k: v for k, v in {"train-window": args.train_window, "max-load": args.max_load,
                                     "max-steps": args.max_steps, "min-ratings": args.min_ratings}.items()
                   if v is not None}
-        run(settings, args.superlink, args.root_cert, policy, args.api_socket, args.api_port, args.clientappio_port)
+        run(settings, args.superlink, args.root_cert, policy, args.api_socket, args.api_port, args.clientappio_port,
+            args.engine)
 
 
 if __name__ == "__main__":

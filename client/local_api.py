@@ -3,6 +3,8 @@
 Served on a Unix socket (owner-only permissions) or loopback, and every call needs the device's local API token
 (`<home>/api.token`, mode 0600). The personal adapter is decrypted from the encrypted store into memory for each
 request that needs it (never to a file); before the device has one, the base model scores with the profile only.
+Two engines do the scoring: torch + peft (the reference) or ONNX Runtime (`client.onnx_serving`; the graphs are
+exported once per base model and cached, and the decrypted adapter is a graph input).
 """
 
 from __future__ import annotations
@@ -41,9 +43,20 @@ class NewRating(BaseModel):
     ts: int | None = None
 
 
-def create_local_app(settings: dict, store: EncryptedStore, status) -> FastAPI:
-    """`settings`: the enrolment record (`client.daemon`); `status`: a callable giving the status dict."""
+ENGINES = ("torch", "onnx")
+
+
+def create_local_app(settings: dict, store: EncryptedStore, status, engine: str = "torch") -> FastAPI:
+    """`settings`: the enrolment record (`client.daemon`); `status`: a callable giving the status dict; `engine`:
+    "torch" or "onnx"."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     cfg = FederationConfig(base_model=settings["base_model"], dataset=settings["catalogue"])
+    scorer = None
+    if engine == "onnx":
+        from client.onnx_serving import OnnxScorer, export
+
+        scorer = OnnxScorer(export(cfg.base_model, cfg.lora))
     owner = Owner(settings["user_id"], settings["age"], settings["gender"], settings["occupation"])
     data_path = Path(settings["data_path"])
     token = Path(settings["home"], "api.token").read_text().strip()
@@ -72,6 +85,11 @@ def create_local_app(settings: dict, store: EncryptedStore, status) -> FastAPI:
             arrays = {k: v.numpy() for k, v in store.get_adapter(user, "personal").items()}
         else:  # no personal adapter yet: the base model (the adapter's zero-initialised state)
             arrays = {k: np.zeros_like(v) if "lora_B" in k else v for k, v in adapter_arrays(d.rt.model).items()}
+        if scorer is not None:
+            try:
+                return scorer.predict(d.prefix, d._suffixes(movies), arrays)
+            except ValueError as e:  # an adapter whose layout is not the exported graph's
+                raise HTTPException(409, f"the ONNX engine cannot serve this adapter: {e}") from None
         load_adapter_arrays(d.rt.model, arrays)
         return predict_with_prefix(d.rt.model, d.rt.head, d.prefix, d._suffixes(movies), pad_id=d.rt.pad_id)
 

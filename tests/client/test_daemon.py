@@ -5,6 +5,7 @@ import stat
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 import torch
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -107,6 +108,31 @@ def test_local_api_scores_ranks_and_records_with_the_personal_adapter(device_hom
         assert client.post("/ratings", json={"item": 5, "rating": 9}).status_code == 422
     finally:
         server.stop()
+
+
+def test_local_api_onnx_engine_agrees_with_torch(device_home):
+    settings, _ = device_home
+    store = open_store(settings)
+    model = add_lora(load_base_model("tiny")[0], LoraSettings())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    store.put_adapter("7", PERSONAL, {k: torch.from_numpy(v) for k, v in adapter_arrays(model).items()})
+    token = Path(settings["home"], "api.token").read_text()
+    scored = {}
+    for engine in ("torch", "onnx"):
+        server = LiveServer(create_local_app(settings, store, lambda: status(settings, store), engine=engine))
+        try:
+            client = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {token}"}, timeout=60)
+            ratings = client.post("/score", json={"movies": [1, 2, 3, 4]}).json()["ratings"]
+            scored[engine] = [r["rating"] for r in ratings]
+        finally:
+            server.stop()
+    assert np.allclose(scored["torch"], scored["onnx"], atol=1e-3)
+    assert len(set(scored["onnx"])) > 1  # a real adapter gives different ratings per movie
+    with pytest.raises(ValueError, match="engine"):
+        create_local_app(settings, store, lambda: {}, engine="tflite")
 
 
 def test_training_policy_refusals():
