@@ -9,6 +9,7 @@ exported once per base model and cached, and the decrypted adapter is a graph in
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
 import time
@@ -57,6 +58,9 @@ def create_local_app(settings: dict, store: EncryptedStore, status, engine: str 
         from client.onnx_serving import OnnxScorer, export
 
         scorer = OnnxScorer(export(cfg.base_model, cfg.lora))
+    # The owner's encoded profile prefix under their current adapter (keyed by both), in memory only: it changes
+    # only when a rating arrives or a new adapter is stored, so a request usually pays for its movies alone.
+    prefix_cache: dict[tuple, np.ndarray] = {}
     owner = Owner(settings["user_id"], settings["age"], settings["gender"], settings["occupation"])
     data_path = Path(settings["data_path"])
     token = Path(settings["home"], "api.token").read_text().strip()
@@ -87,9 +91,16 @@ def create_local_app(settings: dict, store: EncryptedStore, status, engine: str 
             arrays = {k: np.zeros_like(v) if "lora_B" in k else v for k, v in adapter_arrays(d.rt.model).items()}
         if scorer is not None:
             try:
-                return scorer.predict(d.prefix, d._suffixes(movies), arrays)
+                flat = scorer.flatten(arrays)
             except ValueError as e:  # an adapter whose layout is not the exported graph's
                 raise HTTPException(409, f"the ONNX engine cannot serve this adapter: {e}") from None
+            key = (tuple(d.prefix), hashlib.blake2b(flat.tobytes(), digest_size=16).digest())
+            past = prefix_cache.get(key)
+            if past is None:
+                past = scorer.encode_prefix(d.prefix, flat)
+                prefix_cache.clear()
+                prefix_cache[key] = past
+            return scorer.score(past, d._suffixes(movies), flat)
         load_adapter_arrays(d.rt.model, arrays)
         return predict_with_prefix(d.rt.model, d.rt.head, d.prefix, d._suffixes(movies), pad_id=d.rt.pad_id)
 

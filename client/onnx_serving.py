@@ -136,7 +136,16 @@ class OnnxScorer:
         """Expected ratings of every suffix after one shared prefix: the prefix is encoded once, then suffixes
         sorted by length are scored in batches padded only to their batch's longest."""
         flat = self.flatten(arrays) if flat is None else flat
-        past = self.prefix.run(None, {"input_ids": np.asarray([prefix], np.int64), "lora": flat})[0]
+        return self.score(self.encode_prefix(prefix, flat), suffixes, flat, batch_size)
+
+    def encode_prefix(self, prefix: list[int], flat: np.ndarray) -> np.ndarray:
+        """Every layer's keys and values for `prefix` under the adapter `flat` (a caller may keep them while
+        neither changes)."""
+        return self.prefix.run(None, {"input_ids": np.asarray([prefix], np.int64), "lora": flat})[0]
+
+    def score(self, past: np.ndarray, suffixes: list[list[int]], flat: np.ndarray,
+              batch_size: int = 32) -> np.ndarray:
+        """Expected ratings of `suffixes` after the prefix encoded in `past` (by the same adapter `flat`)."""
         out = np.empty(len(suffixes), np.float64)
         order = sorted(range(len(suffixes)), key=lambda i: len(suffixes[i]))
         for start in range(0, len(order), batch_size):

@@ -110,7 +110,7 @@ def test_local_api_scores_ranks_and_records_with_the_personal_adapter(device_hom
         server.stop()
 
 
-def test_local_api_onnx_engine_agrees_with_torch(device_home):
+def test_local_api_onnx_engine_agrees_with_torch_and_follows_new_ratings(device_home):
     settings, _ = device_home
     store = open_store(settings)
     model = add_lora(load_base_model("tiny")[0], LoraSettings())
@@ -120,17 +120,28 @@ def test_local_api_onnx_engine_agrees_with_torch(device_home):
                 p.normal_(0, 0.5)
     store.put_adapter("7", PERSONAL, {k: torch.from_numpy(v) for k, v in adapter_arrays(model).items()})
     token = Path(settings["home"], "api.token").read_text()
-    scored = {}
-    for engine in ("torch", "onnx"):
-        server = LiveServer(create_local_app(settings, store, lambda: status(settings, store), engine=engine))
-        try:
-            client = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {token}"}, timeout=60)
-            ratings = client.post("/score", json={"movies": [1, 2, 3, 4]}).json()["ratings"]
-            scored[engine] = [r["rating"] for r in ratings]
-        finally:
+    servers = {engine: LiveServer(create_local_app(settings, store, lambda: status(settings, store), engine=engine))
+               for engine in ("torch", "onnx")}
+    try:
+        clients = {e: httpx.Client(base_url=s.url, headers={"Authorization": f"Bearer {token}"}, timeout=60)
+                   for e, s in servers.items()}
+
+        def scores() -> dict[str, list[float]]:
+            return {e: [r["rating"] for r in c.post("/score", json={"movies": [1, 2, 3, 4]}).json()["ratings"]]
+                    for e, c in clients.items()}
+
+        before = scores()
+        assert np.allclose(before["torch"], before["onnx"], atol=1e-3)
+        assert len(set(before["onnx"])) > 1  # a real adapter gives different ratings per movie
+        rated = {json.loads(line)["item"] for line in Path(settings["data_path"]).read_text().splitlines()}
+        new = sorted(set(range(1, 31)) - rated)[0]
+        clients["onnx"].post("/ratings", json={"item": new, "rating": 1, "ts": 1})  # oldest: a training rating
+        after = scores()  # the profile changed: the ONNX engine must not serve its cached prefix
+        assert np.allclose(after["torch"], after["onnx"], atol=1e-3)
+        assert not np.allclose(after["onnx"], before["onnx"], atol=1e-6)
+    finally:
+        for server in servers.values():
             server.stop()
-    assert np.allclose(scored["torch"], scored["onnx"], atol=1e-3)
-    assert len(set(scored["onnx"])) > 1  # a real adapter gives different ratings per movie
     with pytest.raises(ValueError, match="engine"):
         create_local_app(settings, store, lambda: {}, engine="tflite")
 
