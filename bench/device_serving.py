@@ -7,8 +7,8 @@ prefix encoded once, its keys/values reused by batches of 32 candidates (torch e
 `common.scoring.predict_with_prefix`; ORT: the prefix and suffix graphs of `client.onnx_serving`). The first call
 of each is a warm-up and not timed. Also printed: the achieved GFLOP/s of each (2 x non-embedding parameters per
 token), since on a compute-bound CPU the two can only differ by how close they run to the matmul peak. Last, the
-single rating again with the prefix's keys/values already in memory, as the daemon's ONNX engine serves repeated
-requests.
+single rating again with the prefix's keys/values already in memory, as the daemon's local API serves repeated
+requests (either engine).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from client.onnx_serving import OnnxScorer, export
 from common.adapters import adapter_arrays, load_adapter_arrays
 from common.config import FederationConfig, ScoringConfig, split_preset
 from common.data import load_movielens
-from common.scoring import predict_with_prefix
+from common.scoring import encode_prefix, predict_with_prefix
 from common.split import temporal_split
 from common.training import flops_per_token
 
@@ -76,8 +76,12 @@ def main(argv: list[str] | None = None) -> None:
         t_torch = _time(lambda: torch_path(suffixes), args.repeats)
         t_ort = _time(lambda: scorer.predict(device.prefix, suffixes, arrays, flat), args.repeats)
         rows.append((name, tokens, t_torch, t_ort))
-    past = scorer.encode_prefix(device.prefix, flat)  # what the daemon's ORT engine keeps between requests
+    # What the daemon's local API keeps between requests: the prefix's keys/values, per engine.
+    past, cache = scorer.encode_prefix(device.prefix, flat), encode_prefix(rt.model, device.prefix)
     t_cached = _time(lambda: scorer.score(past, one, flat), args.repeats)
+    with torch.no_grad():
+        t_cached_torch = _time(lambda: predict_with_prefix(rt.model, rt.head, device.prefix, one, pad_id=rt.pad_id,
+                                                           cache=cache), args.repeats)
     per_token = flops_per_token(rt.model, training=False)
     print(f"base {cfg.base_model}, prefix {len(device.prefix)} tokens, {os.cpu_count()} CPU cores; "
           f"export/load {setup:.1f} s; max |ORT - torch| = {agree:.2e}; matmul peak {matmul_peak():.0f} GFLOP/s")
@@ -86,8 +90,8 @@ def main(argv: list[str] | None = None) -> None:
     for name, tokens, t_torch, t_ort in rows:
         print(f"| {name} | {tokens:,} | {t_torch:.1f} | {t_ort:.1f} | {t_torch / t_ort:.2f}x "
               f"| {tokens * per_token / t_torch / 1e6:.0f} | {tokens * per_token / t_ort / 1e6:.0f} |")
-    print(f"ORT with the prefix kept in memory (the daemon's --engine onnx between requests): 1 rating "
-          f"{t_cached:.1f} ms ({len(one[0])} tokens)")
+    print(f"1 rating with the prefix kept in memory (the daemon's local API between requests; {len(one[0])} "
+          f"tokens): torch {t_cached_torch:.1f} ms, ORT {t_cached:.1f} ms, {t_cached_torch / t_cached:.2f}x")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from client.local_data import LocalDataError, Owner, device_data, split_own
 from client.store import EncryptedStore
 from common.adapters import adapter_arrays, load_adapter_arrays
 from common.config import FederationConfig, ScoringConfig, split_preset
-from common.scoring import predict_with_prefix
+from common.scoring import encode_prefix, predict_with_prefix
 
 
 class Movies(BaseModel):
@@ -60,7 +60,7 @@ def create_local_app(settings: dict, store: EncryptedStore, status, engine: str 
         scorer = OnnxScorer(export(cfg.base_model, cfg.lora))
     # The owner's encoded profile prefix under their current adapter (keyed by both), in memory only: it changes
     # only when a rating arrives or a new adapter is stored, so a request usually pays for its movies alone.
-    prefix_cache: dict[tuple, np.ndarray] = {}
+    prefix_cache: dict[tuple, object] = {}
     owner = Owner(settings["user_id"], settings["age"], settings["gender"], settings["occupation"])
     data_path = Path(settings["data_path"])
     token = Path(settings["home"], "api.token").read_text().strip()
@@ -89,20 +89,27 @@ def create_local_app(settings: dict, store: EncryptedStore, status, engine: str 
             arrays = {k: v.numpy() for k, v in store.get_adapter(user, "personal").items()}
         else:  # no personal adapter yet: the base model (the adapter's zero-initialised state)
             arrays = {k: np.zeros_like(v) if "lora_B" in k else v for k, v in adapter_arrays(d.rt.model).items()}
+        digest = hashlib.blake2b(digest_size=16)
+        for k in sorted(arrays):
+            digest.update(np.ascontiguousarray(arrays[k], np.float32).tobytes())
+        key = (tuple(d.prefix), digest.digest())
+        past = prefix_cache.get(key)
         if scorer is not None:
             try:
                 flat = scorer.flatten(arrays)
             except ValueError as e:  # an adapter whose layout is not the exported graph's
                 raise HTTPException(409, f"the ONNX engine cannot serve this adapter: {e}") from None
-            key = (tuple(d.prefix), hashlib.blake2b(flat.tobytes(), digest_size=16).digest())
-            past = prefix_cache.get(key)
-            if past is None:
-                past = scorer.encode_prefix(d.prefix, flat)
-                prefix_cache.clear()
-                prefix_cache[key] = past
-            return scorer.score(past, d._suffixes(movies), flat)
-        load_adapter_arrays(d.rt.model, arrays)
-        return predict_with_prefix(d.rt.model, d.rt.head, d.prefix, d._suffixes(movies), pad_id=d.rt.pad_id)
+            past = scorer.encode_prefix(d.prefix, flat) if past is None else past
+            pred = scorer.score(past, d._suffixes(movies), flat)
+        else:
+            load_adapter_arrays(d.rt.model, arrays)
+            past = encode_prefix(d.rt.model, d.prefix) if past is None else past
+            pred = predict_with_prefix(d.rt.model, d.rt.head, d.prefix, d._suffixes(movies), pad_id=d.rt.pad_id,
+                                       cache=past)
+        if key not in prefix_cache:
+            prefix_cache.clear()
+            prefix_cache[key] = past
+        return pred
 
     @app.get("/status")
     def get_status(_=Depends(authorised)) -> dict:

@@ -73,6 +73,13 @@ def rating_loss(logits: torch.Tensor, ratings: torch.Tensor, mse_weight: float =
 
 
 @torch.no_grad()
+def encode_prefix(model: torch.nn.Module, prefix_ids: Sequence[int]):
+    """The key/value cache of a prompt prefix (left untouched by `predict_with_prefix`, so it can be kept)."""
+    device = next(model.parameters()).device
+    return decoder(model)(input_ids=torch.tensor([list(prefix_ids)], device=device), use_cache=True).past_key_values
+
+
+@torch.no_grad()
 def predict_with_prefix(
     model: torch.nn.Module,
     head: RatingHead,
@@ -80,17 +87,18 @@ def predict_with_prefix(
     suffixes: Sequence[Sequence[int]],
     batch_size: int = 32,
     pad_id: int = 0,
+    cache=None,
 ) -> np.ndarray:
     """Expected ratings for several items that share one prompt prefix.
 
-    The prefix runs once; its key/value cache is reused for every batch of suffixes. Suffixes are sorted by
-    length and right-padded only to their batch's longest, and the causal mask keeps padding from affecting
-    the real tokens before it, so the hidden state at each suffix's last token is exact.
+    The prefix runs once (or not at all when its `cache` from `encode_prefix` is given); its key/value cache is
+    reused for every batch of suffixes. Suffixes are sorted by length and right-padded only to their batch's
+    longest, and the causal mask keeps padding from affecting the real tokens before it, so the hidden state at
+    each suffix's last token is exact.
     """
     device = next(model.parameters()).device
     body = decoder(model)
-    prefix = body(input_ids=torch.tensor([list(prefix_ids)], device=device), use_cache=True)
-    cache = prefix.past_key_values
+    cache = encode_prefix(model, prefix_ids) if cache is None else cache
     out = np.empty(len(suffixes), dtype=np.float64)
     order = sorted(range(len(suffixes)), key=lambda i: len(suffixes[i]))
     for start in range(0, len(order), batch_size):

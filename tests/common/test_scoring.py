@@ -4,7 +4,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from common.model import load_base_model
-from common.scoring import RatingHead, expected_rating, predict_with_prefix, rating_loss, rating_token_ids
+from common.scoring import RatingHead, encode_prefix, expected_rating, predict_with_prefix, rating_loss, rating_token_ids
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +29,18 @@ def test_five_token_scoring_matches_full_vocabulary(tiny):
     want = [_full_vocab_expected(model, head, prefix + s) for s in suffixes]
     np.testing.assert_allclose(got, want, atol=1e-5)
     assert len(set(np.round(got, 6))) == len(got)  # different movies, different predictions
+
+
+def test_a_kept_prefix_cache_gives_the_same_ratings_and_survives_reuse(tiny):
+    model, tok = tiny
+    head = RatingHead(tok)
+    prefix = tok("<|im_start|>system\nA user profile.<|im_end|>\n", add_special_tokens=False)["input_ids"]
+    suffixes = [tok(f"Movie: {t}", add_special_tokens=False)["input_ids"] for t in ["Heat", "Alien (1979)", "Big"]]
+    cache = encode_prefix(model, prefix)
+    fresh = predict_with_prefix(model, head, prefix, suffixes, batch_size=2)
+    for _ in range(2):  # the kept cache is not consumed by a call
+        np.testing.assert_allclose(predict_with_prefix(model, head, prefix, suffixes, batch_size=2, cache=cache),
+                                   fresh, atol=1e-6)
 
 
 def test_scoring_sees_the_adapter(tiny):
