@@ -28,7 +28,8 @@ def federation(tmp_path_factory):
     ratings = ratings[~((ratings["user"] >= 5) & (ratings.groupby("user").cumcount() >= 20))]
     data_dir = write_grouplens_100k(root / "ml", ratings, items, users)
     overrides = {"base-model": "tiny", "dataset": str(data_dir), "split": "default", "num-personas": 2, "num-rounds": 2,
-                 "fraction-train": 0.5, "eval-every": 1, "eval-users": 6, "cold-start-threshold": 18,
+                 "fraction-train": 1.0,  # every device trains: the registry test needs every persona trained
+                 "eval-every": 1, "eval-users": 6, "cold-start-threshold": 18,
                  "kmeans-iters": 2, "lr": 0.01, "out-dir": str(root / "out"), "device-dir": str(root / "devices")}
     key = RawKey.generate()
     # The devices take their store key from the environment (a daemon's key source), so the test can open them.
