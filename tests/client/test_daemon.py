@@ -79,8 +79,8 @@ def test_status_reports_persona_versions_budget_and_last_round_then_forget_shred
     assert status(settings)["persona"] is None and status(settings)["personal_adapter_versions"] == []
 
 
-def test_local_api_scores_ranks_and_records_with_the_personal_adapter(device_home):
-    settings, _ = device_home
+def _store_with_personal_adapter(settings: dict):
+    """The device's store holding a personal adapter that moves ratings (random, non-zero LoRA B)."""
     store = open_store(settings)
     model = add_lora(load_base_model("tiny")[0], LoraSettings())
     with torch.no_grad():
@@ -88,6 +88,12 @@ def test_local_api_scores_ranks_and_records_with_the_personal_adapter(device_hom
             if "lora_B" in name:
                 p.normal_(0, 0.5)
     store.put_adapter("7", PERSONAL, {k: torch.from_numpy(v) for k, v in adapter_arrays(model).items()})
+    return store
+
+
+def test_local_api_scores_ranks_and_records_with_the_personal_adapter(device_home):
+    settings, _ = device_home
+    store = _store_with_personal_adapter(settings)
     server = LiveServer(create_local_app(settings, store, lambda: status(settings, store)))
     try:
         token = Path(settings["home"], "api.token").read_text()
@@ -112,13 +118,7 @@ def test_local_api_scores_ranks_and_records_with_the_personal_adapter(device_hom
 
 def test_local_api_onnx_engine_agrees_with_torch_and_follows_new_ratings(device_home):
     settings, _ = device_home
-    store = open_store(settings)
-    model = add_lora(load_base_model("tiny")[0], LoraSettings())
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5)
-    store.put_adapter("7", PERSONAL, {k: torch.from_numpy(v) for k, v in adapter_arrays(model).items()})
+    store = _store_with_personal_adapter(settings)
     token = Path(settings["home"], "api.token").read_text()
     servers = {engine: LiveServer(create_local_app(settings, store, lambda: status(settings, store), engine=engine))
                for engine in ("torch", "onnx")}
