@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from common.personas import embed_profiles
-from common.prompt import movie_text, title_year
+from common.prompt import movie_text, rated_titles
 
 _CATALOGUE: dict[str, object] = {}  # the last catalogue seen: its object, content key and embeddings
 
@@ -45,8 +45,7 @@ def memory_text(recalled: pd.DataFrame, items: pd.DataFrame) -> str:
     """'Similar movies they rated: Alien (1979): 5/5; Aliens (1986): 4/5.' (empty when nothing is recalled)."""
     if recalled.empty:
         return ""
-    rated = "; ".join(f"{title_year(items.loc[i])}: {int(r)}/5" for i, r in zip(recalled["item"], recalled["rating"]))
-    return f"Similar movies they rated: {rated}."
+    return f"Similar movies they rated: {rated_titles(recalled, items)}."
 
 
 def recalled_text(item: int, history: pd.DataFrame, items: pd.DataFrame, embeddings: pd.Series, k: int) -> str:

@@ -28,6 +28,11 @@ def movie_text(item: pd.Series) -> str:
     return f"{title_year(item)} [{', '.join(item['genres']) or 'unknown genre'}]"
 
 
+def rated_titles(rated: pd.DataFrame, items: pd.DataFrame) -> str:
+    """'Alien (1979): 5/5; Heat (1995): 3/5' for rows with columns item, rating."""
+    return "; ".join(f"{title_year(items.loc[i])}: {int(r)}/5" for i, r in zip(rated["item"], rated["rating"]))
+
+
 def user_profile(train: pd.DataFrame, items: pd.DataFrame, cfg: PromptConfig = PromptConfig()) -> str:
     """Compact text profile from one user's training ratings (columns item, rating, ts)."""
     if train.empty:
@@ -51,8 +56,7 @@ def user_profile(train: pd.DataFrame, items: pd.DataFrame, cfg: PromptConfig = P
             lines.append("Disliked genres: " + ", ".join(disliked) + ".")
     recent = train.sort_values(["ts", "item"], kind="stable").tail(cfg.recent_items)[::-1]
     if len(recent):
-        rated = "; ".join(f"{title_year(items.loc[i])}: {int(r)}/5" for i, r in zip(recent["item"], recent["rating"]))
-        lines.append("Recently rated: " + rated + ".")
+        lines.append("Recently rated: " + rated_titles(recent, items) + ".")
     return "\n".join(lines)
 
 
