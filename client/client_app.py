@@ -237,7 +237,7 @@ def build_app(overrides: dict | None = None, mods: Iterable[Mod] = ()) -> Client
         if "data-path" in context.node_config:  # deployed: the owner opts in or out of evaluation
             in_eval = int(context.node_config.get("evaluate", 1))
         else:
-            in_eval = int(device.user in _eval_sample(cfg.dataset, cfg.split, cfg.eval_users, cfg.seed))
+            in_eval = int(device.user in _eval_sample(cfg.dataset, cfg.split, cfg.eval_users, cfg.eval_seed))
         if device.n_train >= cfg.cold_start_threshold:
             _save_state(device, cfg, context, persona=int(state["persona"]))
             return _reply(message, {"cold": 0, "persona": int(state["persona"]), "eval": in_eval})

@@ -128,7 +128,8 @@ class FederationConfig:
     split: str = "paper"
     base_model: str = "smollm2-135m"
     min_nodes: int = 1  # wait for this many devices before persona discovery
-    seed: int = 0
+    seed: int = 0  # training randomness (LoRA init, sampling, batches); repeated runs vary it
+    eval_seed: int = 0  # the evaluation sample's seed, apart from `seed` so repeated runs score the same users
     out_dir: str = "results/federated"  # the coordinator's persona versions and history
     # Each simulated device's encrypted store lives in <device-dir>/node-<partition> (a deployed device names
     # its own with the node-config key `store-path`).

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.common.logger import log
-from flwr.supercore.differential_privacy import add_gaussian_noise_inplace, clip_inputs_inplace
+from flwr.supercore.differential_privacy import add_gaussian_noise_inplace
 from flwr.serverapp import Grid, ServerApp
 
 from common.adapters import adapter_arrays, add_lora
@@ -32,7 +32,7 @@ from common.privacy import Event, user_level_history, user_level_noise
 from server.registry import PersonaRegistry
 from server.rollouts import Rollouts
 from server.serving import ONBOARDING_FILE, save_onboarding
-from server.strategy import PersonaStrategy, join_personas
+from server.strategy import PersonaStrategy, clip, join_personas
 
 # L2 bounds on one device's discovery contribution: a unit embedding plus a count of 1 in one slot; onboarding
 # answers one-hot (age bracket, gender, occupation, up to 3 genres) plus a count of 1.
@@ -67,7 +67,7 @@ def _sum(replies: list[Message], shapes: dict[str, tuple[int, ...]], bound: floa
             log(WARNING, "query.%s: node %s sent malformed %s; left out", action, r.metadata.src_node_id, bad)
             continue
         if noise > 0:
-            clip_inputs_inplace(arrays, bound)
+            clip(arrays, bound)
         total, used = [t + a for t, a in zip(total, arrays)], used + 1
     if not used:
         raise RuntimeError(f"persona discovery: no device gave a valid answer to query.{action} "

@@ -33,7 +33,8 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
-from flwr.supercore.differential_privacy import add_gaussian_noise_inplace, clip_inputs_inplace, compute_stdv
+from flwr.supercore.differential_privacy import (add_gaussian_noise_inplace, clip_inputs_inplace, compute_stdv,
+                                                get_norm)
 
 from common.config import UserDP
 from common.privacy import Event, epsilon
@@ -42,6 +43,13 @@ from server.rollouts import Rollouts
 # Evaluation is also pooled by how many training ratings a user has (cold-start users vs heavy users): that is
 # where personas should matter most.
 ACTIVITY_EDGES = (20, 50, 100, 200)
+
+
+def clip(arrays: list[np.ndarray], bound: float) -> None:
+    """Scale `arrays` in place to L2 norm at most `bound` (Flower's FlatClip); an all-zero contribution, e.g. a
+    cold-start device's empty k-means slot, is already within it (Flower's helper would divide by its norm)."""
+    if get_norm(arrays) > 0:
+        clip_inputs_inplace(arrays, bound)
 
 
 def activity_bucket(n_train: int) -> str:
@@ -211,7 +219,7 @@ class PersonaStrategy(FedAvg):
             acc = running.setdefault(persona, _Running(self._current[persona], keep=self.aggregation != "mean"))
             arrays = [delta[k].astype(np.float64) for k in acc.keys]
             if self.dp:  # user-level DP: each device's delta clipped, every device weighs the same
-                clip_inputs_inplace(arrays, self.dp.clip)
+                clip(arrays, self.dp.clip)
                 weight = 1
             acc.add(arrays, float(weight), content["metrics"])
 

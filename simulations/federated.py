@@ -3,12 +3,15 @@
     python -m simulations.federated            # real SmolLM2-135M, ML-100K paper protocol: ~50 min on 2 CPU cores
     python -m simulations.federated --quick    # 2 rounds, 6 evaluation users: under 10 minutes
     python -m simulations.federated --set split=default   # all 943 users, 80/20 split
+    python -m simulations.federated --personas 2,4,8,elbow --epsilons 1,4,8 --repeats 3   # the full comparison
 
 Runs, on the same split and the same seeded evaluation users:
   classical baselines and the SLM with vanilla prompting (no adapter),
   the federation with K=1 (one shared adapter) and with K personas,
+  optionally the K-persona federation under user-level DP at several epsilons (`--epsilons`),
+  each federation `--repeats` times with training seeds seed, seed+1, ... (the table gives mean and sd),
 and writes results/federated/results.{md,csv,json} plus rmse_per_round.png; each run's persona versions go to
-results/federated/k<K>/ and its simulated devices' encrypted stores to results/federated/devices/k<K>/.
+results/federated/<run>/ and its simulated devices' encrypted stores to results/federated/devices/<run>/.
 """
 
 from __future__ import annotations
@@ -99,6 +102,12 @@ def _row(method, personas, true, pred, users, wall, buckets: pd.Series) -> dict:
             "rmse": rmse(pred, true), "mae": mae(pred, true), "wall_s": round(wall, 1), "activity": activity}
 
 
+def dp_level(epsilon: float, device_noise: float) -> dict:
+    """One privacy level's settings: central user-level DP at `epsilon` per persona (discovery included) and
+    DP-SGD at `device_noise` on every device (example level, from each device's ledger)."""
+    return {"dp-user-target-epsilon": float(epsilon), "dp-device-noise": float(device_noise)}
+
+
 def federated_rows(name: str, k: int, history: dict) -> list[dict]:
     evals = history["evaluate"]
     last = evals[max(evals, key=int)]
@@ -110,18 +119,19 @@ def federated_rows(name: str, k: int, history: dict) -> list[dict]:
             for path in ("persona", "personal")]
 
 
-def plot(histories: dict[str, dict], baselines: list[dict], path: Path) -> None:
+def plot(histories: dict[str, list[dict]], baselines: list[dict], path: Path) -> None:
+    """RMSE per evaluated round for each federation (the mean over its repeats), baselines as lines."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, history in histories.items():
-        rounds = sorted(int(r) for r in history["evaluate"])
+    for name, runs in histories.items():
+        rounds = sorted(int(r) for r in runs[0]["evaluate"])
         for path_name, style in (("persona", "-o"), ("personal", "--s")):
-            ax.plot(rounds, [history["evaluate"][str(r)][f"{path_name}_rmse"] for r in rounds], style,
-                    label=f"{name} ({path_name})")
+            ax.plot(rounds, [np.mean([h["evaluate"][str(r)][f"{path_name}_rmse"] for h in runs]) for r in rounds],
+                    style, label=f"{name} ({path_name})")
     for row, colour in zip(baselines, ("grey", "tab:brown", "tab:olive", "black")):
         ax.axhline(row["rmse"], color=colour, linestyle=":", label=row["method"])
     ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
@@ -134,24 +144,62 @@ def plot(histories: dict[str, dict], baselines: list[dict], path: Path) -> None:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| method | K | users | test ratings | RMSE | MAE | wall (s) |", "|---|---:|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r['method']} | {r['K']} | {r['users']} | {r['test_ratings']:,} | {r['rmse']:.4f} | {r['mae']:.4f} "
-              f"| {r['wall_s']:.1f} |" for r in rows]
+    """The results table; with repeated runs, their count and the RMSE's sd across them get a column."""
+    repeated = any(r.get("repeats", 1) > 1 for r in rows)
+    spread = " RMSE sd (runs) |" if repeated else ""
+    lines = [f"| method | K | users | test ratings | RMSE |{spread} MAE | wall (s) |",
+             "|---|---:|---:|---:|---:|" + ("---:|" if repeated else "") + "---:|---:|"]
+    for r in rows:
+        cell = ""
+        if repeated:
+            cell = f" {r['rmse_sd']:.4f} ({r['repeats']}) |" if r.get("rmse_sd") is not None else " - |"
+        lines.append(f"| {r['method']} | {r['K']} | {r['users']} | {r['test_ratings']:,} | {r['rmse']:.4f} |{cell} "
+                     f"{r['mae']:.4f} | {r['wall_s']:.1f} |")
     return "\n".join(lines)
 
 
-def persona_runs(spec: str, overrides: dict) -> list[tuple[str, int | str, dict]]:
-    """(name, K or 'elbow', settings) for each federation: K=1 first, then the requested persona counts."""
-    runs: list[tuple[str, int | str, dict]] = [("single adapter", 1, {"persona-candidates": ""})]
+def persona_runs(spec: str, overrides: dict, epsilons: str = "", dp_k: int = 4,
+                 device_noise: float = 1.0) -> list[tuple[str, int | str, str, dict]]:
+    """(name, K or 'elbow', directory name, settings) for each federation: K=1 first, then the requested persona
+    counts, then K=dp_k at each user-level epsilon."""
+    runs: list[tuple[str, int | str, str, dict]] = [("single adapter", 1, "k1", {"persona-candidates": ""})]
     for part in (p.strip() for p in spec.split(",") if p.strip()):
         if part == "elbow":
             candidates = overrides.get("persona-candidates") or "1,2,4,8"
-            runs.append((f"K at the elbow of {candidates}", "elbow", {"persona-candidates": candidates}))
+            runs.append((f"K at the elbow of {candidates}", "elbow", "kelbow", {"persona-candidates": candidates}))
         elif not part.isdigit() or int(part) < 1:
             raise SystemExit(f"--personas: each K must be an integer >= 1 or 'elbow', got {part!r}")
         elif int(part) > 1:
-            runs.append((f"{int(part)} personas", int(part), {"persona-candidates": ""}))
+            runs.append((f"{int(part)} personas", int(part), f"k{int(part)}", {"persona-candidates": ""}))
+    for part in (p.strip() for p in epsilons.split(",") if p.strip()):
+        try:
+            eps = float(part)
+        except ValueError:
+            eps = -1.0
+        if not eps > 0:
+            raise SystemExit(f"--epsilons: each must be a number > 0, got {part!r}")
+        name = f"{dp_k} personas, user-level ε={eps:g}" if dp_k > 1 else f"single adapter, user-level ε={eps:g}"
+        runs.append((name, dp_k, f"k{dp_k}-eps{eps:g}", {"persona-candidates": "", **dp_level(eps, device_noise)}))
     return runs
+
+
+def summarise(repeats: list[list[dict]]) -> list[dict]:
+    """One run's rows (persona, personal) over its repeats: mean RMSE/MAE/wall, the RMSE's sample sd, and the
+    mean RMSE per activity bucket. K is shown as K, or e.g. "2/4" if repeats chose different K."""
+    rows = []
+    for path_rows in zip(*repeats):
+        first = path_rows[0]
+        ks = sorted({r["K"] for r in path_rows})
+        rmses = [r["rmse"] for r in path_rows]
+        buckets = sorted({b for r in path_rows for b in r["activity"]})
+        rows.append({**first, "K": ks[0] if len(ks) == 1 else "/".join(map(str, ks)),
+                     "rmse": float(np.mean(rmses)), "mae": float(np.mean([r["mae"] for r in path_rows])),
+                     "rmse_sd": float(np.std(rmses, ddof=1)) if len(rmses) > 1 else None,
+                     "rmse_runs": rmses, "repeats": len(path_rows),
+                     "wall_s": round(float(np.mean([r["wall_s"] for r in path_rows])), 1),
+                     "activity": {b: float(np.mean([r["activity"][b] for r in path_rows if b in r["activity"]]))
+                                  for b in buckets}})
+    return rows
 
 
 def activity_markdown(rows: list[dict]) -> str:
@@ -172,6 +220,14 @@ def main(argv: list[str] | None = None) -> None:
                    help="K for the persona runs, comma-separated, e.g. 2,4,8 (K=1, the single adapter, always runs); "
                         "'elbow' lets federated discovery pick K from persona-candidates (default 1,2,4,8)")
     p.add_argument("--no-slm-baseline", action="store_true", help="skip the vanilla-prompting row")
+    p.add_argument("--epsilons", default="",
+                   help="also run K=--dp-personas under user-level DP at each of these epsilons, e.g. 1,4,8 "
+                        "(with DP-SGD on the devices at --device-noise)")
+    p.add_argument("--dp-personas", type=int, default=4, help="K of the DP runs")
+    p.add_argument("--device-noise", type=float, default=1.0, help="DP-SGD noise multiplier on devices in DP runs")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="run each federation this many times, with training seeds seed, seed+1, ... (same "
+                        "evaluation users); the table shows the mean and the RMSE's sd")
     p.add_argument("--out", default="results/federated")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="run-config override, e.g. --set num-rounds=3 --set base-model=tiny (repeatable)")
@@ -185,26 +241,36 @@ def main(argv: list[str] | None = None) -> None:
     data = load_movielens(cfg.dataset)
     split = temporal_split(data.ratings, split_preset(cfg.split))
     nodes = len(split.users)
-    eval_users = sample_users(split.users, cfg.eval_users, cfg.seed)
+    eval_users = sample_users(split.users, cfg.eval_users, cfg.eval_seed)
     print(f"{data.name} / split '{cfg.split}': {nodes} devices, {len(eval_users)} evaluation users, "
           f"{cfg.num_rounds} rounds, base {cfg.base_model}")
 
+    if args.repeats < 1:
+        raise SystemExit(f"--repeats must be >= 1, got {args.repeats}")
+    runs = persona_runs(args.personas, overrides, args.epsilons, args.dp_personas, args.device_noise)
     out = Path(args.out)
     rows = baseline_rows(cfg, eval_users, with_slm=not args.no_slm_baseline)
-    histories = {}
-    for name, k, extra in persona_runs(args.personas, overrides):
-        print(f"\n=== federation: {name} ===")
-        histories[name] = run_federation({**overrides, **extra, "num-personas": k if k != "elbow" else 1,
-                                          "out-dir": str(out / f"k{k}"), "device-dir": str(out / "devices" / f"k{k}")},
-                                         nodes)
-        rows += federated_rows(name + _memory(cfg), histories[name]["personas"]["k"], histories[name])
+    histories: dict[str, list[dict]] = {}
+    for name, k, slug, extra in runs:
+        repeats = []
+        for r in range(args.repeats):
+            seed = cfg.seed + r
+            run_dir = slug if args.repeats == 1 else f"{slug}-seed{seed}"
+            print(f"\n=== federation: {name}" + (f", seed {seed} ({r + 1}/{args.repeats})" if args.repeats > 1 else "")
+                  + " ===")
+            history = run_federation({**overrides, **extra, "seed": seed,
+                                      "num-personas": k if k != "elbow" else 1, "out-dir": str(out / run_dir),
+                                      "device-dir": str(out / "devices" / run_dir)}, nodes)
+            histories.setdefault(name, []).append(history)
+            repeats.append(federated_rows(name + _memory(cfg), history["personas"]["k"], history))
+        rows += summarise(repeats)
 
     table = markdown(rows) + "\n\nRMSE by user activity (training ratings per user):\n\n" + activity_markdown(rows)
     print("\n" + table)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text(table + "\n")
-    pd.DataFrame([{k: v for k, v in r.items() if k != "activity"} for r in rows]).to_csv(out / "results.csv",
-                                                                                         index=False)
+    pd.DataFrame([{k: v for k, v in r.items() if k not in ("activity", "rmse_runs")} for r in rows]).to_csv(
+        out / "results.csv", index=False)
     (out / "results.json").write_text(json.dumps({"overrides": overrides, "rows": rows, "histories": histories},
                                                  indent=2, default=str))
     plot(histories, rows[: 4 if not args.no_slm_baseline else 3], out / "rmse_per_round.png")

@@ -35,7 +35,7 @@ from common.data import load_movielens
 from common.metrics import attack_advantage, attack_auc
 from common.privacy import PrivacyLedger
 from common.split import temporal_split
-from simulations.federated import QUICK, run_federation
+from simulations.federated import QUICK, dp_level, run_federation
 
 
 def membership_attack(cfg: FederationConfig, out: Path, devices: Path, key: RawKey, users: int, ratings: int,
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"\n=== privacy level: {name} ===")
         level = {**overrides, "out-dir": str(out / slug), "device-dir": str(out / "devices" / slug)}
         if target is not None:
-            level.update({"dp-user-target-epsilon": target, "dp-device-noise": args.device_noise})
+            level.update(dp_level(target, args.device_noise))
         start = time.perf_counter()
         history = run_federation(level, nodes)
         last = history["evaluate"][max(history["evaluate"], key=int)]

@@ -63,3 +63,18 @@ def test_discovery_sums_leave_out_malformed_answers_and_fail_clearly_without_any
         _sum(bad, shapes, bound=1.0, noise=0.0, action="embed")
     with pytest.raises(RuntimeError, match="no device"):
         _sum([], shapes, bound=1.0, noise=0.0, action="embed")
+
+
+def test_private_discovery_sums_take_an_all_zero_answer_and_clip_the_rest(monkeypatch):
+    """A cold-start device answers k-means with zeros (it joins through onboarding); under DP that answer must
+    not crash the clipping (a zero norm) and every answer is clipped to the bound."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 0)):
+        monkeypatch.setattr(TaskIdentity, attr, value)
+    from server.server_app import _sum
+
+    shapes = {"sums": (2, 3), "counts": (2,)}
+    answers = [_answer(1, sums=np.zeros((2, 3)), counts=[0, 0]), _answer(2, sums=np.full((2, 3), 4.0), counts=[0, 0])]
+    sums, counts = _sum(answers, shapes, bound=1.0, noise=1e-12, action="embed")
+    assert np.sqrt((sums ** 2).sum() + (counts ** 2).sum()) == pytest.approx(1.0, rel=1e-6)

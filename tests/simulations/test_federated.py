@@ -177,41 +177,88 @@ def test_registry_records_lineage_stable_versions_and_per_version_evaluations(fe
     assert sum(e["devices"] for e in evaluated) == 6 * 2  # every evaluation device, both evaluation rounds
 
 
-def test_main_job_writes_the_table_with_rmse_per_user_activity_bucket(tmp_path):
-    from simulations.federated import main
-
+def _main_job_data(tmp_path):
     ratings, items, users = make_data(n_users=6, n_items=70, per_user=60, seed=4)
     # Users 5 and 6 are light (8 training ratings), the rest heavier (48): two activity buckets.
     ratings = ratings[~((ratings["user"] >= 5) & (ratings.groupby("user").cumcount() >= 10))]
-    data_dir = write_grouplens_100k(tmp_path / "ml", ratings, items, users)
+    return write_grouplens_100k(tmp_path / "ml", ratings, items, users)
+
+
+def test_main_job_writes_the_table_with_rmse_per_user_activity_bucket_and_privacy_rows(tmp_path):
+    from simulations.federated import main
+
     out = tmp_path / "results"
-    sets = {"base-model": "tiny", "dataset": str(data_dir), "split": "default", "num-rounds": 1, "eval-every": 1,
-            "eval-users": 6, "kmeans-iters": 2, "cold-start-threshold": 18, "memory-items": 2, "lr": 0.01,
-            "persona-candidates": "1,2,3"}
-    main(["--personas", "2,elbow", "--out", str(out)] + [a for k, v in sets.items() for a in ("--set", f"{k}={v}")])
+    sets = {"base-model": "tiny", "dataset": str(_main_job_data(tmp_path)), "split": "default", "num-rounds": 1,
+            "eval-every": 1, "eval-users": 6, "kmeans-iters": 2, "cold-start-threshold": 18, "memory-items": 2,
+            "lr": 0.01, "persona-candidates": "1,2,3"}
+    main(["--personas", "elbow", "--epsilons", "2", "--dp-personas", "2", "--out", str(out)]
+         + [a for k, v in sets.items() for a in ("--set", f"{k}={v}")])
     result = json.loads((out / "results.json").read_text())
     rows = {r["method"]: r for r in result["rows"]}
     assert {"SLM vanilla prompting + long-term memory (2)", "single adapter + long-term memory (2): persona adapter",
-            "2 personas + long-term memory (2): personal adapter"} <= set(rows)
+            "2 personas, user-level ε=2 + long-term memory (2): personal adapter"} <= set(rows)
     elbow_row = rows["K at the elbow of 1,2,3 + long-term memory (2): persona adapter"]
-    assert elbow_row["K"] == result["histories"]["K at the elbow of 1,2,3"]["personas"]["k"] in (1, 2, 3)
-    assert rows["2 personas + long-term memory (2): persona adapter"]["K"] == 2
+    assert elbow_row["K"] == result["histories"]["K at the elbow of 1,2,3"][0]["personas"]["k"] in (1, 2, 3)
+    # The DP row is a user-level DP run: its persona versions carry the epsilon spent.
+    manifests = [json.loads(p.read_text()) for p in (out / "k2-eps2" / "personas").glob("p*/r0001/manifest.json")]
+    assert manifests and all(m["privacy"]["dp"] and 0 < m["privacy"]["epsilon"] <= 2.0 + 1e-6 for m in manifests)
     for row in rows.values():
         assert set(row["activity"]) == {"ratings_0_19", "ratings_20_49"}, row["method"]
         # a pooled RMSE lies between its parts
         assert min(row["activity"].values()) - 1e-9 <= row["rmse"] <= max(row["activity"].values()) + 1e-9
     table = (out / "results.md").read_text()
-    assert "| method | 0-19 ratings | 20-49 ratings |" in table
+    assert "| method | 0-19 ratings | 20-49 ratings |" in table and "RMSE sd" not in table
     assert (out / "results.csv").exists() and (out / "rmse_per_round.png").exists()
+
+
+def test_repeated_runs_use_other_training_seeds_on_the_same_evaluation_users(tmp_path):
+    from simulations.federated import main
+
+    out = tmp_path / "results"
+    sets = {"base-model": "tiny", "dataset": str(_main_job_data(tmp_path)), "split": "default", "num-rounds": 1,
+            "eval-every": 1, "eval-users": 4, "fraction-train": 0.5, "lr": 0.01}
+    main(["--personas", "", "--repeats", "2", "--no-slm-baseline", "--out", str(out)]
+         + [a for k, v in sets.items() for a in ("--set", f"{k}={v}")])
+    result = json.loads((out / "results.json").read_text())
+    runs = result["histories"]["single adapter"]
+    assert [h["config"]["seed"] for h in runs] == [0, 1]
+    assert {h["evaluate"]["1"]["ratings"] for h in runs} == {result["rows"][0]["test_ratings"]}  # same users
+    row = next(r for r in result["rows"] if r["method"] == "single adapter: persona adapter")
+    assert row["repeats"] == 2 and len(row["rmse_runs"]) == 2
+    assert row["rmse"] == pytest.approx(np.mean(row["rmse_runs"]))
+    assert row["rmse_sd"] == pytest.approx(np.std(row["rmse_runs"], ddof=1))
+    assert "| RMSE | RMSE sd (runs) |" in (out / "results.md").read_text()
+    assert {p.name for p in out.iterdir() if p.name.startswith("k1")} == {"k1-seed0", "k1-seed1"}
+
+
+def test_summarise_averages_repeats_and_keeps_each_bucket():
+    from simulations.federated import summarise
+
+    def row(rmse, k, activity):
+        return {"method": "m: persona adapter", "K": k, "users": 3, "test_ratings": 9, "rmse": rmse, "mae": rmse / 2,
+                "wall_s": 10.0 * rmse, "activity": activity}
+
+    (summary,) = summarise([[row(1.0, 2, {"a": 1.0})], [row(2.0, 4, {"a": 3.0, "b": 5.0})]])
+    assert summary["rmse"] == 1.5 and summary["mae"] == 0.75 and summary["wall_s"] == 15.0
+    assert summary["rmse_sd"] == pytest.approx(np.std([1.0, 2.0], ddof=1)) and summary["K"] == "2/4"
+    assert summary["activity"] == {"a": 2.0, "b": 5.0}
+    (single,) = summarise([[row(1.0, 2, {"a": 1.0})]])
+    assert single["rmse_sd"] is None and single["K"] == 2 and single["repeats"] == 1
 
 
 def test_persona_runs_always_start_with_the_single_adapter_and_refuse_bad_k():
     from simulations.federated import persona_runs
 
     runs = persona_runs("2,4,8", {})
-    assert [(name, k) for name, k, _ in runs] == [("single adapter", 1), ("2 personas", 2), ("4 personas", 4),
-                                                  ("8 personas", 8)]
-    assert all(extra == {"persona-candidates": ""} for _, _, extra in runs)
-    assert persona_runs("elbow", {})[1][2] == {"persona-candidates": "1,2,4,8"}
+    assert [(name, k, slug) for name, k, slug, _ in runs] == [
+        ("single adapter", 1, "k1"), ("2 personas", 2, "k2"), ("4 personas", 4, "k4"), ("8 personas", 8, "k8")]
+    assert all(extra == {"persona-candidates": ""} for *_, extra in runs)
+    assert persona_runs("elbow", {})[1][3] == {"persona-candidates": "1,2,4,8"}
+    dp = persona_runs("", {}, epsilons="1, 0.5", dp_k=4, device_noise=0.7)
+    assert [(name, k, slug) for name, k, slug, _ in dp[1:]] == [
+        ("4 personas, user-level ε=1", 4, "k4-eps1"), ("4 personas, user-level ε=0.5", 4, "k4-eps0.5")]
+    assert dp[1][3]["dp-user-target-epsilon"] == 1.0 and dp[1][3]["dp-device-noise"] == 0.7
     with pytest.raises(SystemExit, match="integer >= 1"):
         persona_runs("2,x", {})
+    with pytest.raises(SystemExit, match="number > 0"):
+        persona_runs("2", {}, epsilons="0")
