@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.func import functional_call
-from transformers import DynamicCache
+from transformers import AttentionInterface
 
 from common.adapters import add_lora
 from common.assets import cache_root
@@ -28,7 +29,44 @@ from common.files import atomic_directory
 from common.model import load_base_model
 from common.scoring import RatingHead, _causal_lm, decoder, expected_rating
 
-FORMAT = "kv-2"  # part of the cache key: a changed graph layout is exported afresh
+FORMAT = "kv-3"  # part of the cache key: a changed graph layout is exported afresh
+ATTENTION = "personafl_shared_prefix"
+
+
+def shared_prefix_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, prefix=None, **kwargs):
+    """Attention of n right-padded suffixes over one shared prefix, for the suffix graph.
+
+    query [n, heads, s, d] and key/value [n, kv heads, s, d] are the suffixes'; `prefix` [layers, 2, 1, kv heads,
+    p, d] the prefix's keys and values. The standard path copies the prefix once per suffix (and per query head
+    of a group) to concatenate it with each suffix's keys; here every suffix query row of a kv head meets the one
+    prefix in a single large matmul, and only the suffix-to-suffix part (causal; padding comes last) is per row.
+    """
+    n, heads, s, d = query.shape
+    kv_heads = key.shape[1]
+    g = heads // kv_heads  # query heads per kv head (grouped-query attention): head h reads kv head h // g
+    prefix_keys, prefix_values = prefix[module.layer_idx, 0, 0], prefix[module.layer_idx, 1, 0]  # [kv heads, p, d]
+    p = prefix_keys.shape[1]
+    q = query.reshape(n, kv_heads, g * s, d).transpose(0, 1)  # [kv heads, n, g*s, d]
+    to_prefix = (q.reshape(kv_heads, n * g * s, d) @ prefix_keys.transpose(1, 2)).reshape(kv_heads, n, g * s, p)
+    to_suffix = q @ key.transpose(0, 1).transpose(2, 3)  # [kv heads, n, g*s, s]
+    causal = torch.ones(s, s, dtype=torch.bool, device=query.device).tril().repeat(g, 1)
+    to_suffix = to_suffix.masked_fill(~causal, torch.finfo(to_suffix.dtype).min)
+    probs = torch.softmax(torch.cat([to_prefix, to_suffix], -1) * scaling, -1)
+    out = (probs[..., :p].reshape(kv_heads, n * g * s, p) @ prefix_values).reshape(kv_heads, n, g * s, d) \
+        + probs[..., p:] @ value.transpose(0, 1)
+    return out.reshape(kv_heads, n, g, s, d).permute(1, 3, 0, 2, 4).reshape(n, s, heads, d), None
+
+
+AttentionInterface.register(ATTENTION, shared_prefix_attention)
+
+
+@contextmanager
+def _attention(config, name: str):
+    standard, config._attn_implementation = config._attn_implementation, name
+    try:
+        yield
+    finally:
+        config._attn_implementation = standard
 
 
 def _state_key(parameter_name: str) -> str:
@@ -67,18 +105,17 @@ class _PrefixGraph(_WithLoraInput):
 class _SuffixGraph(_WithLoraInput):
     def __init__(self, peft_model, head: RatingHead):
         super().__init__(peft_model)
+        self.config = _causal_lm(peft_model).config
         self.register_buffer("rows", _causal_lm(peft_model).get_output_embeddings().weight[head.token_ids].detach())
 
     def forward(self, input_ids, past, last, lora):
         """[N, S] right-padded suffixes after the prefix in `past`; `last` [N] each one's final real token ->
-        [N, 5] rating logits. Padding comes after every real token, so the causal mask keeps it out."""
+        [N, 5] rating logits, with `shared_prefix_attention` as the model's attention."""
         n, s, p = input_ids.shape[0], input_ids.shape[1], past.shape[4]
-        cache = DynamicCache(ddp_cache_data=[(past[i, 0].expand(n, -1, -1, -1), past[i, 1].expand(n, -1, -1, -1))
-                                             for i in range(past.shape[0])])
         positions = (torch.arange(s) + p).unsqueeze(0).expand(n, s)
-        mask = torch.cat([torch.ones(s, p, dtype=torch.bool), torch.ones(s, s, dtype=torch.bool).tril()], 1)
-        hidden = self.run(lora, input_ids=input_ids, attention_mask=mask[None, None].expand(n, 1, s, p + s),
-                          position_ids=positions, past_key_values=cache, use_cache=True).last_hidden_state
+        with _attention(self.config, ATTENTION):
+            hidden = self.run(lora, input_ids=input_ids, position_ids=positions, prefix=past,
+                              use_cache=False).last_hidden_state
         return hidden[torch.arange(n), last] @ self.rows.T
 
 
@@ -108,18 +145,11 @@ def export(base_model: str, lora: LoraSettings, target: Path | None = None) -> P
     return target
 
 
-class OnnxScorer:
-    def __init__(self, directory: Path, threads: int | None = None):
-        import onnxruntime as ort
+class _GraphScorer:
+    """Ratings from a prefix graph and a suffix graph (however they run), the adapter as one flat input."""
 
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        self.prefix, self.suffix = (ort.InferenceSession(str(Path(directory) / name), options,
-                                                         providers=["CPUExecutionProvider"])
-                                    for name in ("prefix.onnx", "suffix.onnx"))
-        layout = json.loads((Path(directory) / "lora.json").read_text())
-        self.keys, self.shapes = layout["keys"], [tuple(s) for s in layout["shapes"]]
+    keys: list[str]
+    shapes: list[tuple[int, ...]]
 
     def flatten(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
         """The adapter as the graph's flat input; a missing, extra or mis-shaped tensor is an error."""
@@ -141,7 +171,10 @@ class OnnxScorer:
     def encode_prefix(self, prefix: list[int], flat: np.ndarray) -> np.ndarray:
         """Every layer's keys and values for `prefix` under the adapter `flat` (a caller may keep them while
         neither changes)."""
-        return self.prefix.run(None, {"input_ids": np.asarray([prefix], np.int64), "lora": flat})[0]
+        raise NotImplementedError
+
+    def _logits(self, ids: np.ndarray, past: np.ndarray, last: np.ndarray, flat: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
 
     def score(self, past: np.ndarray, suffixes: list[list[int]], flat: np.ndarray,
               batch_size: int = 32) -> np.ndarray:
@@ -155,6 +188,45 @@ class OnnxScorer:
             for row, i in enumerate(idx):
                 ids[row, :len(suffixes[i])] = suffixes[i]
             last = np.asarray([len(suffixes[i]) - 1 for i in idx], np.int64)
-            logits = self.suffix.run(None, {"input_ids": ids, "past": past, "last": last, "lora": flat})[0]
-            out[idx] = expected_rating(torch.from_numpy(logits)).numpy()
+            out[idx] = expected_rating(torch.from_numpy(self._logits(ids, past, last, flat))).numpy()
         return out
+
+
+class OnnxScorer(_GraphScorer):
+    """The exported graphs in ONNX Runtime: the device's serving engine."""
+
+    def __init__(self, directory: Path, threads: int | None = None):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        self.prefix, self.suffix = (ort.InferenceSession(str(Path(directory) / name), options,
+                                                         providers=["CPUExecutionProvider"])
+                                    for name in ("prefix.onnx", "suffix.onnx"))
+        layout = json.loads((Path(directory) / "lora.json").read_text())
+        self.keys, self.shapes = layout["keys"], [tuple(s) for s in layout["shapes"]]
+
+    def encode_prefix(self, prefix: list[int], flat: np.ndarray) -> np.ndarray:
+        return self.prefix.run(None, {"input_ids": np.asarray([prefix], np.int64), "lora": flat})[0]
+
+    def _logits(self, ids, past, last, flat):
+        return self.suffix.run(None, {"input_ids": ids, "past": past, "last": last, "lora": flat})[0]
+
+
+class EagerGraphs(_GraphScorer):
+    """The same two graphs run by torch eagerly, before export: what ONNX Runtime adds over torch on the very same
+    computation (the benchmark's third column)."""
+
+    def __init__(self, peft_model, tokenizer):
+        self.prefix_graph = _PrefixGraph(peft_model).eval()
+        self.suffix_graph = _SuffixGraph(peft_model, RatingHead(tokenizer)).eval()
+        self.keys, self.shapes = self.prefix_graph.keys, self.prefix_graph.shapes
+
+    @torch.no_grad()
+    def encode_prefix(self, prefix, flat):
+        return self.prefix_graph(torch.tensor([prefix]), torch.from_numpy(flat)).numpy()
+
+    @torch.no_grad()
+    def _logits(self, ids, past, last, flat):
+        return self.suffix_graph(*(torch.from_numpy(a) for a in (ids, past, last, flat))).numpy()

@@ -12,6 +12,7 @@ class SplitConfig:
     train_frac: float = 0.8
     min_ratings: int = 1  # users with fewer ratings are dropped
     max_ratings: int | None = None  # users with more ratings are dropped
+    users: int | None = None  # then keep a seeded random sample of this many users (None = all)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.train_frac < 1.0:
@@ -20,12 +21,17 @@ class SplitConfig:
             raise ValueError(f"min_ratings must be >= 1, got {self.min_ratings}")
         if self.max_ratings is not None and self.max_ratings < self.min_ratings:
             raise ValueError("max_ratings must be >= min_ratings")
+        if self.users is not None and self.users < 1:
+            raise ValueError(f"users must be >= 1 or None, got {self.users}")
 
 
 SPLIT_PRESETS: dict[str, SplitConfig] = {
     "default": SplitConfig(),
     # "Personas within Parameters" (arXiv 2509.09689): users with 100-200 ratings, 60/40 by time.
     "paper": SplitConfig(train_frac=0.6, min_ratings=100, max_ratings=200),
+    # Every activity level, cold-start users included, at a size one machine simulates (one node per user):
+    # a random 240 of all users, so light and heavy users appear as often as in the whole population.
+    "mixed": SplitConfig(users=240),
 }
 
 

@@ -23,12 +23,16 @@ class Split:
 def temporal_split(ratings: pd.DataFrame, cfg: SplitConfig = SplitConfig()) -> Split:
     """Each kept user's oldest floor(train_frac * n) ratings (at least one) train, the rest test.
 
+    Users are kept by their rating count, then (if `cfg.users`) a fixed seeded sample of them.
+
     Ties in time are broken by item id so the split never depends on file order.
     """
     counts = ratings.groupby("user")["item"].transform("size")
     keep = counts >= max(cfg.min_ratings, 2)
     if cfg.max_ratings is not None:
         keep &= counts <= cfg.max_ratings
+    if cfg.users is not None:
+        keep &= ratings["user"].isin(sample_users(ratings.loc[keep, "user"].unique(), cfg.users, seed=0))
     df = ratings[keep].sort_values(["user", "ts", "item"], kind="stable").reset_index(drop=True)
     if df.empty:
         raise ValueError(f"no user satisfies {cfg}")

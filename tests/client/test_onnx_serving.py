@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from client.onnx_serving import OnnxScorer, export
+from client.onnx_serving import EagerGraphs, OnnxScorer, export
 from common.adapters import adapter_arrays, add_lora, load_adapter_arrays
 from common.config import LoraSettings
 from common.model import load_base_model
@@ -48,6 +48,18 @@ def test_ort_matches_torch_for_two_adapters_swapped_in_memory(exported):
                                    atol=1e-3)
     with pytest.raises(ValueError, match="do not match"):
         scorer.predict(prefix, suffixes, {"x": np.zeros(3, np.float32)})
+
+
+def test_the_export_graphs_run_eagerly_agree_with_the_reference_path():
+    """The suffix graph's shared-prefix attention (one matmul per kv head over every candidate) is exact."""
+    base, tok = load_base_model("tiny")
+    model = add_lora(base, LoraSettings()).eval()
+    arrays = _adapter(model, 3)
+    rng = np.random.default_rng(1)
+    prefix = list(rng.integers(10, 300, 25))
+    suffixes = [list(rng.integers(10, 300, int(n))) for n in rng.integers(1, 9, 11)]
+    np.testing.assert_allclose(EagerGraphs(model, tok).predict(prefix, suffixes, arrays, batch_size=4),
+                               predict_with_prefix(model, RatingHead(tok), prefix, suffixes), atol=1e-5)
 
 
 def test_export_is_cached(exported):

@@ -35,9 +35,23 @@ def test_paper_preset_filters_by_activity(raw_data):
     assert (counts == 75).all()  # 60% of 125
 
 
+def test_a_user_sample_keeps_whole_users_and_is_fixed(raw_data):
+    ratings = raw_data[0]
+    n_users = ratings["user"].nunique()
+    cfg = SplitConfig(users=n_users // 2)
+    a, b = temporal_split(ratings, cfg), temporal_split(ratings.sample(frac=1.0, random_state=1), cfg)
+    assert len(a.users) == n_users // 2 and a.test.equals(b.test) and a.train.equals(b.train)
+    kept = ratings[ratings["user"].isin(a.users)]
+    assert len(a.train) + len(a.test) == len(kept)  # every rating of a sampled user, none of the others
+    assert len(temporal_split(ratings, SplitConfig(users=10 * n_users)).users) == n_users
+    assert split_preset("mixed").users == 240
+
+
 def test_bad_configs():
     with pytest.raises(ValueError):
         SplitConfig(train_frac=1.0)
+    with pytest.raises(ValueError, match="users must be"):
+        SplitConfig(users=0)
     with pytest.raises(ValueError, match="unknown split preset"):
         split_preset("nope")
 
