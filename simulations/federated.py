@@ -2,6 +2,7 @@
 
     python -m simulations.federated            # real SmolLM2-135M, ML-100K paper protocol: ~50 min on 2 CPU cores
     python -m simulations.federated --quick    # 2 rounds, 6 evaluation users: under 10 minutes
+    python -m simulations.federated --set split=mixed     # 240 users of every activity level, cold start included
     python -m simulations.federated --set split=default   # all 943 users, 80/20 split
     python -m simulations.federated --personas 2,4,8,elbow --epsilons 1,4,8 --repeats 3   # the full comparison
 
