@@ -3,22 +3,38 @@
 Scopes: `read` for GET endpoints and cold-start serving, `rollout` for canary / promote / rollback / pause /
 resume, `admin` for everything plus the audit log and setting a stable version directly. /health is open.
 Nothing here is per user: personas, persona versions and pooled metrics only.
+
+Order of checks for every request: bearer token (401) and scope (403) first, from the headers alone; then the body
+is read up to `max_body` bytes (413) and must be UTF-8 JSON without NaN/Infinity (422, 415 for another content
+type); then FastAPI validates the fields (422), and the registry answers 404 / 409. Every status an operation can
+answer is in its OpenAPI entry.
 """
 
 from __future__ import annotations
 
 import io
+import json
+import math
 import tarfile
+from collections.abc import Callable
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, HTTPException, Query, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request
+from fastapi.dependencies.models import Dependant
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 
 from server.auth import Principal, TokenStore
 from server.registry import PersonaRegistry, RegistryError
 from server.rollouts import Rollouts
+
+# Ids and offsets fit PostgreSQL's INTEGER (and so SQLite's 64-bit one): larger values are a 422, not an
+# OverflowError from the database driver.
+MAX_ID = 2**31 - 1
+MAX_BODY = 1 << 20  # bytes; the largest legitimate body (a full /cold-start/score batch) is well under this
 
 
 class Reason(BaseModel):
@@ -27,12 +43,13 @@ class Reason(BaseModel):
 
 
 class CanaryRequest(Reason):
-    version: int
-    percent: float = Field(gt=0, le=100, description="share of the persona's devices served the canary")
+    version: int = Field(ge=0, le=MAX_ID)
+    percent: float = Field(gt=0, le=100, allow_inf_nan=False,
+                           description="share of the persona's devices served the canary")
 
 
 class StableRequest(Reason):
-    version: int
+    version: int = Field(ge=0, le=MAX_ID)
 
 
 class Page(BaseModel):
@@ -42,31 +59,188 @@ class Page(BaseModel):
     offset: int
 
 
+class Issue(BaseModel):
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class Error(BaseModel):
+    """Every 4xx body: a message, or (422) the list of problems with the request."""
+    detail: str | list[Issue]
+
+
+ERRORS = {
+    401: "missing or invalid bearer token", 403: "the token lacks the scope", 404: "unknown persona or version",
+    409: "the transition is not allowed in the current state", 413: f"body larger than {MAX_BODY} bytes",
+    415: "body is not application/json", 422: "invalid parameter or body",
+}
+
+
+def responses(*codes: int) -> dict:
+    return {code: {"model": Error, "description": ERRORS[code]} for code in codes}
+
+
+def json_responses(*codes: int) -> dict:
+    """For a route whose own response class is not JSON: FastAPI would give `model` errors that media type."""
+    error = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
+    return {code: {"description": ERRORS[code], "content": error} for code in codes}
+
+
+READ = responses(401, 403, 422)
+READ_ONE = responses(401, 403, 404, 422)
+WRITE = responses(401, 403, 404, 409, 413, 415, 422)
+
+PersonaId = Annotated[int, Path(ge=0, le=MAX_ID)]
+VersionId = Annotated[int, Path(ge=0, le=MAX_ID)]
+PersonaFilter = Annotated[int | None, Query(ge=0, le=MAX_ID)]
 Limit = Annotated[int, Query(ge=1, le=500)]
-Offset = Annotated[int, Query(ge=0)]
+Offset = Annotated[int, Query(ge=0, le=MAX_ID)]
 
 
-def create_app(registry: PersonaRegistry, tokens: TokenStore, serving=None) -> FastAPI:
+class FiniteJSONResponse(JSONResponse):
+    """JSON with non-finite floats (a NaN training loss in a manifest, say) as null: Starlette's JSONResponse
+    refuses them with a ValueError, i.e. a 500."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(_finite(content), ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+
+
+class GzipResponse(Response):
+    media_type = "application/gzip"
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _invalid_body(msg: str, pos: int = 0) -> RequestValidationError:
+    return RequestValidationError([{"type": "json_invalid", "loc": ("body", pos), "msg": msg}])
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999
+        raise ValueError(f"{text[:32]} is out of the float range")
+    return value
+
+
+def parse_json_body(body: bytes) -> Any:
+    """Strict JSON: UTF-8, no NaN/Infinity/1e999, no lone surrogates (they cannot be stored); else a 422."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _invalid_body(f"the body is not UTF-8 (byte {e.start})", e.start) from None
+    try:
+        value = json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
+    except json.JSONDecodeError as e:
+        raise _invalid_body(f"JSON decode error: {e.msg}", e.pos) from None
+    except (ValueError, RecursionError) as e:  # the hooks above, ints beyond Python's digit limit, deep nesting
+        raise _invalid_body(f"JSON decode error: {str(e)[:200]}") from None
+    stack = [value]
+    while stack:  # iterative: the parser's nesting limit is about the recursion limit
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise _invalid_body("the body holds a lone surrogate (\\ud800-\\udfff) escape") from None
+    return value
+
+
+def _scope_of(dependant: Dependant) -> str | None:
+    """The scope a route's `require(scope)` dependency asks for, if any."""
+    for dep in dependant.dependencies:
+        scope = getattr(dep.call, "scope", None) or _scope_of(dep)
+        if scope:
+            return scope
+    return None
+
+
+def create_app(registry: PersonaRegistry, tokens: TokenStore, serving=None, max_body: int = MAX_BODY) -> FastAPI:
     """`serving`: an optional `server.serving.ColdStartService` for the cold-start endpoints."""
     rollouts = Rollouts(registry)
-    app = FastAPI(title="PersonaFL coordinator admin API", version="1")
+    app = FastAPI(title="PersonaFL coordinator admin API", version="1", default_response_class=FiniteJSONResponse)
     bearer = HTTPBearer(auto_error=False)
 
-    def require(scope: str):
+    def authorize(credentials: HTTPAuthorizationCredentials | None, scope: str) -> Principal:
+        if credentials is None:
+            raise HTTPException(401, "missing bearer token", headers={"WWW-Authenticate": "Bearer"})
+        principal = tokens.authenticate(credentials.credentials)
+        if principal is None:
+            raise HTTPException(401, "invalid token", headers={"WWW-Authenticate": "Bearer"})
+        if not principal.allows(scope):
+            raise HTTPException(403, f"token {principal.name!r} lacks the {scope!r} scope")
+        return principal
+
+    def require(scope: str) -> Callable:
         def check(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> Principal:
-            if credentials is None:
-                raise HTTPException(401, "missing bearer token", headers={"WWW-Authenticate": "Bearer"})
-            principal = tokens.authenticate(credentials.credentials)
-            if principal is None:
-                raise HTTPException(401, "invalid token", headers={"WWW-Authenticate": "Bearer"})
-            if not principal.allows(scope):
-                raise HTTPException(403, f"token {principal.name!r} lacks the {scope!r} scope")
-            return principal
+            return authorize(credentials, scope)
+        check.scope = scope  # read by AuthFirstRoute
         return check
+
+    class AuthFirstRoute(APIRoute):
+        """FastAPI reads and parses a route's body before it runs any dependency, so an unauthenticated caller
+        could make the server hold (and parse) any body, and got parser errors instead of 401. This route checks
+        the token and scope from the headers first, then reads the body up to `max_body` and parses it strictly,
+        and hands FastAPI's own handler the checked bytes."""
+
+        def get_route_handler(self) -> Callable:
+            handler = super().get_route_handler()
+            scope, has_body = _scope_of(self.dependant), self.body_field is not None
+
+            async def checked(request: Request) -> Response:
+                if scope is not None:
+                    authorize(await bearer(request), scope)
+                if not has_body:
+                    return await handler(request)
+                length = request.headers.get("content-length", "")
+                if length.isdigit() and int(length) > max_body:  # refused before a byte of it is read
+                    raise HTTPException(413, f"body larger than {max_body} bytes")
+                chunks, size = [], 0
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > max_body:
+                        raise HTTPException(413, f"body larger than {max_body} bytes")
+                    chunks.append(chunk)
+                body = b"".join(chunks)
+                if body:
+                    content_type = request.headers.get("content-type", "application/json").split(";")[0].strip()
+                    if content_type.lower() != "application/json" and not content_type.lower().endswith("+json"):
+                        raise HTTPException(415, f"body must be application/json, not {content_type[:64]!r}")
+                    parse_json_body(body)
+                return await handler(Request(request.scope, _replay(body, request.receive)))
+
+            return checked
+
+    app.router.route_class = AuthFirstRoute
 
     @app.exception_handler(RegistryError)
     def registry_error(_request: Request, exc: RegistryError) -> JSONResponse:
         return JSONResponse(status_code=exc.status, content={"detail": str(exc)})
+
+    @app.exception_handler(RequestValidationError)
+    def validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's default handler echoes each rejected value ("input"), which fails on NaN/Infinity (a 500 after
+        # the 422 was decided) and would echo whatever was sent; where, what and why are enough to fix a request.
+        return JSONResponse(status_code=422, content={"detail": [
+            {"loc": [x if isinstance(x, int) else str(x) for x in e.get("loc", ())], "msg": str(e.get("msg", "")),
+             "type": str(e.get("type", ""))} for e in exc.errors()]})
 
     def persona_view(persona: int) -> dict:
         r = registry.rollout(persona)
@@ -84,77 +258,95 @@ def create_app(registry: PersonaRegistry, tokens: TokenStore, serving=None) -> F
     def health() -> dict:
         return {"status": "ok", "personas": len(registry.personas())}
 
-    @app.get("/personas", response_model=Page)
+    @app.get("/personas", response_model=Page, responses=READ)
     def list_personas(limit: Limit = 50, offset: Offset = 0, _: Principal = Depends(require("read"))) -> dict:
         personas = registry.personas()
         return {"items": [persona_view(p) for p in personas[offset:offset + limit]], "total": len(personas),
                 "limit": limit, "offset": offset}
 
-    @app.get("/personas/{persona}")
-    def get_persona(persona: int, _: Principal = Depends(require("read"))) -> dict:
+    @app.get("/personas/{persona}", responses=READ_ONE)
+    def get_persona(persona: PersonaId, _: Principal = Depends(require("read"))) -> dict:
         return persona_view(persona)
 
-    @app.get("/versions", response_model=Page)
-    def list_versions(persona: int | None = None, limit: Limit = 50, offset: Offset = 0,
+    @app.get("/versions", response_model=Page, responses=READ)
+    def list_versions(persona: PersonaFilter = None, limit: Limit = 50, offset: Offset = 0,
                       _: Principal = Depends(require("read"))) -> dict:
         items, total = registry.versions(persona, limit, offset)
         return {"items": [version_view(v["id"]) for v in items], "total": total, "limit": limit, "offset": offset}
 
-    @app.get("/versions/{version}")
-    def get_version(version: int, _: Principal = Depends(require("read"))) -> dict:
+    @app.get("/versions/{version}", responses=READ_ONE)
+    def get_version(version: VersionId, _: Principal = Depends(require("read"))) -> dict:
         return version_view(version)
 
-    @app.get("/versions/{version}/manifest")
-    def get_manifest(version: int, _: Principal = Depends(require("read"))) -> dict:
+    @app.get("/versions/{version}/manifest", responses=READ_ONE)
+    def get_manifest(version: VersionId, _: Principal = Depends(require("read"))) -> dict:
         return registry.version(version)["manifest"]
 
-    @app.get("/versions/{version}/download")
-    def download(version: int, _: Principal = Depends(require("read"))) -> StreamingResponse:
+    @app.get("/versions/{version}/download", response_class=GzipResponse, responses={
+        **json_responses(401, 403, 404, 422), 200: {"description": "the PEFT adapter directory as a .tar.gz",
+                          "content": {"application/gzip": {"schema": {"type": "string", "format": "binary"}}}}})
+    def download(version: VersionId, _: Principal = Depends(require("read"))) -> GzipResponse:
         """The version as a PEFT adapter directory in a .tar.gz (`PeftModel.from_pretrained` loads it unpacked)."""
-        path = registry.path(version)
+        path = registry.path(version)  # 404 when the directory is missing
         buffer = io.BytesIO()
-        with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
-            tar.add(path, arcname=f"persona-version-{version}")
-        buffer.seek(0)
-        return StreamingResponse(buffer, media_type="application/gzip", headers={
+        try:
+            with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+                tar.add(path, arcname=f"persona-version-{version}")
+        except FileNotFoundError:  # removed while being packed
+            raise RegistryError(f"the payload of version {version} is missing from the registry", 404) from None
+        return GzipResponse(buffer.getvalue(), headers={
             "Content-Disposition": f'attachment; filename="persona-version-{version}.tar.gz"'})
 
-    @app.post("/personas/{persona}/canary")
-    def canary(persona: int, body: CanaryRequest, who: Principal = Depends(require("rollout"))) -> dict:
+    @app.post("/personas/{persona}/canary", responses=WRITE)
+    def canary(persona: PersonaId, body: CanaryRequest, who: Principal = Depends(require("rollout"))) -> dict:
         rollouts.start_canary(persona, body.version, body.percent, who.name, body.reason)
         return persona_view(persona)
 
-    @app.post("/personas/{persona}/promote")
-    def promote(persona: int, body: Reason, who: Principal = Depends(require("rollout"))) -> dict:
+    @app.post("/personas/{persona}/promote", responses=WRITE)
+    def promote(persona: PersonaId, body: Reason, who: Principal = Depends(require("rollout"))) -> dict:
         rollouts.promote(persona, who.name, body.reason)
         return persona_view(persona)
 
-    @app.post("/personas/{persona}/rollback")
-    def rollback(persona: int, body: Reason, who: Principal = Depends(require("rollout"))) -> dict:
+    @app.post("/personas/{persona}/rollback", responses=WRITE)
+    def rollback(persona: PersonaId, body: Reason, who: Principal = Depends(require("rollout"))) -> dict:
         rollouts.rollback(persona, who.name, body.reason)
         return persona_view(persona)
 
-    @app.post("/personas/{persona}/pause")
-    def pause(persona: int, body: Reason, who: Principal = Depends(require("rollout"))) -> dict:
+    @app.post("/personas/{persona}/pause", responses=WRITE)
+    def pause(persona: PersonaId, body: Reason, who: Principal = Depends(require("rollout"))) -> dict:
         rollouts.pause(persona, who.name, body.reason, paused=True)
         return persona_view(persona)
 
-    @app.post("/personas/{persona}/resume")
-    def resume(persona: int, body: Reason, who: Principal = Depends(require("rollout"))) -> dict:
+    @app.post("/personas/{persona}/resume", responses=WRITE)
+    def resume(persona: PersonaId, body: Reason, who: Principal = Depends(require("rollout"))) -> dict:
         rollouts.pause(persona, who.name, body.reason, paused=False)
         return persona_view(persona)
 
-    @app.post("/personas/{persona}/stable")
-    def set_stable(persona: int, body: StableRequest, who: Principal = Depends(require("admin"))) -> dict:
+    @app.post("/personas/{persona}/stable", responses=WRITE)
+    def set_stable(persona: PersonaId, body: StableRequest, who: Principal = Depends(require("admin"))) -> dict:
         rollouts.make_stable(persona, body.version, who.name, body.reason)
         return persona_view(persona)
 
-    @app.get("/events", response_model=Page)
-    def list_events(persona: int | None = None, limit: Limit = 50, offset: Offset = 0,
+    @app.get("/events", response_model=Page, responses=READ)
+    def list_events(persona: PersonaFilter = None, limit: Limit = 50, offset: Offset = 0,
                     _: Principal = Depends(require("admin"))) -> dict:
         items, total = rollouts.events(persona, limit, offset)
         return {"items": items, "total": total, "limit": limit, "offset": offset}
 
     if serving is not None:
-        serving.mount(app, require("read"), rollouts)
+        serving.mount(app, require("read"), rollouts, WRITE)
     return app
+
+
+def _replay(body: bytes, receive: Callable) -> Callable:
+    """An ASGI receive that gives the already-read body once, then defers to the connection (disconnects)."""
+    sent = False
+
+    async def replay() -> dict:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay

@@ -39,7 +39,18 @@ def _digest(token: str) -> bytes:
 class TokenStore:
     def __init__(self, entries: list[tuple[str, str, list[str]]]):
         self._entries = []
+        names, digests = set(), set()
         for name, token, scopes in entries:
+            if not isinstance(name, str) or not isinstance(token, str) or not all(isinstance(s, str) for s in scopes):
+                raise TokenConfigError(f"token {name!r}: name, token and scopes must be strings")
+            # A token listed twice (with whatever scopes) would silently grant one of the two scope sets, and a
+            # name listed twice would make the audit log ambiguous: refuse both.
+            if name in names:
+                raise TokenConfigError(f"token name {name!r} is listed more than once")
+            if _digest(token) in digests:
+                raise TokenConfigError(f"token {name!r} has the same token as an earlier entry")
+            names.add(name)
+            digests.add(_digest(token))
             unknown = set(scopes) - set(SCOPES)
             if unknown:
                 raise TokenConfigError(f"token {name!r}: unknown scopes {sorted(unknown)} (known: {SCOPES})")
@@ -53,10 +64,14 @@ class TokenStore:
     def from_file(cls, path: Path) -> "TokenStore":
         try:
             data = json.loads(Path(path).read_text())
-            return cls([(t["name"], t["token"], list(t["scopes"])) for t in data["tokens"]])
+            tokens = data["tokens"]
+            if not isinstance(tokens, list) or not all(isinstance(t, dict) and isinstance(t["scopes"], list)
+                                                       for t in tokens):
+                raise TypeError('"tokens" must be a list of {"name", "token", "scopes": [...]} objects')
+            return cls([(t["name"], t["token"], list(t["scopes"])) for t in tokens])
         except FileNotFoundError:
             raise TokenConfigError(f"token file {path} not found") from None
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
             raise TokenConfigError(f"token file {path} is malformed: {e}") from None
 
     @classmethod

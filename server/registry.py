@@ -18,7 +18,6 @@ import numpy as np
 import sqlalchemy as sa
 from safetensors.numpy import load_file, save_file
 
-from common.adapters import lora_config
 from common.config import LoraSettings
 from common.files import atomic_directory
 
@@ -139,6 +138,8 @@ class PersonaRegistry:
         target = self.root / "personas" / f"p{persona}" / f"r{round_:04d}"
         if target.exists():  # a resumed run writes a round again: keep both
             target = target.with_name(f"{target.name}-{time.time_ns()}")
+        from common.adapters import lora_config  # imports torch and peft: only writers pay for it, not the admin API
+
         with atomic_directory(target) as tmp:
             config = lora_config(self.lora)
             config.base_model_name_or_path = self.base_model
@@ -169,7 +170,11 @@ class PersonaRegistry:
         return [_row(r) for r in rows], total
 
     def path(self, version: int) -> Path:
-        return self.root / self.version(version)["path"]
+        """The version's PEFT directory; 404 when its row exists but the directory was removed or never written."""
+        path = self.root / self.version(version)["path"]
+        if not path.is_dir():
+            raise RegistryError(f"the payload of version {version} is missing from the registry", 404)
+        return path
 
     def arrays(self, version: int) -> dict[str, np.ndarray]:
         return load_file(str(self.path(version) / "adapter_model.safetensors"))

@@ -64,6 +64,8 @@ class Rollouts:
             self._version(conn, version, persona)
             if r["canary"] is not None:
                 raise RegistryError(f"persona {persona} has canary {r['canary']} running: promote or roll it back", 409)
+            if r["stable"] == version:  # else it would become its own previous stable and rollback would be a no-op
+                raise RegistryError(f"version {version} is already persona {persona}'s stable version", 409)
             self._set_state(conn, r["stable"], "retired")
             self._set_state(conn, version, "stable")
             conn.execute(rollouts.update().where(rollouts.c.persona == persona)
@@ -108,7 +110,8 @@ class Rollouts:
                              .values(canary=None, percent=0.0, paused=False))
                 self._event(conn, actor, "rollback", persona, r["canary"], reason, serving=r["stable"], **detail)
                 return r["stable"]
-            if r["previous_stable"] is None:
+            # previous == stable: a registry written before make_stable refused re-setting the stable version.
+            if r["previous_stable"] is None or r["previous_stable"] == r["stable"]:
                 raise RegistryError(f"persona {persona} has no canary and no previous stable to roll back to", 409)
             self._set_state(conn, r["stable"], "retired")
             self._set_state(conn, r["previous_stable"], "stable")

@@ -16,6 +16,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import asdict
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import pandas as pd
@@ -62,7 +63,8 @@ class ScoreIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     device_id: str = Field(min_length=1, max_length=128, description="bucketing key for canaries")
     onboarding: OnboardingIn
-    movies: list[int] = Field(min_length=1, max_length=500)
+    # Bounded like every id of the admin API: a 70-bit movie id is a 422, not an overflow in the catalogue lookup.
+    movies: list[Annotated[int, Field(ge=0, le=2**31 - 1)]] = Field(min_length=1, max_length=500)
 
 
 class ScoreBatch(BaseModel):
@@ -126,14 +128,14 @@ class ColdStartService:
                         out[i] = predict_with_prefix(self.model, self.head, self.builder.prefix_ids(profile), suffixes)
         return out
 
-    def mount(self, app: FastAPI, read, rollouts) -> None:
-        """Add the cold-start endpoints to the admin API (`read` scope)."""
+    def mount(self, app: FastAPI, read, rollouts, responses: dict | None = None) -> None:
+        """Add the cold-start endpoints to the admin API (`read` scope); `responses`: their documented errors."""
         service = self
-        @app.post("/cold-start/assign")
+        @app.post("/cold-start/assign", responses=responses)
         def assign(body: OnboardingIn, _=Depends(read)) -> dict:
             return {"persona": service.assign(body.parsed())}
 
-        @app.post("/cold-start/score")
+        @app.post("/cold-start/score", responses=responses)
         def score(body: ScoreBatch, _=Depends(read)) -> dict:
             jobs, meta = [], []
             for r in body.requests:
