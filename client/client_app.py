@@ -61,10 +61,13 @@ def _device(context: Context, overrides: dict) -> tuple[Device, FederationConfig
     cfg = FederationConfig.from_run_config({**dict(context.run_config), **overrides})
     node = context.node_config
     if "data-path" in node:  # a deployed device: its owner's own file over the public catalogue
-        owner = Owner(int(node.get("user-id", 0)), int(node["owner-age"]), str(node["owner-gender"]),
-                      str(node["owner-occupation"]))
+        # The sign-up answers come from the owner-only file the daemon names (never the SuperNode's command line).
+        answers = json.loads(Path(str(node["owner-file"])).read_text())
+        owner = Owner(int(node.get("user-id", 0)), int(answers["age"]), str(answers["gender"]),
+                      str(answers["occupation"]))
         data = device_data(Path(str(node["data-path"])), cfg.dataset, owner)
-        train, test = split_own(data.ratings, split_preset(cfg.split).train_frac)
+        # Every rating trains unless the owner asked for an evaluation hold-out (not the simulation's 60/40 split).
+        train, test = split_own(data.ratings, float(node.get("eval-holdout", 0)))
         return Device(owner.user, data, train, test, runtime(cfg.base_model, cfg.lora), ScoringConfig(),
                       cfg.memory_items), cfg
     data, split = _dataset(cfg.dataset, cfg.split)
@@ -235,7 +238,7 @@ def build_app(overrides: dict | None = None, mods: Iterable[Mod] = ()) -> Client
         device, cfg = _device(context, overrides)
         state = _state(context)
         if "data-path" in context.node_config:  # deployed: the owner opts in or out of evaluation
-            in_eval = int(context.node_config.get("evaluate", 1))
+            in_eval = int(context.node_config.get("evaluate", 1)) * int(len(device.test) > 0)  # needs a hold-out
         else:
             in_eval = int(device.user in _eval_sample(cfg.dataset, cfg.split, cfg.eval_users, cfg.eval_seed))
         if device.n_train >= cfg.cold_start_threshold:

@@ -16,7 +16,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-from fastapi import Depends, FastAPI, HTTPException
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -24,7 +26,7 @@ from client.device import Device, runtime
 from client.local_data import LocalDataError, Owner, device_data, split_own
 from client.store import EncryptedStore
 from common.adapters import adapter_arrays, load_adapter_arrays
-from common.config import FederationConfig, ScoringConfig, split_preset
+from common.config import FederationConfig, ScoringConfig
 from common.scoring import encode_prefix, predict_with_prefix
 
 
@@ -40,7 +42,7 @@ class RankRequest(Movies):
 class NewRating(BaseModel):
     model_config = ConfigDict(extra="forbid")
     item: int
-    rating: float = Field(ge=1, le=5)
+    rating: float = Field(ge=1, le=5, allow_inf_nan=False)
     ts: int | None = None
 
 
@@ -67,6 +69,15 @@ def create_local_app(settings: dict, store: EncryptedStore, status, engine: str 
     bearer = HTTPBearer(auto_error=False)
     app = FastAPI(title="PersonaFL device API", version="1")
 
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's own handler echoes every rejected value, and NaN or Infinity (which Python's JSON parser accepts
+        # in a request) cannot be written back as JSON: it failed with a 500. Where and why is enough to fix a
+        # request, so no value is echoed.
+        return JSONResponse(status_code=422, content={"detail": [
+            {"loc": [str(part) for part in e.get("loc", ())], "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
+            for e in exc.errors()]})
+
     def authorised(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
         if credentials is None or not hmac.compare_digest(credentials.credentials, token):
             raise HTTPException(401, "missing or wrong local API token", headers={"WWW-Authenticate": "Bearer"})
@@ -76,7 +87,8 @@ def create_local_app(settings: dict, store: EncryptedStore, status, engine: str 
             data = device_data(data_path, cfg.dataset, owner)
         except LocalDataError as e:
             raise HTTPException(409, str(e)) from None
-        train, test = split_own(data.ratings, split_preset(cfg.split).train_frac)
+        # Serving scores with the owner's whole history as the profile, the rating posted a moment ago included.
+        train, test = split_own(data.ratings)
         return Device(owner.user, data, train, test, runtime(cfg.base_model, cfg.lora), ScoringConfig(),
                       cfg.memory_items)
 

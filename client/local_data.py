@@ -83,8 +83,15 @@ def device_data(path: Path, catalogue: str, owner: Owner) -> MovieLens:
     return _cached(str(path), stamp, catalogue, owner)
 
 
-def split_own(ratings: pd.DataFrame, train_frac: float) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Oldest ratings train, newest are held out for on-device evaluation (the same rule as the simulation)."""
+def split_own(ratings: pd.DataFrame, holdout: float = 0.0) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(training, held-out) ratings of the device's owner. On a device every rating is training data (and profile)
+    unless the owner asks for an evaluation hold-out: then the newest `holdout` fraction is held out (the same
+    oldest-train rule as the simulation, at least one rating on each side). Not the simulation's 60/40 split: that
+    would put the newest ratings, the ones the app just recorded, out of the profile and out of training."""
+    if not 0 <= holdout < 1:
+        raise ValueError(f"the evaluation hold-out is a fraction in [0, 1), got {holdout}")
     df = ratings.sort_values(["ts", "item"], kind="stable").reset_index(drop=True)
-    n_train = int(np.clip(np.floor(train_frac * len(df)), min(1, len(df)), max(len(df) - 1, 0))) if len(df) else 0
+    if holdout == 0 or len(df) < 2:
+        return df, df.iloc[:0]
+    n_train = int(np.clip(np.floor((1 - holdout) * len(df)), 1, len(df) - 1))
     return df.iloc[:n_train].reset_index(drop=True), df.iloc[n_train:].reset_index(drop=True)

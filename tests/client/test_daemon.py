@@ -1,6 +1,8 @@
 """The device daemon: enrolment, status, forget, node config, and the local inference API on a live server."""
 
 import json
+import math
+import shutil
 import stat
 from pathlib import Path
 
@@ -10,11 +12,17 @@ import pytest
 import torch
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+from flwr.app import Context, RecordDict
 from flwr.common.config import parse_config_args
+from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
 
-from client.client_app import LEDGER, PERSONAL, STATE
+from client.client_app import LEDGER, PERSONAL, STATE, _device
 from client.daemon import enrol, forget, load_settings, node_config, open_store, status, supernode_command
+from client.keys import KeySourceError, RawKey
 from client.local_api import create_local_app
+from client.local_data import split_own
+from client.store import EncryptedStore
+from common.envelope import EnvelopeError
 from client.policy import TrainingPolicy
 from common.adapters import adapter_arrays, add_lora
 from common.config import LoraSettings
@@ -56,7 +64,7 @@ def test_node_config_round_trips_through_flowers_parser(device_home):
     policy = {"train-window": "22:00-06:00", "max-steps": 3}
     parsed = parse_config_args([node_config(settings, policy)])
     assert parsed["data-path"] == settings["data_path"] and parsed["store-key-file"] == settings["key"]["path"]
-    assert parsed["user-id"] == 7 and parsed["owner-gender"] == "F" and parsed["max-steps"] == 3
+    assert parsed["user-id"] == 7 and parsed["max-steps"] == 3
     assert TrainingPolicy.from_node_config(parsed).max_steps == 3
     cmd = supernode_command(settings, "127.0.0.1:9092", "/ca.pem", policy)
     assert cmd[cmd.index("--root-certificates") + 1] == "/ca.pem" and "--insecure" not in cmd
@@ -75,8 +83,8 @@ def test_status_reports_persona_versions_budget_and_last_round_then_forget_shred
     assert s["persona"] == 2 and s["last_round"] == 5 and s["personal_adapter_versions"] == [1]
     assert s["privacy"]["left"] == pytest.approx(8.0 - ledger.spent)
     report = forget(settings)
-    assert report["user_key_destroyed"] and report["files_deleted"] >= 4
-    assert status(settings)["persona"] is None and status(settings)["personal_adapter_versions"] == []
+    assert report["store"]["user_key_destroyed"] and report["store"]["files_deleted"] >= 4
+    assert not Path(settings["store_path"]).exists() and report["home_removed"]
 
 
 def _store_with_personal_adapter(settings: dict):
@@ -157,3 +165,152 @@ def test_training_policy_refusals():
     assert "training ratings" in policy.refusal(2, now=datetime(2026, 1, 1, 23, 0), load=0.0)
     with pytest.raises(ValueError, match="train-window"):
         TrainingPolicy.from_node_config({"train-window": "late"})
+
+
+# --- issue #15: the device daemon ------------------------------------------------------------------------------------
+
+def _keys_in(root: Path, skip: Path) -> list[RawKey]:
+    """Every file under `root` (but `skip`) read as a store key, as `store.key` is read (hex/base64 text or raw)."""
+    found = []
+    for p in root.rglob("*"):
+        if not p.is_file() or skip in p.parents:
+            continue
+        data = p.read_bytes()
+        candidates = [data] if len(data) == 32 else []
+        try:
+            candidates.append(RawKey.parse(data.decode()).raw)
+        except (UnicodeDecodeError, KeySourceError):
+            pass
+        found += [RawKey(c) for c in candidates]
+    return found
+
+
+def test_forget_leaves_nothing_that_opens_an_earlier_copy_of_the_store_or_names_the_owner(device_home):
+    settings, tmp = device_home
+    home = Path(settings["home"])
+    _store_with_personal_adapter(settings)
+    copy = tmp / "backup-of-store"
+    shutil.copytree(settings["store_path"], copy)  # a backup / snapshot taken before forget
+    original = open_store(settings).get_bytes("7", PERSONAL)
+    assert EncryptedStore(copy, RawKey.from_file(home / "store.key")).get_bytes("7", PERSONAL) == original
+
+    report = forget(settings)
+    assert report["store"]["user_key_destroyed"]
+    assert any("interactions file" in n for n in report["not_erased"])  # says what it could not erase
+    for key in _keys_in(tmp, skip=copy):  # no file left anywhere opens the earlier copy
+        with pytest.raises(EnvelopeError):
+            EncryptedStore(copy, key).get_bytes("7", PERSONAL)
+    # Nothing identifying the owner (answers, device identity, API token) is left in the home.
+    for name in ("store.key", "device.json", "api.token", "supernode.key", "supernode.key.pub"):
+        assert not (home / name).exists(), name
+    assert not home.exists() or not any(b"writer" in p.read_bytes() for p in home.rglob("*") if p.is_file())
+
+
+def test_enrol_into_an_existing_directory_makes_it_and_every_file_owner_only(tmp_path):
+    home = tmp_path / "existing"
+    home.mkdir(mode=0o755)
+    home.chmod(0o755)
+    data = tmp_path / "r.jsonl"
+    data.write_text('{"item": 1, "rating": 4, "ts": 1}\n')
+    enrol(home, data, 1, 40, "M", "engineer", base_model="tiny")
+    assert stat.S_IMODE(home.stat().st_mode) == 0o700
+    for p in home.iterdir():
+        assert stat.S_IMODE(p.stat().st_mode) == 0o600, p.name
+
+
+def test_sign_up_answers_are_not_on_the_supernode_command_line_and_the_client_app_reads_them(device_home):
+    settings, _ = device_home
+    answers = {"age": 31, "gender": "F", "occupation": "writer"}
+    cmd = supernode_command(settings, "127.0.0.1:9092", "/ca.pem", {"max-steps": 2})
+    node = parse_config_args([cmd[cmd.index("--node-config") + 1]])
+    assert not any(k.startswith("owner-") and k != "owner-file" for k in node), node
+    assert not set(map(str, answers.values())) & {str(v) for v in node.values()}
+    assert "writer" not in " ".join(cmd)
+    owner_file = Path(node["owner-file"])
+    assert stat.S_IMODE(owner_file.stat().st_mode) == 0o600
+    context = Context(run_id=1, node_id=1, node_config=node, state=RecordDict(),
+                      run_config={"base-model": "tiny", "dataset": settings["catalogue"]})
+    device, _ = _device(context, {})
+    onboarding = device.data.users.loc[7]
+    assert (int(onboarding["age"]), onboarding["gender"], onboarding["occupation"]) == (31, "F", "writer")
+    # The owner's newest rating trains (no paper split on a device) unless a hold-out is asked for.
+    newest = device.data.ratings.sort_values("ts").iloc[-1]["item"]
+    assert len(device.test) == 0 and newest in set(device.train["item"])
+    held = _device(Context(run_id=1, node_id=1, node_config={**node, "eval-holdout": 0.25}, state=RecordDict(),
+                           run_config=context.run_config), {})[0]
+    assert newest in set(held.test["item"]) and len(held.train) + len(held.test) == len(device.train)
+
+
+@hsettings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 50), st.integers(0, 5)), min_size=0, max_size=30),
+       st.sampled_from([0.0, 0.0, 0.1, 0.4, 0.9]))
+def test_split_own_trains_on_every_rating_unless_a_holdout_is_asked(rows, holdout):
+    import pandas as pd
+
+    ratings = pd.DataFrame([(0, i, 3.0, ts) for i, ts in rows], columns=["user", "item", "rating", "ts"])
+    train, test = split_own(ratings, holdout)
+    assert len(train) + len(test) == len(ratings)
+    if holdout == 0 or len(ratings) < 2:
+        assert len(test) == 0
+    else:
+        assert len(train) >= 1 and len(test) >= 1 and train["ts"].max() <= test["ts"].min()
+
+
+_NON_FINITE = st.sampled_from([math.nan, math.inf, -math.inf])
+# Every field of every local API request, and where a non-finite number can go in it.
+_REQUESTS = {
+    "/score": ({"movies": [1, 2]}, {"movies": "item"}),
+    "/rank": ({"movies": [1, 2], "top_k": 2}, {"movies": "item", "top_k": "value"}),
+    "/ratings": ({"item": 3, "rating": 4, "ts": 5}, {"item": "value", "rating": "value", "ts": "value"}),
+}
+
+
+def test_local_api_answers_422_to_non_finite_numbers_in_any_field(device_home):
+    settings, _ = device_home
+    store = open_store(settings)
+    server = LiveServer(create_local_app(settings, store, lambda: status(settings, store)))
+    token = Path(settings["home"], "api.token").read_text()
+    client = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {token}",
+                                                        "Content-Type": "application/json"}, timeout=60)
+    before = Path(settings["data_path"]).read_bytes()
+
+    @hsettings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(st.sampled_from(sorted(_REQUESTS)), st.data(), _NON_FINITE)
+    def check(path, data, bad):
+        body, fields = _REQUESTS[path]
+        field = data.draw(st.sampled_from(sorted(fields)))
+        body = dict(body)
+        if fields[field] == "item":
+            movies = list(body[field])
+            movies[data.draw(st.integers(0, len(movies) - 1))] = bad
+            body[field] = movies
+        else:
+            body[field] = bad
+        response = client.post(path, content=json.dumps(body))  # json.dumps writes NaN / Infinity, as JS may
+        assert response.status_code == 422, (path, body, response.text)
+        detail = response.json()["detail"]
+        assert detail and all(field in map(str, d["loc"]) for d in detail)
+        assert "NaN" not in response.text and "Infinity" not in response.text
+
+    try:
+        check()
+        assert Path(settings["data_path"]).read_bytes() == before  # nothing recorded
+    finally:
+        server.stop()
+
+
+def test_a_rating_posted_now_reaches_the_serving_profile(device_home):
+    settings, _ = device_home
+    store = _store_with_personal_adapter(settings)
+    server = LiveServer(create_local_app(settings, store, lambda: status(settings, store)))
+    try:
+        token = Path(settings["home"], "api.token").read_text()
+        client = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {token}"}, timeout=60)
+        before = [r["rating"] for r in client.post("/score", json={"movies": [1, 2, 3]}).json()["ratings"]]
+        rated = {json.loads(line)["item"] for line in Path(settings["data_path"]).read_text().splitlines()}
+        new = sorted(set(range(1, 31)) - rated)[0]
+        assert client.post("/ratings", json={"item": new, "rating": 1}).status_code == 200  # stamped now: the newest
+        after = [r["rating"] for r in client.post("/score", json={"movies": [1, 2, 3]}).json()["ratings"]]
+        assert not np.allclose(before, after, atol=1e-6)
+    finally:
+        server.stop()
