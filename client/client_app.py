@@ -39,6 +39,7 @@ from common.personas import (EMBED_DIM, cold_start_persona, embed_profiles, embe
                              onboarding_space, slot_sums)
 from common.privacy import BudgetExhausted, PrivacyLedger, noise_for_target
 from common.split import sample_users, temporal_split
+from common.training import dp_sample_rate
 from server.strategy import from_record, to_record
 
 PERSONAL = "personal"  # the store name of the on-device personal adapter
@@ -151,9 +152,11 @@ def _save_state(device: Device, cfg: FederationConfig, context: Context, **chang
 def _device_dp(device: Device, cfg: FederationConfig) -> DeviceDP:
     noise = cfg.dp_device_noise
     if cfg.dp_device_target_epsilon > 0:  # spread the target over a participation in every round
-        rate = device.dp_sample_rate(cfg.train(cfg.local_steps))
+        rate = dp_sample_rate(cfg.dp_device_records, cfg.train(cfg.local_steps))
         noise = noise_for_target(cfg.dp_device_target_epsilon, cfg.dp_delta, rate, cfg.num_rounds * cfg.local_steps)
-    return DeviceDP(noise, cfg.dp_device_clip, cfg.dp_delta, cfg.dp_device_budget or float("inf"))
+    return DeviceDP(noise, cfg.dp_device_clip, cfg.dp_delta, cfg.dp_device_budget or float("inf"),
+                    records=cfg.dp_device_records, secure_mode=cfg.dp_secure_mode,
+                    seed=cfg.seed if cfg.reproducible else None)
 
 
 def _ledger(device: Device, cfg: FederationConfig, context: Context) -> PrivacyLedger:

@@ -22,7 +22,7 @@ from common.personas import Onboarding
 from common.prompt import PromptBuilder, movie_text, user_profile
 from common.privacy import PrivacyLedger
 from common.scoring import RatingHead, predict_with_prefix, rating_nll
-from common.training import PackedRow, dp_sample_rate, pack, packed_rating_logits, train_local, train_local_dp
+from common.training import PackedRow, pack, packed_rating_logits, train_local, train_local_dp
 
 
 @dataclass
@@ -72,13 +72,21 @@ class Device:
                 for i in items]
 
     @cached_property
-    def train_examples(self) -> tuple[list[list[int]], np.ndarray]:
+    def _target_rows(self) -> pd.DataFrame:
         """Training targets exclude the few movies quoted in the profile, whose rating the prompt gives away."""
         quoted = set(self.train.sort_values(["ts", "item"]).tail(PromptConfig().recent_items)["item"])
         rows = self.train[~self.train["item"].isin(quoted)]
-        if rows.empty:
-            rows = self.train
+        return self.train if rows.empty else rows
+
+    @cached_property
+    def train_examples(self) -> tuple[list[list[int]], np.ndarray]:
+        rows = self._target_rows
         return self._suffixes(rows["item"]), rows["rating"].to_numpy(np.float64)
+
+    @property
+    def train_items(self) -> np.ndarray:
+        """The item id of each training example (the DP records are keyed hashes of these)."""
+        return self._target_rows["item"].to_numpy()
 
     @cached_property
     def test_examples(self) -> tuple[list[list[int]], np.ndarray]:
@@ -101,17 +109,17 @@ class Device:
         weights and metrics. Raises `BudgetExhausted` (nothing trained) when the ledger cannot afford it."""
         load_adapter_arrays(self.rt.model, arrays)
         suffixes, ratings = self.train_examples
-        cfg = replace(cfg, seed=cfg.seed * 1_000_003 + self.user)  # different draws per user, reproducible
-        if dp is None:
+        if dp is None:  # non-private training: reproducible per user from the run's seed
+            cfg = replace(cfg, seed=cfg.seed * 1_000_003 + self.user)
             metrics = train_local(self.rt.model, self.rt.head, self.prefix, suffixes, ratings, cfg,
                                   pad_id=self.rt.pad_id)
-        else:
+        else:  # DP-SGD draws secret randomness unless the simulation's reproducible mode gave a seed
+            if dp.seed is not None:
+                dp = replace(dp, seed=dp.seed * 1_000_003 + self.user)
             metrics = train_local_dp(self.rt.model, self.rt.head, self.prefix, suffixes, ratings, cfg, dp, ledger,
-                                     pad_id=self.rt.pad_id)
+                                     pad_id=self.rt.pad_id, items=self.train_items,
+                                     record_key=str(self.user).encode())
         return adapter_arrays(self.rt.model), metrics
-
-    def dp_sample_rate(self, cfg: TrainConfig) -> float:
-        return dp_sample_rate(len(self.train_examples[1]), cfg)
 
     def predict(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
         load_adapter_arrays(self.rt.model, arrays)

@@ -94,6 +94,15 @@ class DeviceDP:
     max_grad_norm: float
     delta: float
     budget: float  # lifetime epsilon of the device's example-level ledger
+    # Records are hash buckets of item ids, a fixed number of them: how many never depends on the data, so adding a
+    # rating changes its own record only, and the sample rate (rows per step / records) reveals nothing either.
+    records: int = 16
+    # Opacus' secure_mode noise (each coordinate a sum of 4 Gaussian draws, against floating-point attacks).
+    secure_mode: bool = False
+    # None: Poisson sampling and noise draw from a generator seeded with secret OS randomness (a deployed device).
+    # An int: both are reproducible from it; public seeds let anyone replay which records were sampled, so
+    # this is the simulations' labelled `reproducible` mode only.
+    seed: int | None = None
 
 
 @dataclass(frozen=True)
@@ -148,6 +157,12 @@ class FederationConfig:
     dp_device_clip: float = 1.0
     dp_device_budget: float = 0.0  # lifetime epsilon per device; 0 = no limit
     dp_personal: bool = False  # DP-SGD for the personal adapter too (it never leaves the device, so optional)
+    dp_device_records: int = 16  # records per device: each rating's record is a keyed hash of its item id
+    dp_secure_mode: bool = False  # Opacus secure_mode noise on the devices (4 draws per coordinate)
+    # Simulations only: DP-SGD's sampling and noise drawn from the public seed so runs replay exactly. Anyone who
+    # knows the seed knows which records were sampled, so no privacy claim holds in this mode. The coordinator's
+    # user-level round cohorts follow it too (Poisson draws from `seed` instead of secrets.SystemRandom).
+    reproducible: bool = False
     # Central user-level DP on every persona release: each device's delta clipped to dp-user-clip, Gaussian noise
     # of dp-user-noise x clip on each persona's sum. A target epsilon over num-rounds sets the noise instead.
     dp_user_noise: float = 0.0
@@ -161,13 +176,29 @@ class FederationConfig:
     auto_promote: bool = True
     rollback_margin: float = 0.05
     rollback_min_devices: int = 5
+    # Pooled evaluation metrics (overall, per persona, per user-activity bucket, per version) are released only when
+    # they pool at least this many devices; below it they are withheld (logged). Per version, evaluations are held
+    # back until this many distinct devices have been pooled, so the registry never shows fewer.
+    eval_min_devices: int = 5
     # How one persona's deltas are combined: "mean" (example-weighted FedAvg, streamed in constant memory),
     # "trimmed-mean" (coordinate-wise, cutting trim-fraction of the updates at each end) or "median"
     # (coordinate-wise); the robust two hold a round's updates for a persona in memory and weigh devices equally.
-    # max-update-norm > 0 rejects any delta with a larger L2 norm (under user-level DP deltas are clipped instead).
+    # max-update-norm > 0 rejects any delta with a larger L2 norm (under user-level DP deltas are clipped instead;
+    # 0 = off). The default 100 is a sanity bound, not a poisoning defence: ~40x the largest honest update measured
+    # (L2 2.3 at the defaults, README "Robustness"), so honest devices at higher lr or more steps pass, while every
+    # accepted delta is finite and small enough that the float64 sums and the float32 release cannot overflow
+    # (a 3e38 update would make an Inf persona). Tighten it from the rounds' reported max_update_norm.
     aggregation: str = "mean"
     trim_fraction: float = 0.2
-    max_update_norm: float = 0.0
+    max_update_norm: float = 100.0
+    # A device's example count (its FedAvg weight) is its own claim, so it is capped: one device claiming 1e12
+    # would otherwise set its persona's mean. 1000 is above every ML-100K user's training count (at most 590 at
+    # the 80% split), so no honest device of the reference data is capped.
+    max_examples: float = 1000.0
+    # Seconds the coordinator waits for the replies of one query or round (Flower's default is 3600): a device that
+    # never replies holds the round this long. A K=1 federation's 3 rounds, discovery included, took 316 s here,
+    # so 900 s leaves ~10x for one round; raise it for much larger cohorts or slow devices.
+    round_timeout: float = 900.0
     # K chosen from the data: comma-separated candidates (e.g. "1,2,4,8"); discovery then runs federated k-means
     # for each, the devices also return their squared distance to their centroid (summed, so only the inertia
     # per K reaches the coordinator), and K is taken at the elbow of inertia vs K. num-personas is then ignored.
@@ -190,8 +221,18 @@ class FederationConfig:
             raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
         if not 0.0 <= self.trim_fraction < 0.5:
             raise ValueError(f"trim-fraction must be in [0, 0.5), got {self.trim_fraction}")
-        if self.max_update_norm < 0:
-            raise ValueError(f"max-update-norm must be >= 0 (0 = off), got {self.max_update_norm}")
+        if not 0 <= self.max_update_norm < float("inf"):
+            raise ValueError(f"max-update-norm must be finite and >= 0 (0 = off), got {self.max_update_norm}")
+        if not 0 < self.max_examples < float("inf"):
+            raise ValueError(f"max-examples must be finite and > 0, got {self.max_examples}")
+        if not 0 < self.round_timeout < float("inf"):
+            raise ValueError(f"round-timeout must be finite and > 0 seconds, got {self.round_timeout}")
+        if self.dp_device_records < 1:
+            raise ValueError(f"dp-device-records must be >= 1, got {self.dp_device_records}")
+        if self.reproducible and self.dp_secure_mode:
+            raise ValueError("dp-secure-mode draws secret randomness; it cannot be combined with reproducible = true")
+        if self.eval_min_devices < 1:
+            raise ValueError(f"eval-min-devices must be >= 1, got {self.eval_min_devices}")
         if self.aggregation != "mean" and self.user_dp_enabled:
             # The Gaussian mechanism's sensitivity is that of a clipped sum; a trimmed mean or median has another.
             raise ValueError("robust aggregation cannot be combined with user-level DP; use aggregation='mean'")

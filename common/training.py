@@ -9,7 +9,9 @@ training and evaluation see the same computation. Loss is taken on five logits p
 
 from __future__ import annotations
 
-import os
+import hashlib
+import hmac
+import secrets
 import time
 from dataclasses import dataclass
 
@@ -139,20 +141,32 @@ def train_local(
     }
 
 
-def fixed_records(n: int, items_per_row: int, seed: int) -> list[list[int]]:
-    """The DP unit on a device: a fixed partition of its examples into records of <= `items_per_row`.
+def hashed_records(items, n_records: int, key: bytes) -> list[list[int]]:
+    """The DP unit on a device: `n_records` records, each rating in the one its item id hashes to (HMAC-SHA256).
 
-    The partition depends on the device's seed only, never on the round, so one rating is in exactly one record
-    for the device's lifetime: record-level (epsilon, delta) covers adding or removing that rating.
+    A rating's record depends on its own item id only, never on the other ratings or on how many there are, so
+    adding or removing one rating changes exactly one record (a partition by position in a shuffled list, as
+    before, moved most ratings whenever one was added). Returns each record's example indices; some may be empty.
     """
-    order = np.random.default_rng(seed).permutation(n)
-    return [order[i:i + items_per_row].tolist() for i in range(0, n, items_per_row)]
+    records: list[list[int]] = [[] for _ in range(n_records)]
+    for i, item in enumerate(items):
+        digest = hmac.new(key, str(int(item)).encode(), hashlib.sha256).digest()
+        records[int.from_bytes(digest[:8], "big") % n_records].append(i)
+    return records
 
 
-def dp_sample_rate(n: int, cfg: TrainConfig) -> float:
-    """The rate at which a DP step samples each record (1 / batches per pass, as Opacus accounts it)."""
-    records = -(-n // cfg.items_per_row)
+def dp_sample_rate(records: int, cfg: TrainConfig) -> float:
+    """The rate at which a DP step samples each record (1 / batches per pass, as Opacus accounts it). It depends on
+    the public record count only, so it says nothing about how many ratings a device holds."""
     return 1 / -(-records // cfg.rows_per_step)
+
+
+def _draw(record: list[int], size: int, rng: np.random.Generator) -> list[int]:
+    """Up to `size` of a record's examples, at random when it holds more: a function of that record alone (and of
+    independent randomness), so the row's clipped gradient keeps the record-level sensitivity."""
+    if len(record) <= size:
+        return record
+    return [record[i] for i in sorted(rng.choice(len(record), size=size, replace=False))]
 
 
 def _row_mean_loss(logits: torch.Tensor, batch: PackedBatch, rows: int, mse_weight: float) -> torch.Tensor:
@@ -173,34 +187,49 @@ def train_local_dp(
     dp: DeviceDP,
     ledger: PrivacyLedger,
     pad_id: int = 0,
-    noise_seed: int | None = None,
+    items=None,
+    record_key: bytes = b"",
 ) -> dict[str, float]:
-    """DP-SGD (Opacus, hooks mode on the LoRA layers) over the device's fixed records.
+    """DP-SGD (Opacus, hooks mode on the LoRA layers) over the device's `dp.records` hashed records.
 
-    Each step Poisson-samples records at rate `cfg.rows_per_step / len(records)`, clips every record's gradient to
+    `items` are the examples' item ids (default: their positions), hashed with `record_key` into records. Each step
+    Poisson-samples records at rate `cfg.rows_per_step / dp.records`, packs up to `cfg.items_per_row` of a sampled
+    record's ratings (drawn at random when it holds more) into one row, clips every row's gradient to
     `dp.max_grad_norm` and adds Gaussian noise (`dp.noise_multiplier` x that norm). The ledger is checked before
-    anything runs (raises `BudgetExhausted`) and charged with Opacus' accountant history afterwards. Noise is drawn
-    from OS randomness unless `noise_seed` is given (tests only).
+    anything runs (raises `BudgetExhausted`) and charged with Opacus' accountant history afterwards.
+
+    Sampling, noise and the draw within a record come from one generator: seeded from `secrets` (never from the
+    run's public seed) unless `dp.seed` is set, the simulations' reproducible mode. With `dp.secure_mode` the noise
+    is Opacus' secure_mode noise.
     """
     from opacus import PrivacyEngine
     from torch.utils.data import DataLoader, TensorDataset
 
     if len(suffixes) == 0:
         raise ValueError("no training ratings")
-    records = fixed_records(len(suffixes), cfg.items_per_row, cfg.seed)
-    loader = DataLoader(TensorDataset(torch.arange(len(records))), batch_size=cfg.rows_per_step)
-    sample_rate = dp_sample_rate(len(suffixes), cfg)
+    records = hashed_records(range(len(suffixes)) if items is None else items, dp.records, record_key)
+    loader_rng = torch.Generator()
+    loader = DataLoader(TensorDataset(torch.arange(dp.records)), batch_size=cfg.rows_per_step, generator=loader_rng)
+    sample_rate = dp_sample_rate(dp.records, cfg)
     assert sample_rate == 1 / len(loader)  # what Opacus' make_private accounts with
     ledger.check(dp.noise_multiplier, sample_rate, cfg.steps)
 
+    # 63 secret bits: the coordinator, who knows every public seed, cannot replay which records were drawn.
+    seed = dp.seed if dp.seed is not None else secrets.randbits(63)
+    loader_rng.manual_seed(seed)  # Opacus' DP data loader takes the original loader's generator for Poisson draws
+    within = np.random.default_rng(seed)
     params = [p for p in model.parameters() if p.requires_grad]
     model.train()  # Opacus refuses a module in eval mode (a shared runtime is left in eval after scoring)
     engine = PrivacyEngine(accountant="rdp")
-    seed = noise_seed if noise_seed is not None else int.from_bytes(os.urandom(8), "little")
+    noise_generator = loader_rng
+    if dp.secure_mode:
+        # Opacus' secure_mode wants torchcsprng, which has no build for torch 2.x: its secure noise path runs on our
+        # secretly seeded generator instead (engine attributes make_private reads; the loader uses it too).
+        engine.secure_mode, engine.secure_rng, noise_generator = True, loader_rng, None
     hooks, optimizer, dp_loader = engine.make_private(
         module=model, optimizer=torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0), data_loader=loader,
         noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm, poisson_sampling=True,
-        grad_sample_mode="hooks", wrap_model=False, noise_generator=torch.Generator().manual_seed(seed))
+        grad_sample_mode="hooks", wrap_model=False, noise_generator=noise_generator)
     model.train()
     losses, tokens, steps, start = [], 0, 0, time.perf_counter()
     try:
@@ -209,12 +238,14 @@ def train_local_dp(
                 if steps == cfg.steps:
                     break
                 optimizer.zero_grad(set_to_none=True)
-                if len(index) == 0:  # Poisson drew no record: the step is noise only
+                # An empty record adds a zero gradient to the sum: leaving it out of the batch is the same release.
+                picked = [_draw(records[r], cfg.items_per_row, within) for r in index.tolist() if records[r]]
+                if not picked:  # Poisson drew no (non-empty) record: the step is noise only
                     for p in params:
                         p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
                 else:
-                    rows = [PackedRow(prefix, [suffixes[i] for i in records[r]], [float(ratings[i]) for i in records[r]])
-                            for r in index.tolist()]
+                    rows = [PackedRow(prefix, [suffixes[i] for i in rec], [float(ratings[i]) for i in rec])
+                            for rec in picked]
                     batch = pack(rows, pad_id)
                     loss = _row_mean_loss(packed_rating_logits(model, head, batch), batch, len(rows), cfg.mse_weight)
                     loss.backward()

@@ -70,7 +70,9 @@ def test_privacy_ledger_survives_a_restart_and_keeps_enforcing_the_budget(tmp_pa
 
 def test_device_target_epsilon_is_spread_over_a_participation_in_every_round():
     cfg = FederationConfig(dp_device_target_epsilon=3.0, num_rounds=5, local_steps=2, dp_device_budget=10.0)
-    device = SimpleNamespace(user=1, dp_sample_rate=lambda train_cfg: 0.25)
+    cfg = FederationConfig(dp_device_target_epsilon=3.0, num_rounds=5, local_steps=2, dp_device_budget=10.0,
+                           dp_device_records=4)  # 4 records, 1 row per step: sample rate 0.25
+    device = SimpleNamespace(user=1)
     dp = _device_dp(device, cfg)
     assert dp.budget == 10.0 and dp.max_grad_norm == cfg.dp_device_clip
     spent = epsilon([(dp.noise_multiplier, 0.25, 5 * 2)], cfg.dp_delta)
