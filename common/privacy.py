@@ -2,8 +2,11 @@
 
 - `PrivacyLedger`: a device's lifetime example-level budget. It holds the accountant's history of
   (noise multiplier, sample rate, steps) and refuses training that would push epsilon past the budget.
-- `user_level_epsilon`: what a persona release costs its users (central DP, user-level), composing the
-  persona-discovery releases (every device takes part: sample rate 1) with the training rounds.
+- `user_level_history` / `user_level_noise`: what persona releases cost their users (central DP, user-level),
+  composing the persona-discovery releases (every device takes part: sample rate 1) with the training rounds,
+  each a Poisson-sampled Gaussian mechanism at rate `poisson_rate` (the coordinator samples that way under DP).
+- `lineage_history`: a persona version's full history across coordinator restarts: its parent's stored events,
+  then the new run's.
 """
 
 from __future__ import annotations
@@ -32,6 +35,27 @@ def noise_for_target(target_epsilon: float, delta: float, sample_rate: float, st
     """The smallest noise multiplier that keeps `steps` releases at `sample_rate` within `target_epsilon`."""
     return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
                                       steps=steps, accountant="rdp"))
+
+
+def poisson_rate(fraction: float, min_nodes: int, num_nodes: int) -> float:
+    """The per-device inclusion probability of a round under user-level DP: `fraction` of the devices, raised so
+    that `min_nodes` are expected. Devices are drawn independently with this probability (Poisson sampling),
+    which is what the accountant's subsampled Gaussian assumes; a fixed-size draw would not be covered."""
+    if num_nodes <= 0:
+        return 0.0
+    return min(1.0, max(fraction, min_nodes / num_nodes))
+
+
+def events_from_json(raw) -> list[Event]:
+    """Events as stored in a manifest (lists of [noise, rate, steps]) back to accountant tuples."""
+    return [(float(sigma), float(rate), int(steps)) for sigma, rate, steps in raw or []]
+
+
+def lineage_history(parent_releases: list[Event], run_events: list[Event]) -> list[Event]:
+    """Everything a version's users took part in: the releases its parent already accounts (earlier runs of the
+    coordinator included), then this run's (discovery, rounds). Composition only adds, so a child's epsilon is
+    never below its parent's."""
+    return [tuple(e) for e in parent_releases] + [tuple(e) for e in run_events]
 
 
 class BudgetExhausted(Exception):

@@ -6,7 +6,10 @@ Output directory (`out-dir`), which holds persona artefacts only:
     personas/p{k}/r{round:04d}/  adapter_config.json, adapter_model.safetensors, manifest.json
     history.json                 per-round train and evaluation metrics, persona sizes, timings
 
-A restart on the same directory resumes every persona from its registry head (newest candidate, else stable).
+A restart on the same directory resumes every persona from its registry head (newest candidate, else stable),
+and its privacy history too: each version's manifest keeps every user-level release its lineage composed (earlier
+runs' discovery and rounds), and a resumed persona's releases are added to its head's, so a version's
+(epsilon, delta) covers everything its users' data went into across restarts.
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ from common.adapters import adapter_arrays, add_lora
 from common.config import FederationConfig, UserDP
 from common.model import load_base_model
 from common.personas import EMBED_DIM, elbow, onboarding_space, update_centroids
-from common.privacy import Event, user_level_history, user_level_noise
+from common.privacy import (Event, epsilon, events_from_json, lineage_history, poisson_rate, user_level_history,
+                            user_level_noise)
 from server.registry import PersonaRegistry
 from server.rollouts import Rollouts
 from server.serving import ONBOARDING_FILE, save_onboarding
@@ -89,7 +93,7 @@ def privacy_plan(cfg: FederationConfig, num_nodes: int) -> tuple[UserDP | None, 
     """(per-round DP, discovery noise multiplier, discovery releases as accountant events)."""
     if not cfg.user_dp_enabled:
         return None, 0.0, []
-    rate = min(num_nodes, max(math.ceil(cfg.fraction_train * num_nodes), cfg.min_train_nodes)) / num_nodes
+    rate = poisson_rate(cfg.fraction_train, cfg.min_train_nodes, num_nodes)  # the strategy samples at this rate
     noise = cfg.dp_user_noise
     if cfg.dp_user_target_epsilon > 0:
         noise = user_level_noise(cfg.dp_user_target_epsilon, cfg.dp_delta, discovery_releases(cfg), rate,
@@ -164,30 +168,59 @@ def discover_personas(grid: Grid, nodes: list[int], cfg: FederationConfig, noise
     replies = [r for r in replies if r.metadata.src_node_id in node_persona]
     # Membership of the evaluation sample is a seeded coin the device reports; it says nothing about its data.
     eval_nodes = sorted(r.metadata.src_node_id for r in replies if r.content["metrics"].get("eval"))
-    cold = sum(int(r.content["metrics"]["cold"]) for r in replies)
+    cold = sum(int(r.content["metrics"].get("cold", 0)) for r in replies)  # under DP devices keep this flag
     sizes = np.bincount(list(node_persona.values()), minlength=k).tolist()
     log(INFO, "personas: sizes %s (%d cold-start devices placed from onboarding answers)", sizes, cold)
     return node_persona, eval_nodes, {"k": k, "sizes": sizes, "cold_start_devices": cold, **info}
 
 
+def version_zero_privacy(dp: UserDP | None, discovery: list[Event]) -> dict:
+    """Version 0's privacy record: its adapter is data-independent, but the persona it starts is defined by the
+    discovery releases, so under DP it carries their (epsilon, delta) and events."""
+    if dp is None:
+        return {"dp": False, "note": "data-independent adapter"}
+    return {"dp": True, "level": "user", "epsilon": epsilon(discovery, dp.delta), "delta": dp.delta,
+            "releases": [list(e) for e in discovery],
+            "note": "data-independent adapter; the persona-discovery releases that defined the persona"}
+
+
 def starting_versions(registry: PersonaRegistry, rollouts: Rollouts, cfg: FederationConfig,
-                      private: bool) -> dict[int, int]:
+                      zero_privacy: dict) -> tuple[dict[int, int], set[int]]:
     """Each persona's version to train from: its registry head after a restart, else a fresh data-independent
-    adapter released as version 0 and made stable."""
-    heads = {}
+    adapter released as version 0 (with `zero_privacy`) and made stable. Returns the heads and the personas
+    whose version 0 was created now."""
+    heads, fresh = {}, set()
     initial = None
     for persona in range(cfg.num_personas):
         head = registry.head(persona) if persona in registry.personas() else None
         if head is None:
             if initial is None:
                 initial = adapter_arrays(add_lora(load_base_model(cfg.base_model)[0], cfg.lora, seed=cfg.seed))
-            head = registry.add_version(persona, 0, initial, 0, {}, {"dp": private, "epsilon": 0.0,
-                                                                     "note": "data-independent"})
+            head = registry.add_version(persona, 0, initial, 0, {}, zero_privacy)
             rollouts.make_stable(persona, head, "server", "initial adapter")
+            fresh.add(persona)
         else:
             log(INFO, "persona %d resumes from version %d", persona, head)
         heads[persona] = head
-    return heads
+    return heads, fresh
+
+
+def resumed_histories(registry: PersonaRegistry, heads: dict[int, int], fresh: set[int],
+                      discovery: list[Event]) -> dict[int, list[Event]]:
+    """Per persona, the user-level events its next version composes: a fresh persona's version 0 already holds
+    this run's discovery; a resumed one adds this run's discovery to everything its head accounted."""
+    histories = {}
+    for persona, head in heads.items():
+        if persona in fresh:
+            histories[persona] = list(discovery)
+            continue
+        version = registry.version(head)
+        privacy = version["manifest"].get("privacy") or {}
+        if not privacy.get("dp") and version["round"] > 0:
+            raise RuntimeError(f"persona {persona} resumes from version {head}, released without user-level DP: "
+                               "no (epsilon, delta) can cover its users; start a DP run in a fresh out-dir")
+        histories[persona] = lineage_history(events_from_json(privacy.get("releases")), discovery)
+    return histories
 
 
 def wait_for_nodes(grid: Grid, expected: int, timeout: float = 600) -> list[int]:
@@ -218,11 +251,12 @@ def run(grid: Grid, cfg: FederationConfig) -> None:
     if dp:
         log(INFO, "user-level DP: noise multiplier %.3f (discovery %.3f), clip %.3g, delta %g", dp.noise_multiplier,
             discovery_noise, dp.clip, dp.delta)
-    node_persona, eval_nodes, persona_info = discover_personas(grid, nodes, cfg, discovery_noise)
+    node_persona, eval_nodes, persona_info = discover_personas(grid, nodes, cfg, discovery_noise, cfg.round_timeout)
     cfg = replace(cfg, num_personas=persona_info["k"])  # K may have been chosen from the data
     registry = PersonaRegistry(out, lora=cfg.lora, base_model=cfg.base_model)
     rollouts = Rollouts(registry)
-    heads = starting_versions(registry, rollouts, cfg, dp is not None)
+    heads, fresh = starting_versions(registry, rollouts, cfg, version_zero_privacy(dp, prior))
+    histories = resumed_histories(registry, heads, fresh, prior) if dp else {}
 
     def release(round_, persona, arrays, devices, metrics, privacy) -> int:
         version = registry.add_version(persona, round_, arrays, devices, metrics, privacy, parent=heads[persona])
@@ -233,12 +267,15 @@ def run(grid: Grid, cfg: FederationConfig) -> None:
 
     strategy = PersonaStrategy(node_persona, cfg.fraction_train, cfg.min_train_nodes, eval_nodes,
                                cfg.eval_every, cfg.num_rounds, on_release=release, seed=cfg.seed,
-                               dp=dp, prior_releases=prior, rollouts=rollouts,
+                               dp=dp, prior_releases=histories, rollouts=rollouts,
+                               sample_rate=poisson_rate(cfg.fraction_train, cfg.min_train_nodes, len(nodes)),
+                               reproducible=cfg.reproducible, eval_min_devices=cfg.eval_min_devices,
                                rollback=(cfg.rollback_margin, cfg.rollback_min_devices),
                                aggregation=cfg.aggregation, trim_fraction=cfg.trim_fraction,
-                               max_update_norm=cfg.max_update_norm)
+                               max_update_norm=cfg.max_update_norm, max_examples=cfg.max_examples)
     result = strategy.start(grid, join_personas({p: registry.arrays(v) for p, v in heads.items()}),
-                            num_rounds=cfg.num_rounds, train_config=ConfigRecord(), evaluate_config=ConfigRecord())
+                            num_rounds=cfg.num_rounds, timeout=cfg.round_timeout, train_config=ConfigRecord(),
+                            evaluate_config=ConfigRecord())
     history = {
         "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
         "devices": len(nodes),

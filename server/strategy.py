@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import random
+import secrets
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from logging import INFO, WARNING
@@ -36,8 +37,8 @@ from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
 from flwr.supercore.differential_privacy import (add_gaussian_noise_inplace, clip_inputs_inplace, compute_stdv,
                                                 get_norm)
 
-from common.config import UserDP
-from common.privacy import Event, epsilon
+from common.config import FederationConfig, UserDP
+from common.privacy import Event, epsilon, poisson_rate
 from server.rollouts import Rollouts
 
 # Evaluation is also pooled by how many training ratings a user has (cold-start users vs heavy users): that is
@@ -118,15 +119,23 @@ class PersonaStrategy(FedAvg):
         on_release: ReleaseHook | None = None,
         seed: int = 0,
         dp: UserDP | None = None,
-        prior_releases: list[Event] = (),
+        prior_releases: list[Event] | dict[int, list[Event]] = (),
         rollouts: Rollouts | None = None,
         rollback: tuple[float, int] = (0.05, 5),
         aggregation: str = "mean",
         trim_fraction: float = 0.2,
         max_update_norm: float = 0.0,
+        sample_rate: float | None = None,
+        reproducible: bool = False,
+        eval_min_devices: int = FederationConfig.eval_min_devices,
     ) -> None:
-        """`dp`: user-level DP on every persona release; `prior_releases`: user-level events every device already
-        took part in (persona discovery), composed into each persona's epsilon. With `rollouts`, each evaluated
+        """`dp`: user-level DP on every persona release; `prior_releases`: user-level events the persona's users
+        already took part in (its lineage from earlier runs, then this run's persona discovery; one list for every
+        persona or one per persona), composed into each persona's epsilon. Under `dp` each round's cohort is a
+        Poisson sample, every online device independently with probability `sample_rate` (default: fraction_train,
+        raised to expect min_train_nodes), drawn from `secrets.SystemRandom` unless `reproducible` (simulations:
+        from `seed`). Pooled evaluation metrics of fewer than `eval_min_devices`
+        devices are withheld. With `rollouts`, each evaluated
         device gets the version its bucket says (stable or canary), its metrics are pooled per version, and a
         canary worse than stable by `rollback` = (RMSE margin, minimum devices) is rolled back. `aggregation`,
         `trim_fraction`, `max_update_norm`: see FederationConfig."""
@@ -142,16 +151,31 @@ class PersonaStrategy(FedAvg):
         self.num_rounds = num_rounds
         self.on_release = on_release
         self._rng = random.Random(seed)
+        # Subsampling amplifies privacy only while the cohort is secret: under DP it is drawn from the OS's CSPRNG.
+        self._dp_rng = random.Random(seed) if reproducible or not dp else secrets.SystemRandom()
+        self.reproducible = reproducible
         self._current: dict[int, Arrays] = {}
         self.dp = dp
         self.sizes = dict(zip(*np.unique(list(self.node_persona.values()), return_counts=True))) \
             if self.node_persona else {}
-        self.privacy_history: dict[int, list[Event]] = {p: list(prior_releases) for p in self.sizes}
+        prior = prior_releases if isinstance(prior_releases, dict) else {p: prior_releases for p in self.sizes}
+        self.privacy_history: dict[int, list[Event]] = {p: [tuple(e) for e in prior.get(p, ())] for p in self.sizes}
+        self._fixed_rate = sample_rate
         self._sample_rate = 0.0
+        self.eval_min_devices = eval_min_devices
+        # Per version: evaluation sums not yet in the registry, and the distinct devices they pool.
+        self._pending: dict[int, tuple[list[float], set[int]]] = {}
         self.rollouts = rollouts
         self.rollback_margin, self.rollback_min_devices = rollback
         self._served: dict[int, int] = {}  # evaluation node -> version sent
         self.aggregation, self.trim_fraction, self.max_update_norm = aggregation, trim_fraction, max_update_norm
+
+    @property
+    def sample_rate(self) -> float:
+        """Each online device's probability of joining a round under user-level DP (public, fixed for the run)."""
+        if self._fixed_rate is not None:
+            return self._fixed_rate
+        return poisson_rate(self.fraction_train, self.min_train_nodes, len(self.node_persona))
 
     def summary(self) -> None:
         sizes = np.bincount(list(self.node_persona.values())) if self.node_persona else []
@@ -178,9 +202,15 @@ class PersonaStrategy(FedAvg):
                         grid: Grid) -> Iterable[Message]:
         online = set(grid.get_node_ids())
         eligible = sorted(n for n in self.node_persona if n in online)
-        size = min(len(eligible), max(math.ceil(self.fraction_train * len(eligible)), self.min_train_nodes))
-        nodes = sorted(self._rng.sample(eligible, size))
-        self._sample_rate = size / len(eligible) if eligible else 0.0
+        if self.dp:
+            # Poisson sampling, as the accountant's subsampled Gaussian assumes (a fixed-size draw without
+            # replacement is not bounded by it): each online device independently with the public rate q.
+            nodes = [n for n in eligible if self._dp_rng.random() < self.sample_rate]
+            self._sample_rate = self.sample_rate
+        else:
+            size = min(len(eligible), max(math.ceil(self.fraction_train * len(eligible)), self.min_train_nodes))
+            nodes = sorted(self._rng.sample(eligible, size))
+            self._sample_rate = size / len(eligible) if eligible else 0.0
         log(INFO, "configure_train: %d of %d devices", len(nodes), len(eligible))
         config["server-round"] = server_round
         return self._messages(nodes, arrays, config, MessageType.TRAIN)
@@ -252,14 +282,16 @@ class PersonaStrategy(FedAvg):
 
     def _private_mean(self, persona: int, acc: "_Running") -> tuple[Arrays, dict]:
         """Clipped sum / expected devices + Gaussian noise (Flower's DP helpers), and the persona's new epsilon."""
-        expected = self._sample_rate * self.sizes[persona]
+        expected = self.sample_rate * self.sizes[persona]
         mean = [t / expected for t in acc.sum]
         add_gaussian_noise_inplace(mean, compute_stdv(self.dp.noise_multiplier, self.dp.clip, expected))
-        self.privacy_history[persona].append((self.dp.noise_multiplier, self._sample_rate, 1))
+        self.privacy_history[persona].append((self.dp.noise_multiplier, self.sample_rate, 1))
         eps = epsilon(self.privacy_history[persona], self.dp.delta)
         return dict(zip(acc.keys, mean)), {"dp": True, "level": "user", "epsilon": eps, "delta": self.dp.delta,
                                            "noise_multiplier": self.dp.noise_multiplier, "clip": self.dp.clip,
-                                           "sample_rate": self._sample_rate, "expected_devices": expected,
+                                           "sample_rate": self.sample_rate, "expected_devices": expected,
+                                           "sampling": "poisson, seeded (reproducible simulation: not secret)"
+                                           if self.reproducible else "poisson, secret (secrets.SystemRandom)",
                                            "releases": [list(e) for e in self.privacy_history[persona]]}
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -306,6 +338,10 @@ class PersonaStrategy(FedAvg):
             n = sums[f"{scope}/n"]
             if n == 0:
                 continue
+            if sums[f"{scope}/users"] < self.eval_min_devices:  # a pool of one or two is those users' own figure
+                log(INFO, "evaluation round %d: %s metrics withheld (%d devices, below eval-min-devices %d)",
+                    server_round, scope, sums[f"{scope}/users"], self.eval_min_devices)
+                continue
             prefix = "" if scope == "all" else f"{scope}_"
             for path in ("persona", "personal"):
                 out[f"{prefix}{path}_rmse"] = math.sqrt(sums[f"{scope}/{path}_sse"] / n)
@@ -320,6 +356,7 @@ class PersonaStrategy(FedAvg):
     def _record_versions(self, replies: list[Message]) -> None:
         """Pool persona-path error sums per served version, then let rollouts judge each running canary."""
         pooled: dict[int, list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0, 0])
+        pooled_nodes: dict[int, set[int]] = defaultdict(set)
         for msg in replies:
             node, m = msg.metadata.src_node_id, msg.content["metrics"]
             version = self._served.get(node)
@@ -329,8 +366,19 @@ class PersonaStrategy(FedAvg):
                 continue
             p = pooled[version]
             p[0], p[1], p[2], p[3] = p[0] + m["persona_sse"], p[1] + m["persona_sae"], p[2] + m["n"], p[3] + 1
+            pooled_nodes[version].add(node)
         for version, (sse, sae, n, devices) in pooled.items():
-            self.rollouts.record_evaluation(version, sse, sae, n, devices)
+            # The registry (and the admin API reading it) only ever gets sums pooling eval_min_devices distinct
+            # devices: smaller pools wait for later evaluation rounds of the same version.
+            held, seen = self._pending.get(version, ([0.0, 0.0, 0.0, 0], set()))
+            held, seen = [a + b for a, b in zip(held, (sse, sae, n, devices))], seen | pooled_nodes[version]
+            if len(seen) < self.eval_min_devices:
+                self._pending[version] = (held, seen)
+                log(INFO, "version %d: evaluation by %d devices withheld (below eval-min-devices %d)", version,
+                    len(seen), self.eval_min_devices)
+                continue
+            self._pending.pop(version, None)
+            self.rollouts.record_evaluation(version, *held[:3], int(held[3]))
         for persona in sorted(set(self.node_persona.values())):
             if self.rollouts.check_canary(persona, self.rollback_margin, self.rollback_min_devices):
                 log(WARNING, "persona %d: canary rolled back automatically", persona)

@@ -3,24 +3,27 @@
 import numpy as np
 import pytest
 
-from common.config import FederationConfig
-from common.privacy import epsilon
+from common.config import FederationConfig, UserDP
+from common.privacy import epsilon, poisson_rate
 from server.registry import PersonaRegistry
 from server.rollouts import Rollouts
-from server.server_app import discovery_releases, privacy_plan, starting_versions
+from server.server_app import (discovery_releases, privacy_plan, resumed_histories, starting_versions,
+                               version_zero_privacy)
+from server.strategy import PersonaStrategy
 
 
 def test_restart_resumes_each_persona_from_its_registry_head(tmp_path):
     cfg = FederationConfig(base_model="tiny", num_personas=3, out_dir=str(tmp_path))
     registry = PersonaRegistry(tmp_path, lora=cfg.lora, base_model="tiny")
-    first = starting_versions(registry, Rollouts(registry), cfg, private=False)
+    first, fresh = starting_versions(registry, Rollouts(registry), cfg, version_zero_privacy(None, []))
+    assert fresh == {0, 1, 2}
     assert sorted(first) == [0, 1, 2] and all(registry.version(v)["state"] == "stable" for v in first.values())
     arrays = {k: v + 1 for k, v in registry.arrays(first[1]).items()}
     candidate = registry.add_version(1, 7, arrays, 4, parent=first[1])
 
     again = PersonaRegistry(tmp_path, lora=cfg.lora, base_model="tiny")  # the coordinator restarted
-    heads = starting_versions(again, Rollouts(again), cfg, private=False)
-    assert heads == {0: first[0], 1: candidate, 2: first[2]}  # no new version 0s; persona 1 from its candidate
+    heads, fresh = starting_versions(again, Rollouts(again), cfg, version_zero_privacy(None, []))
+    assert not fresh and heads == {0: first[0], 1: candidate, 2: first[2]}  # persona 1 resumes from its candidate
     assert np.allclose(again.arrays(heads[1])[sorted(arrays)[0]], arrays[sorted(arrays)[0]])
     assert again.versions()[1] == 4
 
@@ -29,7 +32,8 @@ def test_privacy_plan_meets_the_user_level_target_including_discovery():
     cfg = FederationConfig(num_personas=4, kmeans_iters=3, num_rounds=5, fraction_train=0.06,
                            dp_user_target_epsilon=4.0)
     dp, discovery_noise, prior = privacy_plan(cfg, num_nodes=216)
-    rate = 13 / 216
+    rate = poisson_rate(0.06, cfg.min_train_nodes, 216)  # the strategy's Poisson rate: 0.06 (13 expected)
+    assert rate == 0.06
     assert prior == [(discovery_noise, 1.0, discovery_releases(cfg))] and discovery_releases(cfg) == 4
     total = epsilon(prior + [(dp.noise_multiplier, rate, cfg.num_rounds)], cfg.dp_delta)
     assert total == pytest.approx(4.0, rel=0.03) and total <= 4.0
@@ -78,3 +82,84 @@ def test_private_discovery_sums_take_an_all_zero_answer_and_clip_the_rest(monkey
     answers = [_answer(1, sums=np.zeros((2, 3)), counts=[0, 0]), _answer(2, sums=np.full((2, 3), 4.0), counts=[0, 0])]
     sums, counts = _sum(answers, shapes, bound=1.0, noise=1e-12, action="embed")
     assert np.sqrt((sums ** 2).sum() + (counts ** 2).sum()) == pytest.approx(1.0, rel=1e-6)
+
+
+DP = UserDP(noise_multiplier=1.0, clip=1.0, delta=1e-5)
+
+
+def test_version_zero_carries_the_discovery_epsilon_and_delta(tmp_path):
+    """Version 0's adapter is data-independent, but its persona comes from the discovery releases: under DP the
+    registry row and manifest carry their (epsilon, delta), not a null delta."""
+    cfg = FederationConfig(base_model="tiny", num_personas=2, out_dir=str(tmp_path))
+    registry = PersonaRegistry(tmp_path, lora=cfg.lora, base_model="tiny")
+    discovery = [(1.0, 1.0, 3)]
+    heads, _ = starting_versions(registry, Rollouts(registry), cfg, version_zero_privacy(DP, discovery))
+    for head in heads.values():
+        row = registry.version(head)
+        assert row["delta"] == 1e-5 and row["epsilon"] == pytest.approx(epsilon(discovery, 1e-5)) and row["epsilon"] > 0
+        privacy = row["manifest"]["privacy"]
+        assert privacy["dp"] and privacy["delta"] == 1e-5 and privacy["releases"] == [[1.0, 1.0, 3]]
+
+
+def _release_round(strategy: PersonaStrategy, registry: PersonaRegistry, heads: dict, round_: int) -> None:
+    """One DP round in which no device replies (noise-only releases), written to the registry as the ServerApp
+    does (the version records the strategy's privacy dict)."""
+    import numpy as np
+    from flwr.app import ConfigRecord
+
+    from server.strategy import join_personas
+
+    def release(r, persona, arrays, devices, metrics, privacy):
+        heads[persona] = registry.add_version(persona, r, arrays, devices, metrics, privacy, parent=heads[persona])
+
+    strategy.on_release = release
+    arrays = join_personas({p: registry.arrays(v) for p, v in heads.items()})
+
+    class Grid:
+        def get_node_ids(self):
+            return list(strategy.node_persona)
+
+    np.random.seed(round_)
+    strategy.configure_train(round_, arrays, ConfigRecord(), Grid())
+    strategy.aggregate_train(round_, [])
+
+
+def test_a_resumed_persona_composes_its_lineage_and_never_reports_less_than_its_parent(tmp_path, monkeypatch):
+    """A coordinator restart must not drop the releases earlier runs made: the resumed persona's next version
+    composes its head's stored events, the new discovery and the new rounds."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 0)):
+        monkeypatch.setattr(TaskIdentity, attr, value)
+    cfg = FederationConfig(base_model="tiny", num_personas=1, out_dir=str(tmp_path))
+    node_persona = {n: 0 for n in range(1, 6)}
+    discovery = [(1.0, 1.0, 1)]
+    for run in range(2):  # the first run, then a restart on the same registry
+        registry = PersonaRegistry(tmp_path, lora=cfg.lora, base_model="tiny")
+        heads, fresh = starting_versions(registry, Rollouts(registry), cfg, version_zero_privacy(DP, discovery))
+        assert fresh == ({0} if run == 0 else set())
+        histories = resumed_histories(registry, heads, fresh, discovery)
+        strategy = PersonaStrategy(node_persona, fraction_train=0.2, dp=DP, prior_releases=histories)
+        for round_ in (1, 2):
+            _release_round(strategy, registry, heads, round_)
+    chain, version = [], heads[0]
+    while version is not None:
+        chain.append(registry.version(version))
+        version = chain[-1]["parent"]
+    chain.reverse()
+    assert [v["round"] for v in chain] == [0, 1, 2, 1, 2]
+    full = [(1.0, 1.0, 1), (1.0, 0.2, 1), (1.0, 0.2, 1), (1.0, 1.0, 1), (1.0, 0.2, 1), (1.0, 0.2, 1)]
+    assert chain[-1]["epsilon"] == pytest.approx(epsilon(full, 1e-5))  # two discoveries and four rounds
+    assert [tuple(e) for e in chain[-1]["manifest"]["privacy"]["releases"]] == full
+    eps = [v["epsilon"] for v in chain]
+    assert all(child >= parent for parent, child in zip(eps, eps[1:])) and eps[3] > eps[2]
+
+
+def test_a_dp_run_refuses_to_resume_from_a_version_released_without_dp(tmp_path):
+    cfg = FederationConfig(base_model="tiny", num_personas=1, out_dir=str(tmp_path))
+    registry = PersonaRegistry(tmp_path, lora=cfg.lora, base_model="tiny")
+    heads, _ = starting_versions(registry, Rollouts(registry), cfg, version_zero_privacy(None, []))
+    trained = registry.add_version(0, 1, registry.arrays(heads[0]), 3, parent=heads[0])  # a non-private release
+    with pytest.raises(RuntimeError, match="without user-level DP"):
+        resumed_histories(registry, {0: trained}, set(), [(1.0, 1.0, 1)])
+    assert resumed_histories(registry, heads, set(), [(1.0, 1.0, 1)]) == {0: [(1.0, 1.0, 1)]}  # version 0: no data

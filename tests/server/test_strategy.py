@@ -129,7 +129,8 @@ def test_robust_aggregation_with_user_level_dp_is_refused():
 
 
 def test_evaluation_sums_errors_exactly_per_persona_and_bucket():
-    strategy, _ = _strategy({1: 0, 2: 1}, eval_nodes=[1, 2], eval_every=1)
+    # The pooling math alone; the release threshold (eval-min-devices) is tests/server/test_release_privacy.py's.
+    strategy, _ = _strategy({1: 0, 2: 1}, eval_nodes=[1, 2], eval_every=1, eval_min_devices=1)
     messages = list(strategy.configure_evaluate(1, join_personas({0: _persona(0.0), 1: _persona(1.0)}),
                                                 ConfigRecord(), FakeGrid([1, 2])))
     assert len(messages) == 2
@@ -149,7 +150,7 @@ def test_evaluation_is_also_pooled_by_user_activity():
     assert [activity_bucket(n) for n in (0, 19, 20, 99, 100, 199, 200, 5000)] == [
         "ratings_0_19", "ratings_0_19", "ratings_20_49", "ratings_50_99", "ratings_100_199", "ratings_100_199",
         "ratings_200_plus", "ratings_200_plus"]
-    strategy, _ = _strategy({1: 0, 2: 0, 3: 0}, eval_nodes=[1, 2, 3], eval_every=1)
+    strategy, _ = _strategy({1: 0, 2: 0, 3: 0}, eval_nodes=[1, 2, 3], eval_every=1, eval_min_devices=1)
     messages = list(strategy.configure_evaluate(1, join_personas({0: _persona(0.0)}), ConfigRecord(),
                                                 FakeGrid([1, 2, 3])))
     replies = []

@@ -14,7 +14,8 @@ def test_privacy_report_runs_levels_and_reports_both_epsilons_and_the_attack(tmp
     data_dir = write_grouplens_100k(tmp_path / "ml", ratings, items, users)
     out = tmp_path / "privacy"
     settings = {"base-model": "tiny", "dataset": str(data_dir), "split": "default", "num-rounds": 2,
-                "fraction-train": 0.5, "eval-every": 2, "eval-users": 4, "kmeans-iters": 1, "lr": 0.01}
+                "fraction-train": 0.5, "eval-every": 2, "eval-users": 4, "kmeans-iters": 1, "lr": 0.01,
+                "eval-min-devices": 1}  # 4 evaluation devices: release their pooled RMSE (default withholds < 5)
     argv = ["--personas", "2", "--epsilons", "4", "--mia-users", "3", "--mia-ratings", "8", "--out", str(out)]
     for k, v in settings.items():
         argv += ["--set", f"{k}={v}"]

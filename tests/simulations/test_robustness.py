@@ -15,7 +15,7 @@ def test_median_resists_a_sign_flip_attack_that_drags_the_mean_and_dropouts_are_
     out = tmp_path / "robust"
     settings = {"base-model": "tiny", "dataset": str(data_dir), "split": "default", "num-rounds": 2,
                 "fraction-train": 1.0, "eval-every": 2, "eval-users": 4, "kmeans-iters": 1, "lr": 0.01,
-                "personal-steps": 0}
+                "personal-steps": 0, "eval-min-devices": 1}  # 4 evaluation devices: release their pooled RMSE
     argv = ["--poison-fraction", "0.25", "--poison-scale", "100", "--dropout", "0.3", "--out", str(out),
             "--scenarios", "clean,mean,median,norm-bound,dropout"]
     for k, v in settings.items():
