@@ -23,19 +23,34 @@ def serve(args) -> None:
     import uvicorn
 
     from server.admin_api import create_app
-    from server.auth import TokenStore
+    from server.auth import TokenConfigError, TokenStore
     from server.registry import PersonaRegistry
 
-    tokens = TokenStore.from_file(Path(args.tokens)) if args.tokens else TokenStore.from_env()
+    try:
+        tokens = TokenStore.from_file(Path(args.tokens)) if args.tokens else TokenStore.from_env()
+    except TokenConfigError as e:
+        sys.exit(f"serve: {e}")
     registry = PersonaRegistry(args.root, url=args.db_url)
     serving = None
     if args.cold_start:
+        # Checked before the base model is loaded, with a message instead of a traceback.
+        base_model = args.base_model
+        if base_model is None:
+            first = registry.versions(limit=1)[0]
+            if not first:
+                sys.exit(f"serve --cold-start: the registry at {args.root} has no persona version yet, so neither a "
+                         "base model nor an adapter to serve; run the federation first, or pass --base-model")
+            base_model = first[0]["manifest"]["base_model"]
+        from server.serving import ONBOARDING_FILE
+
+        if not (registry.root / ONBOARDING_FILE).is_file():
+            sys.exit(f"serve --cold-start: {registry.root / ONBOARDING_FILE} is missing (the ServerApp writes the "
+                     "aggregated onboarding counts there)")
         from common.data import load_movielens
         from server.serving import ColdStartService
 
-        manifest = registry.version(registry.versions(limit=1)[0][0]["id"])["manifest"]
-        serving = ColdStartService(registry, args.base_model or manifest["base_model"],
-                                   load_movielens(args.dataset).items, max_resident=args.max_resident)
+        serving = ColdStartService(registry, base_model, load_movielens(args.dataset).items,
+                                   max_resident=args.max_resident)
     uvicorn.run(create_app(registry, tokens, serving), host=args.host, port=args.port)
 
 

@@ -1,5 +1,6 @@
 """The admin API against a real uvicorn server on loopback, over a real SQLite registry file."""
 
+import shutil
 import socket
 import threading
 import time
@@ -223,3 +224,78 @@ def test_token_configuration_errors(tmp_path, monkeypatch):
     (tmp_path / "t.json").write_text("{broken")
     with pytest.raises(TokenConfigError, match="malformed"):
         TokenStore.from_file(tmp_path / "t.json")
+
+
+def test_setting_the_current_stable_again_is_refused_and_rollback_still_works(live):
+    """Old: POST /stable {current stable} made it its own previous stable; rollback then answered 200 and kept it."""
+    server, registry, _ = live
+    ops, root = _client(server, "operator"), _client(server, "root")
+    first, candidate = registry.rollout(0)["stable"], _candidate(registry, 0)
+    assert ops.post("/personas/0/canary", json={"version": candidate, "percent": 10}).status_code == 200
+    assert ops.post("/personas/0/promote", json={}).json()["stable"] == candidate
+    r = root.post("/personas/0/stable", json={"version": candidate})
+    assert r.status_code == 409 and "already" in r.json()["detail"]
+    assert registry.rollout(0)["previous_stable"] == first
+    r = ops.post("/personas/0/rollback", json={})
+    assert r.status_code == 200 and r.json()["stable"] == first
+
+
+def test_a_missing_payload_directory_is_404_on_download(live):
+    server, registry, root = live
+    ops = _client(server, "operator")
+    shutil.rmtree(registry.root / registry.version(2)["path"])
+    assert ops.get("/versions/2/manifest").status_code == 200  # the row is still there
+    r = ops.get("/versions/2/download")
+    assert r.status_code == 404 and "missing" in r.json()["detail"]
+
+
+def test_non_finite_metrics_in_a_manifest_are_served_as_null(live):
+    server, registry, _ = live
+    version = registry.add_version(1, 3, _arrays(3.0), 2, {"train_loss": float("nan"), "grad": float("inf")})
+    r = _client(server, "reader").get(f"/versions/{version}/manifest")
+    assert r.status_code == 200 and r.json()["train_metrics"] == {"train_loss": None, "grad": None}
+
+
+def test_the_token_is_checked_before_the_body_is_read(live):
+    server, registry, _ = live
+    path = "/personas/0/canary"
+    bad = b'{"version": 1e999, "percent": NaN'  # malformed JSON, a non-finite value, cut short
+    for headers, status in (({}, 401), ({"Authorization": "Bearer " + "x" * 24}, 401),
+                            ({"Authorization": f"Bearer {TOKENS['reader']}"}, 403),
+                            ({"Authorization": f"Bearer {TOKENS['operator']}"}, 422)):
+        r = httpx.post(server.url + path, content=bad, headers={"Content-Type": "application/json", **headers})
+        assert r.status_code == status, (headers, r.text)
+    r = _client(server, "operator").post(path, content=b"reason", headers={"Content-Type": "text/plain"})
+    assert r.status_code == 415
+
+
+def _raw(server, request: bytes, timeout: float = 5) -> bytes:
+    """Send raw bytes and read the status line: a server that waits for the promised body times out here."""
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=timeout) as s:
+        s.sendall(request)
+        return s.recv(4096).split(b"\r\n", 1)[0]
+
+
+def test_a_huge_body_is_refused_before_it_is_read(live):
+    server, registry, _ = live
+    head = "POST /personas/0/promote HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{}Content-Length: {}\r\n\r\n"
+    # 200 MB announced, none sent: without a token 401, with one 413, both at once (old: waited for the body).
+    assert b" 401 " in _raw(server, head.format("", 200_000_000).encode())
+    auth = f"Authorization: Bearer {TOKENS['operator']}\r\n"
+    assert b" 413 " in _raw(server, head.format(auth, 200_000_000).encode())
+    # Chunked, so no length is announced: refused once the cap is passed.
+    with _client(server, "operator") as ops:
+        r = ops.post("/personas/0/promote", content=iter([b'{"reason": "', b"x" * (1 << 20), b'"}']),
+                     headers={"Content-Type": "application/json"})
+    assert r.status_code == 413
+    assert registry.rollout(0)["canary"] is None and Rollouts(registry).events(0)[1] == 1
+
+
+@pytest.mark.parametrize("entries", [
+    [("a", "t" * 20, ["read"]), ("b", "t" * 20, ["admin"])],  # one token, two scope sets: last one used to win
+    [("a", "t" * 20, ["read"]), ("a", "u" * 20, ["read"])],   # one name twice: the audit log could not tell them apart
+])
+def test_a_token_or_name_listed_twice_is_refused(entries):
+    with pytest.raises(TokenConfigError, match="more than once|same token"):
+        TokenStore(entries)

@@ -60,3 +60,25 @@ def test_serve_and_rollout_calls(tmp_path, monkeypatch, capsys):
         proc.terminate()
         proc.wait(10)
     assert PersonaRegistry(tmp_path).rollout(0)["stable"] == v1  # the served registry file holds the change
+
+
+def test_cold_start_serving_on_an_empty_registry_exits_with_a_message(tmp_path, monkeypatch):
+    monkeypatch.setenv("PERSONAFL_ADMIN_TOKENS", f"ops:{TOKEN}:read")
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", "--root", str(tmp_path), "--cold-start"])
+    assert "no persona version" in str(exit_.value.code)
+
+
+def test_serve_refuses_a_token_listed_twice(tmp_path, monkeypatch):
+    monkeypatch.setenv("PERSONAFL_ADMIN_TOKENS", f"a:{TOKEN}:read,b:{TOKEN}:admin")
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", "--root", str(tmp_path)])
+    assert "same token" in str(exit_.value.code)
+
+
+def test_the_admin_api_does_not_import_the_model_stack():
+    """Start-up took 26-71 s when the registry imported torch and peft; only cold-start serving needs them."""
+    code = ("import sys, server.admin_api, server.cli, server.registry, server.rollouts, server.auth; "
+            "print(sorted(m for m in ('torch', 'peft', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
