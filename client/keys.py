@@ -1,8 +1,14 @@
 """Key-encryption-key (KEK) providers for the device's encrypted store.
 
 - `PassphraseKey`: scrypt over a passphrase; salt and cost parameters are stored beside the store (not secret).
-- `RawKey`: 32 raw bytes from a key file or an environment variable (hex or base64), for daemons.
+  Costs below `common.envelope.SCRYPT_FLOOR` are refused whatever their source: `kdf.json` is not authenticated
+  (it must be read before any key exists), so a weakened copy must not be able to lower the cost of the next wrap.
+  The store also compares these parameters with those recorded (under the HMAC) in its user keys' headers.
+- `RawKey`: 32 raw bytes from a key file (the bytes themselves, or hex / base64 text) or an environment variable
+  (hex or base64), for daemons.
 - `KeyringKey`: a random key kept in the OS keyring, when the `keyring` package is installed.
+
+Every missing or malformed source raises `KeySourceError`.
 """
 
 from __future__ import annotations
@@ -11,15 +17,17 @@ import base64
 import binascii
 import json
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
-from common.envelope import key_check
+from common.envelope import SALT_BYTES, key_check, scrypt_cost_problem
 
 
 KEY_ENV = "PERSONAFL_STORE_KEY"
+KDF_FILE = "kdf.json"
 
 
 class KeySourceError(ValueError):
@@ -34,17 +42,59 @@ class PassphraseKey:
     r: int = 8
     p: int = 1
 
+    def __post_init__(self) -> None:
+        # Checked here, so no KEK is ever derived with a weak cost (every derivation goes through `key()`).
+        problem = scrypt_cost_problem(self.n, self.r, self.p)
+        if problem:
+            raise KeySourceError(problem)
+        if not isinstance(self.salt, bytes) or not SALT_BYTES[0] <= len(self.salt) <= SALT_BYTES[1]:
+            raise KeySourceError(f"the scrypt salt must be {SALT_BYTES[0]}..{SALT_BYTES[1]} bytes")
+
     @classmethod
     def for_store(cls, root: Path, passphrase: str) -> "PassphraseKey":
-        """Salt and parameters from `root/kdf.json`, created with a fresh salt the first time."""
-        path = Path(root) / "kdf.json"
-        if path.exists():
-            params = json.loads(path.read_text())
-            return cls(passphrase, base64.b64decode(params["salt"]), params["n"], params["r"], params["p"])
-        key = cls(passphrase, os.urandom(16))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(key.descriptor))
-        return key
+        """Salt and parameters from `root/kdf.json`, created (owner-only) with a fresh salt the first time."""
+        path = Path(root) / KDF_FILE
+        if not os.path.lexists(path):
+            key = cls(passphrase, os.urandom(16))
+            if key.record(root, replace=False):
+                return key
+        return cls.from_descriptor(_read_kdf(path), passphrase)
+
+    @classmethod
+    def from_descriptor(cls, params: object, passphrase: str) -> "PassphraseKey":
+        """From a descriptor dict (`kdf.json`'s content); KeySourceError unless it is exactly a valid one."""
+        if not isinstance(params, dict) or set(params) != {"kind", "salt", "n", "r", "p"} or \
+                params["kind"] != "scrypt" or not isinstance(params["salt"], str):
+            raise KeySourceError("kdf parameters must be exactly {kind: scrypt, salt, n, r, p}")
+        try:
+            salt = base64.b64decode(params["salt"], validate=True)
+        except (binascii.Error, ValueError):
+            raise KeySourceError("the kdf salt is not valid base64") from None
+        return cls(passphrase, salt, params["n"], params["r"], params["p"])
+
+    def record(self, root: Path, replace: bool = True) -> bool:
+        """Write this key's parameters to `root/kdf.json` (0600, complete or absent). With replace=False, only if
+        no file is there yet (two processes enrolling at once must not end up with two salts): returns whether
+        this call's parameters are the ones on disk."""
+        root = Path(root)
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd, tmp = tempfile.mkstemp(dir=root, prefix=f".{KDF_FILE}.", suffix=".tmp")  # created 0600
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(self.descriptor))
+                f.flush()
+                os.fsync(f.fileno())
+            if replace:
+                os.replace(tmp, root / KDF_FILE)
+            else:
+                try:
+                    os.link(tmp, root / KDF_FILE)  # atomic create-if-absent
+                except FileExistsError:
+                    return False
+        finally:
+            if os.path.lexists(tmp):
+                os.unlink(tmp)
+        return True
 
     @property
     def descriptor(self) -> dict:
@@ -78,10 +128,21 @@ class RawKey:
 
     @classmethod
     def from_file(cls, path: Path) -> "RawKey":
+        """A key file holding the 32 key bytes themselves, or 64 hex digits / base64 text (a newline allowed)."""
         try:
-            return cls.parse(Path(path).read_text())
+            data = Path(path).read_bytes()
         except FileNotFoundError:
             raise KeySourceError(f"key file {path} not found") from None
+        except OSError as e:
+            raise KeySourceError(f"key file {path} cannot be read: {e.strerror or e}") from None
+        # Unambiguous: hex and base64 texts of a 32-byte key are 64 and 44 characters, never exactly 32 bytes.
+        if len(data) == 32:
+            return cls(data)
+        try:
+            text = data.decode("ascii")
+        except UnicodeDecodeError:
+            raise KeySourceError(f"key file {path} is neither 32 raw bytes nor hex / base64 text") from None
+        return cls.parse(text)
 
     @classmethod
     def from_env(cls, var: str = KEY_ENV) -> "RawKey":
@@ -115,11 +176,23 @@ class KeyringKey:
         if stored is None:
             stored = base64.b64encode(os.urandom(32)).decode()
             keyring.set_password(self.service, self.name, stored)
-        return base64.b64decode(stored)
+        try:
+            return RawKey.parse(stored).raw
+        except KeySourceError:
+            raise KeySourceError(f"keyring entry {self.service}/{self.name} is not a 32-byte key") from None
 
     @property
     def descriptor(self) -> dict:
         return {"kind": "keyring", "service": self.service, "name": self.name}
+
+
+def _read_kdf(path: Path) -> object:
+    try:
+        return json.loads(Path(path).read_bytes().decode("utf-8"))
+    except OSError as e:
+        raise KeySourceError(f"{path} cannot be read: {e.strerror or e}") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise KeySourceError(f"{path} is not valid JSON: {e}") from None
 
 
 def describe(provider) -> str:
