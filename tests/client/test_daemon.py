@@ -195,11 +195,11 @@ def test_forget_leaves_nothing_that_opens_an_earlier_copy_of_the_store_or_names_
     assert EncryptedStore(copy, RawKey.from_file(home / "store.key")).get_bytes("7", PERSONAL) == original
 
     report = forget(settings)
-    assert report["store"]["user_key_destroyed"]
-    assert any("interactions file" in n for n in report["not_erased"])  # says what it could not erase
     for key in _keys_in(tmp, skip=copy):  # no file left anywhere opens the earlier copy
         with pytest.raises(EnvelopeError):
             EncryptedStore(copy, key).get_bytes("7", PERSONAL)
+    assert report["store"]["user_key_destroyed"]
+    assert any("interactions file" in n for n in report["not_erased"])  # says what it could not erase
     # Nothing identifying the owner (answers, device identity, API token) is left in the home.
     for name in ("store.key", "device.json", "api.token", "supernode.key", "supernode.key.pub"):
         assert not (home / name).exists(), name
