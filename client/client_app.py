@@ -16,7 +16,10 @@ whatever an earlier run left in that directory is unreadable, so it is crypto-sh
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
+import math
 import os
 from collections.abc import Iterable
 from functools import lru_cache
@@ -24,7 +27,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
@@ -40,11 +44,18 @@ from common.personas import (EMBED_DIM, cold_start_persona, embed_profiles, embe
 from common.privacy import BudgetExhausted, PrivacyLedger, noise_for_target
 from common.split import sample_users, temporal_split
 from common.training import dp_sample_rate
-from server.strategy import from_record, to_record
 
 PERSONAL = "personal"  # the store name of the on-device personal adapter
 LEDGER = "privacy-ledger"  # the store name of the device's example-level privacy ledger
-STATE = "device-state"  # persona and the rounds this device contributed to (JSON)
+STATE = "device-state"  # persona, rounds contributed, the owner's budget, the ledger's version (JSON)
+LOG = logging.getLogger(__name__)  # the device's own log: details that must not leave it go here
+
+# What a skipped or failed reply says about why: a category, never a number or the owner's data.
+BUDGET, POLICY, LEDGER_MISSING, ERROR = "budget", "policy", "ledger", "error"
+
+
+class LedgerRolledBack(Exception):
+    """The device state says a newer privacy ledger was written than the store holds (deleted or rolled back)."""
 
 @lru_cache(maxsize=2)
 def _dataset(name: str, split: str):
@@ -106,6 +117,15 @@ def _array(x: np.ndarray) -> Array:
     return Array(np.ascontiguousarray(x))
 
 
+# The coordinator's record layout (one Array per PEFT key), rebuilt here: the client never imports server code.
+def to_record(arrays: dict) -> ArrayRecord:
+    return ArrayRecord({k: _array(v) for k, v in arrays.items()})
+
+
+def from_record(record: ArrayRecord) -> dict:
+    return {k: a.numpy() for k, a in record.items()}
+
+
 def _reply(message: Message, metrics: dict, arrays: dict | None = None) -> Message:
     content = RecordDict({"metrics": MetricRecord(metrics)})
     if arrays is not None:
@@ -117,6 +137,7 @@ def _store(device: Device, cfg: FederationConfig, context: Context) -> Encrypted
     node = context.node_config
     root = Path(str(node["store-path"])) if "store-path" in node else \
         Path(cfg.device_dir) / f"node-{int(node['partition-id']):04d}"
+    root.parent.mkdir(parents=True, exist_ok=True)  # the store makes its own directory (owner-only), not its parents
     if "store-key-file" in node:
         keys = RawKey.from_file(Path(str(node["store-key-file"])))
     elif os.environ.get(KEY_ENV):
@@ -149,6 +170,21 @@ def _save_state(device: Device, cfg: FederationConfig, context: Context, **chang
     store.put_bytes(str(device.user), STATE, json.dumps({**state, **changes}).encode())
 
 
+def _deployed(context: Context) -> bool:
+    return "data-path" in context.node_config
+
+
+def owner_budget(cfg: FederationConfig, context: Context, state: dict) -> float:
+    """The lifetime epsilon this device may spend. The owner sets it at enrol (`--dp-budget`, kept in the device
+    state; none = no limit); the coordinator's `dp-device-budget` can only lower it. A simulated device has no
+    owner: the run config's `dp-device-budget` stands in for the owner's choice (0 = no limit)."""
+    asked = cfg.dp_device_budget if cfg.dp_device_budget > 0 else math.inf
+    if not _deployed(context):
+        return asked
+    owner = state.get("dp_budget")
+    return min(math.inf if owner is None else float(owner), asked)
+
+
 def _device_dp(device: Device, cfg: FederationConfig) -> DeviceDP:
     noise = cfg.dp_device_noise
     if cfg.dp_device_target_epsilon > 0:  # spread the target over a participation in every round
@@ -160,23 +196,43 @@ def _device_dp(device: Device, cfg: FederationConfig) -> DeviceDP:
 
 
 def _ledger(device: Device, cfg: FederationConfig, context: Context) -> PrivacyLedger:
-    """The device's persisted ledger; its budget is the configured one (an owner may raise or lower it)."""
-    store, dp = _store(device, cfg, context), _device_dp(device, cfg)
-    if store.versions(str(device.user), LEDGER):
-        ledger = PrivacyLedger.from_bytes(store.get_bytes(str(device.user), LEDGER))
-        ledger.budget, ledger.delta = dp.budget, dp.delta
+    """The device's persisted ledger, under the owner's budget (`owner_budget`).
+
+    Every ledger write bumps the store version, and the device state records it: a ledger that is missing, or older
+    than the state says, was deleted or rolled back, and trusting it would hand out the budget again. Then this
+    raises `LedgerRolledBack` and the device trains nothing. (Rolling back the state and the ledger together is
+    not detectable from files alone: that would take a hardware monotonic counter.)"""
+    store, user = _store(device, cfg, context), str(device.user)
+    state = load_state(store, user)
+    versions = store.versions(user, LEDGER)
+    expected = int(state.get("ledger_version", 0))
+    if (versions[-1] if versions else 0) < expected:
+        raise LedgerRolledBack(f"privacy ledger version {versions[-1] if versions else 'none'} found, device state "
+                               f"says {expected} was written")
+    budget = owner_budget(cfg, context, state)
+    if versions:
+        ledger = PrivacyLedger.from_bytes(store.get_bytes(user, LEDGER))
+        # the smaller delta is the stricter statement: a coordinator cannot shrink epsilon by asking for a larger one
+        ledger.budget, ledger.delta = budget, min(ledger.delta, cfg.dp_delta)
         return ledger
-    return PrivacyLedger(dp.budget, dp.delta)
+    return PrivacyLedger(budget, cfg.dp_delta)
 
 
 def _train(device: Device, cfg: FederationConfig, context: Context, start: dict, steps: int,
-           private: bool) -> tuple[dict, dict]:
-    """Local training, through DP-SGD and the persisted ledger when `private`."""
+           private: bool, leaves: bool = True) -> tuple[dict, dict]:
+    """Local training, through DP-SGD and the persisted ledger when `private`.
+
+    Non-private training of something that `leaves` the device has no finite epsilon: a device under a finite
+    budget refuses it (`BudgetExhausted`), so a coordinator cannot switch device DP off to train an exhausted
+    device. The personal adapter never leaves, so it may train without noise."""
     if not private:
+        if leaves and math.isfinite(_ledger(device, cfg, context).budget):
+            raise BudgetExhausted("non-private training would exceed the device's finite lifetime budget")
         return device.train_adapter(start, cfg.train(steps))
     ledger = _ledger(device, cfg, context)
     trained, metrics = device.train_adapter(start, cfg.train(steps), _device_dp(device, cfg), ledger)
-    _store(device, cfg, context).put_bytes(str(device.user), LEDGER, ledger.to_bytes())
+    version = _store(device, cfg, context).put_bytes(str(device.user), LEDGER, ledger.to_bytes())
+    _save_state(device, cfg, context, ledger_version=version)  # after the ledger: a crash between leaves it ahead
     return trained, metrics
 
 
@@ -188,12 +244,36 @@ def _personal(device: Device, cfg: FederationConfig, context: Context, persona: 
     start = persona if start is None else start
     try:
         personal, metrics = _train(device, cfg, context, start, cfg.personal_steps,
-                                   cfg.device_dp_enabled and cfg.dp_personal)
-    except BudgetExhausted:  # out of budget: keep serving with the adapter as it is
+                                   cfg.device_dp_enabled and cfg.dp_personal, leaves=False)
+    except (BudgetExhausted, LedgerRolledBack):  # keep serving with the adapter as it is
         personal, metrics = start, {}
     _store(device, cfg, context).put_adapter(str(device.user), PERSONAL,
                                              {k: torch.from_numpy(v) for k, v in personal.items()})
     return personal, metrics
+
+
+def _guarded(handler):
+    """Any exception becomes an error reply whose reason is a category only. Flower would otherwise forward the
+    exception text, which can quote the owner's data (a line of their interactions file); the details go to the
+    device's own log."""
+    @functools.wraps(handler)
+    def wrapper(message: Message, context: Context) -> Message:
+        try:
+            return handler(message, context)
+        except Exception:
+            LOG.exception("%s failed on this device", message.metadata.message_type)
+            return Message(error=Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=ERROR), reply_to=message)
+    return wrapper
+
+
+def _skipped(message: Message, persona_id: int, category: str) -> Message:
+    reply = _reply(message, {"skipped": 1, "persona": persona_id, "num-examples": 1})
+    reply.content["status"] = ConfigRecord({"reason": category})
+    return reply
+
+
+def _private_run(cfg: FederationConfig) -> bool:
+    return cfg.device_dp_enabled or cfg.user_dp_enabled
 
 
 def build_app(overrides: dict | None = None, mods: Iterable[Mod] = ()) -> ClientApp:
@@ -203,11 +283,14 @@ def build_app(overrides: dict | None = None, mods: Iterable[Mod] = ()) -> Client
     app = ClientApp(mods=list(mods))
 
     @app.query("embed")
+    @_guarded
     def embed(message: Message, context: Context) -> Message:
         device, cfg = _device(context, overrides)
         k = _k(message, cfg)
         if device.n_train < cfg.cold_start_threshold:  # too little history to embed: sits out discovery
-            return _reply(message, {"cold": 1}, {"sums": _array(np.zeros((k, EMBED_DIM), np.float32)),
+            # No "cold" flag: it would tell the coordinator, un-noised, that this user has few ratings; the zero
+            # contribution is clipped and noised inside the sum like any other.
+            return _reply(message, {}, {"sums": _array(np.zeros((k, EMBED_DIM), np.float32)),
                                                  "counts": _array(np.zeros(k, np.float32)),
                                                  "sse": _array(np.zeros(k, np.float32))})
         e = _embedding(device, context)
@@ -219,71 +302,81 @@ def build_app(overrides: dict | None = None, mods: Iterable[Mod] = ()) -> Client
         else:
             slot = initial_slot(device.user, k, cfg.seed)
         sums, counts = slot_sums(e, slot, k)
-        return _reply(message, {"cold": 0}, {"sums": _array(sums), "counts": _array(counts), "sse": _array(sse)})
+        return _reply(message, {}, {"sums": _array(sums), "counts": _array(counts), "sse": _array(sse)})
 
     @app.query("assign")
+    @_guarded
     def assign(message: Message, context: Context) -> Message:
         device, cfg = _device(context, overrides)
         k = _k(message, cfg)
         space = onboarding_space(cfg.dataset)
         onboarding = np.zeros((k, space.size), np.float32)
         if device.n_train < cfg.cold_start_threshold:
-            return _reply(message, {"cold": 1}, {"features": _array(onboarding), "counts": _array(np.zeros(k, np.float32))})
+            return _reply(message, {}, {"features": _array(onboarding), "counts": _array(np.zeros(k, np.float32))})
         persona = nearest(_embedding(device, context), message.content["centroids"]["c"].numpy()) if k > 1 else 0
         _state(context)["persona"] = persona
         onboarding[persona] = space.encode(device.onboarding())
         counts = np.zeros(k, np.float32)
         counts[persona] = 1
-        return _reply(message, {"cold": 0, "persona": persona}, {"features": _array(onboarding), "counts": _array(counts)})
+        return _reply(message, {}, {"features": _array(onboarding), "counts": _array(counts)})
 
     @app.query("cold")
+    @_guarded
     def cold(message: Message, context: Context) -> Message:
         device, cfg = _device(context, overrides)
         state = _state(context)
         if "data-path" in context.node_config:  # deployed: the owner opts in or out of evaluation
-            in_eval = int(context.node_config.get("evaluate", 1)) * int(len(device.test) > 0)  # needs a hold-out
+            # Evaluation replies are un-noised counts and error sums: under DP an owner must opt in explicitly.
+            opted_in = int(context.node_config.get("evaluate", 0 if _private_run(cfg) else 1))
+            in_eval = opted_in * int(len(device.test) > 0)  # needs a hold-out
         else:
             in_eval = int(device.user in _eval_sample(cfg.dataset, cfg.split, cfg.eval_users, cfg.eval_seed))
+        # Under DP the cold-start flag stays here: un-noised, it would say this user has few ratings.
+        flag = {} if _private_run(cfg) else {"cold": int(device.n_train < cfg.cold_start_threshold)}
         if device.n_train >= cfg.cold_start_threshold:
             _save_state(device, cfg, context, persona=int(state["persona"]))
-            return _reply(message, {"cold": 0, "persona": int(state["persona"]), "eval": in_eval})
+            return _reply(message, {**flag, "persona": int(state["persona"]), "eval": in_eval})
         space = onboarding_space(cfg.dataset)
         tables = message.content["tables"]
         persona = cold_start_persona(space.encode(device.onboarding()), tables["features"].numpy(),
                                      tables["counts"].numpy(), space)
         state["persona"] = persona
         _save_state(device, cfg, context, persona=persona)
-        return _reply(message, {"cold": 1, "persona": persona, "eval": in_eval})
+        return _reply(message, {**flag, "persona": persona, "eval": in_eval})
 
     @app.train()
+    @_guarded
     def train(message: Message, context: Context) -> Message:
         device, cfg = _device(context, overrides)
         persona = from_record(message.content["arrays"])
         persona_id = int(message.content["config"]["persona"])
         policy = TrainingPolicy.from_node_config(context.node_config)
-        reason = policy.refusal(len(device.train_examples[1]))
-        if reason is None:
-            try:
-                trained, metrics = _train(device, cfg, context, persona, policy.steps(cfg.local_steps),
-                                          cfg.device_dp_enabled)
-            except BudgetExhausted as e:  # the device keeps serving; it just stops contributing
-                reason = str(e)
-        if reason is not None:
-            reply = _reply(message, {"skipped": 1, "persona": persona_id, "num-examples": 1})
-            reply.content["status"] = ConfigRecord({"reason": f"skipped: {reason}"})
-            return reply
+        # A refusal's details (how many ratings, what epsilon) stay in the device's log; the reply says only which
+        # kind of refusal it is.
+        if (detail := policy.refusal(len(device.train_examples[1]))) is not None:
+            LOG.info("round skipped: %s", detail)
+            return _skipped(message, persona_id, POLICY)
+        try:
+            trained, metrics = _train(device, cfg, context, persona, policy.steps(cfg.local_steps),
+                                      cfg.device_dp_enabled)
+        except BudgetExhausted as e:  # the device keeps serving; it just stops contributing
+            LOG.info("round skipped: %s", e)
+            return _skipped(message, persona_id, BUDGET)
+        except LedgerRolledBack as e:
+            LOG.warning("round skipped, privacy ledger missing or rolled back: %s", e)
+            return _skipped(message, persona_id, LEDGER_MISSING)
         delta = {k: trained[k] - persona[k] for k in persona}
         _save_state(device, cfg, context, contributed=int(message.content["config"]["server-round"]))
         if cfg.personal_steps > 0:
             _personal(device, cfg, context, persona)
-        if cfg.device_dp_enabled or cfg.user_dp_enabled:
-            # Under DP only the update and speed figures leave: no example count (uniform weights), no loss, and no
-            # epsilon either (its sample rate would reveal how many ratings the device holds).
-            metrics = {k: metrics[k] for k in ("tokens_per_s", "gflops_per_s")}
-            return _reply(message, {"num-examples": 1, "persona": persona_id, **metrics}, to_record(delta))
+        if _private_run(cfg):
+            # Under DP only the update leaves: no example count (uniform weights), no loss, no epsilon, and no speed
+            # figures either (tokens per second follow how many non-empty records Poisson sampling drew).
+            return _reply(message, {"num-examples": 1, "persona": persona_id}, to_record(delta))
         return _reply(message, {"num-examples": device.n_train, "persona": persona_id, **metrics}, to_record(delta))
 
     @app.evaluate()
+    @_guarded
     def evaluate(message: Message, context: Context) -> Message:
         device, cfg = _device(context, overrides)
         persona = from_record(message.content["arrays"])
@@ -291,12 +384,14 @@ def build_app(overrides: dict | None = None, mods: Iterable[Mod] = ()) -> Client
         if personal is None:
             personal = _personal(device, cfg, context, persona)[0] if cfg.personal_steps > 0 else persona
         on_persona, on_personal = device.errors(persona), device.errors(personal)
-        distance = float(np.sqrt(sum(((personal[k] - persona[k]) ** 2).sum() for k in persona)))
+        # The personal adapter trains without noise: under DP its distance from the persona stays on the device.
+        distance = {} if _private_run(cfg) else \
+            {"personal_distance": float(np.sqrt(sum(((personal[k] - persona[k]) ** 2).sum() for k in persona)))}
         return _reply(message, {
             "num-examples": device.n_train, "cold": int(device.n_train < cfg.cold_start_threshold),
             "persona_sse": on_persona["sse"], "persona_sae": on_persona["sae"],
             "personal_sse": on_personal["sse"], "personal_sae": on_personal["sae"], "n": on_persona["n"],
-            "personal_distance": distance,
+            **distance,
             # the version the coordinator served, echoed so its metrics are pooled per version (canaries)
             **({"version": int(message.content["config"]["version"])} if "version" in message.content["config"]
                else {}),

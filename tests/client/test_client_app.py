@@ -87,3 +87,125 @@ def test_simulated_device_takes_the_long_term_memory_setting_from_the_run_config
     device, cfg = _device(_context({"partition-id": 0}), overrides)
     assert cfg.memory_items == device.memory_items == 2
     assert "Similar movies they rated" in device.rt.tokenizer.decode(device.test_examples[0][0])
+
+
+# --- The ClientApp's handlers on real messages: what leaves the device, and what a refusal says --------------
+
+import re
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message
+from flwr.supercore.task_identity import TaskIdentity
+
+import client.client_app as client_app
+from client.client_app import build_app, owner_budget, to_record
+
+
+@pytest.fixture
+def handlers(ml100k_dir, tmp_path, monkeypatch):
+    """A simulated device (tiny model, partition 0) and a function sending it one message as the coordinator would."""
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    for attr, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 0)):
+        monkeypatch.setattr(TaskIdentity, attr, value)
+    base = {"base-model": "tiny", "dataset": str(ml100k_dir), "split": "default", "local-steps": 1,
+            "personal-steps": 0, "device-dir": str(tmp_path / "devices")}
+    context = _context({"partition-id": 0})
+
+    def send(kind: str, settings: dict, content: dict | None = None, node: dict | None = None) -> Message:
+        context.node_config.update(node or {})
+        if kind == "train" and content is None:
+            from client.device import runtime
+            from common.adapters import adapter_arrays
+            cfg = FederationConfig.from_run_config({**base, **settings})
+            persona = adapter_arrays(runtime(cfg.base_model, cfg.lora).model)
+            content = {"arrays": to_record(persona), "config": ConfigRecord({"persona": 0, "server-round": 1})}
+        message = Message(content=RecordDict(content or {}), dst_node_id=1, message_type=kind)
+        return build_app({**base, **settings})(message, context)
+    send.dataset = str(ml100k_dir)
+    return send
+
+
+def _reason(reply: Message) -> str:
+    assert reply.content["metrics"]["skipped"] == 1
+    return reply.content["status"]["reason"]
+
+
+def test_skipped_replies_carry_a_category_never_numbers_or_the_owners_data(handlers):
+    # out of budget: the old reason quoted the device's epsilon ("from 0.000 to 41.2")
+    reason = _reason(handlers("train", {"dp-device-noise": 0.5, "dp-device-budget": 0.01}))
+    assert reason == "budget"
+    # the owner's policy: the old reason quoted how many ratings the owner has
+    reason = _reason(handlers("train", {}, node={"min-ratings": 10_000}))
+    assert reason == "policy" and not re.search(r"\d", reason)
+
+
+def test_an_exception_leaves_the_device_as_a_category_not_its_text(handlers, monkeypatch):
+    from client.local_data import LocalDataError
+
+    def broken(context, overrides):
+        raise LocalDataError("ratings.jsonl:4: cannot read '{\"item\": 50, \"rating\": \"my secret note\"}'")
+    monkeypatch.setattr(client_app, "_device", broken)
+    for kind in ("train", "evaluate", "query.embed", "query.assign", "query.cold"):
+        reply = handlers(kind, {}, content={})
+        assert reply.has_error() and reply.error.reason == "error", kind
+
+
+def test_a_coordinator_cannot_train_a_budgeted_device_without_device_dp(handlers):
+    """Device DP off (the coordinator's choice) would train non-privately: infinite epsilon, over any budget."""
+    reply = handlers("train", {"dp-device-budget": 5.0})
+    assert _reason(reply) == "budget" and "arrays" not in reply.content
+    assert "num-examples" in reply.content["metrics"] and reply.content["metrics"]["num-examples"] == 1
+
+
+def test_the_owner_sets_the_budget_and_the_coordinator_can_only_lower_it(tmp_path):
+    deployed = _context({"data-path": str(tmp_path / "ratings.jsonl")})
+    owner = {"dp_budget": 2.0}
+    assert owner_budget(FederationConfig(), deployed, owner) == 2.0  # dp-device-budget = 0 lifts nothing
+    assert owner_budget(FederationConfig(dp_device_budget=50.0), deployed, owner) == 2.0
+    assert owner_budget(FederationConfig(dp_device_budget=1.0), deployed, owner) == 1.0
+    assert owner_budget(FederationConfig(dp_device_budget=1.0), deployed, {}) == 1.0  # no owner limit set
+    simulated = _context({"partition-id": 0})  # no owner: the run config stands in for one
+    assert owner_budget(FederationConfig(dp_device_budget=3.0), simulated, owner) == 3.0
+
+
+def test_deployed_ledger_is_held_to_the_owners_budget(tmp_path, monkeypatch):
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    (tmp_path / "kek").write_text(RawKey.generate().raw.hex())
+    node = {"data-path": str(tmp_path / "r.jsonl"), "store-path": str(tmp_path / "vault"),
+            "store-key-file": str(tmp_path / "kek")}
+    device, cfg = SimpleNamespace(user=4), FederationConfig(dp_device_noise=1.0)  # coordinator: budget 0
+    _store(device, cfg, _context(node)).put_bytes("4", client_app.STATE, b'{"dp_budget": 2.5}')  # enrol
+    assert _ledger(device, cfg, _context(node)).budget == 2.5
+
+
+def test_a_deleted_or_rolled_back_ledger_stops_training(handlers, tmp_path):
+    dp = {"dp-device-noise": 1.0, "dp-device-budget": 100.0}
+    for _ in range(2):
+        assert "arrays" in handlers("train", dp).content  # trained under DP, ledger versions 1 and 2
+    ledgers = next((tmp_path / "devices").rglob(LEDGER))
+    newest = sorted(ledgers.glob("v*.pfl"))[-1]
+    newest.unlink()  # roll back to version 1: a lower spend, the budget handed out again
+    assert _reason(handlers("train", dp)) == "ledger"
+    for f in ledgers.glob("v*.pfl"):
+        f.unlink()  # the whole ledger gone: a fresh ledger would start at epsilon 0
+    assert _reason(handlers("train", dp)) == "ledger"
+
+
+def test_under_dp_discovery_training_and_evaluation_replies_carry_no_unnoised_data_figures(handlers):
+    private = {"dp-user-noise": 1.0, "cold-start-threshold": 10_000}  # partition 0 is a cold-start device
+    k = ConfigRecord({"k": 2})
+    embed = handlers("query.embed", private, {"config": k})
+    assert "cold" not in embed.content["metrics"]
+    from common.personas import onboarding_space
+    size = onboarding_space(handlers.dataset).size
+    assign = handlers("query.assign", private, {"config": k})
+    assert "cold" not in assign.content["metrics"] and "persona" not in assign.content["metrics"]
+    tables = ArrayRecord({"features": Array(np.ones((2, size), np.float32)), "counts": Array(np.full(2, 3.0, np.float32))})
+    cold = handlers("query.cold", private, {"config": k, "tables": tables})
+    assert "cold" not in cold.content["metrics"] and cold.content["metrics"]["persona"] in (0, 1)
+    trained = handlers("train", {**private, "dp-device-noise": 1.0})
+    assert set(trained.content["metrics"].keys()) == {"num-examples", "persona"}
+    assert trained.content["metrics"]["num-examples"] == 1
+    evaluated = handlers("evaluate", private, {"arrays": trained.content["arrays"],
+                                                "config": ConfigRecord({"server-round": 1})})
+    assert "personal_distance" not in evaluated.content["metrics"]
