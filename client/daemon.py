@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import math
 import os
 import secrets
 import shlex
@@ -37,7 +38,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from client.client_app import LEDGER, PERSONAL, load_state
+from client.client_app import LEDGER, PERSONAL, STATE, load_state
 from client.keys import KeySourceError, PassphraseKey, RawKey
 from client.store import EncryptedStore, EnvelopeError, StoreError
 from common.config import FederationConfig
@@ -53,7 +54,12 @@ def _private(path: Path, data: bytes) -> None:
 
 
 def enrol(home: Path, data_path: Path, user_id: int, age: int, gender: str, occupation: str,
-          passphrase_env: str | None = None, base_model: str | None = None, catalogue: str | None = None) -> dict:
+          passphrase_env: str | None = None, base_model: str | None = None, catalogue: str | None = None,
+          dp_budget: float | None = None) -> dict:
+    """`dp_budget`: the owner's lifetime epsilon for everything this device sends (None = no limit). It is kept in
+    the encrypted device state, where the coordinator's settings can only lower it."""
+    if dp_budget is not None and not dp_budget >= 0:
+        raise SystemExit(f"--dp-budget must be a non-negative epsilon, got {dp_budget}")
     home = Path(home).expanduser()
     if (home / SETTINGS).exists():
         raise SystemExit(f"{home} is already enrolled ({home / SETTINGS}); use another --home or `forget` first")
@@ -74,6 +80,8 @@ def enrol(home: Path, data_path: Path, user_id: int, age: int, gender: str, occu
                        {"kind": "file", "path": str(home / "store.key")},
                 "base_model": base_model or defaults.base_model, "catalogue": catalogue or defaults.dataset}
     _private(home / SETTINGS, json.dumps(settings, indent=2).encode())  # the owner's sign-up answers: owner-only
+    if dp_budget is not None and math.isfinite(dp_budget):
+        open_store(settings).put_bytes(str(user_id), STATE, json.dumps({"dp_budget": float(dp_budget)}).encode())
     return settings
 
 
@@ -109,7 +117,8 @@ def status(settings: dict, store: EncryptedStore | None = None) -> dict:
     return {"user": user, "persona": state.get("persona"),
             "personal_adapter_versions": store.versions(user, PERSONAL) if store.users() else [],
             "last_round": max(state.get("contributed", []), default=None),
-            "rounds_contributed": len(state.get("contributed", [])), "privacy": budget}
+            "rounds_contributed": len(state.get("contributed", [])), "privacy": budget,
+            "owner_budget": state.get("dp_budget")}  # set at enrol (--dp-budget); None = no limit
 
 
 def node_config(settings: dict, policy: dict) -> str:
@@ -393,6 +402,8 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--passphrase-env", help="read the store passphrase from this variable instead of a key file")
     e.add_argument("--base-model")
     e.add_argument("--catalogue", help="movie catalogue data set (default ml-100k)")
+    e.add_argument("--dp-budget", type=float, help="lifetime privacy budget (epsilon) for what this device sends; "
+                   "the coordinator can ask for less, never more (default: no limit)")
     r = sub.add_parser("run")
     r.add_argument("--superlink", required=True, help="SuperLink Fleet API host:port")
     r.add_argument("--root-cert", help="PEM CA certificate of the SuperLink (omit only for --insecure tests)")
@@ -414,7 +425,7 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.command == "enrol":
         settings = enrol(Path(args.home), Path(args.data), args.user_id, args.age, args.gender, args.occupation,
-                         args.passphrase_env, args.base_model, args.catalogue)
+                         args.passphrase_env, args.base_model, args.catalogue, args.dp_budget)
         print(f"enrolled {settings['home']}; register {settings['home']}/supernode.key.pub with the coordinator")
         return
     settings = load_settings(Path(args.home))

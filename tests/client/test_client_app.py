@@ -209,3 +209,19 @@ def test_under_dp_discovery_training_and_evaluation_replies_carry_no_unnoised_da
     evaluated = handlers("evaluate", private, {"arrays": trained.content["arrays"],
                                                 "config": ConfigRecord({"server-round": 1})})
     assert "personal_distance" not in evaluated.content["metrics"]
+
+
+def test_enrol_budget_is_kept_in_the_encrypted_device_state_and_bounds_the_ledger(tmp_path, monkeypatch):
+    from client.daemon import enrol, open_store, status
+
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    (tmp_path / "r.jsonl").write_text('{"item": 1, "rating": 4}\n')
+    settings = enrol(tmp_path / "home", tmp_path / "r.jsonl", user_id=3, age=30, gender="F", occupation="writer",
+                     dp_budget=2.0)
+    assert client_app.load_state(open_store(settings), "3") == {"dp_budget": 2.0}
+    assert status(settings)["owner_budget"] == 2.0
+    node = {"data-path": settings["data_path"], "store-path": settings["store_path"],
+            "store-key-file": settings["key"]["path"]}
+    ledger = _ledger(SimpleNamespace(user=3), FederationConfig(dp_device_noise=1.0, dp_device_budget=0.0),
+                     _context(node))
+    assert ledger.budget == 2.0  # the coordinator's 0 ("no limit") does not lift the owner's budget
