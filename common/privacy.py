@@ -26,8 +26,14 @@ def epsilon(history: list[Event], delta: float) -> float:
         return 0.0
     if any(sigma <= 0 for sigma, _, _ in history):
         return math.inf
+    # Composition commutes and RDP adds per step, so events with the same (noise, rate) merge into one with the
+    # summed steps: the same epsilon, but one RDP evaluation per kind instead of one per round (a long persona
+    # lineage is one event per release, and each release recounts it).
+    merged: dict[tuple[float, float], int] = {}
+    for sigma, rate, steps in history:
+        merged[(float(sigma), float(rate))] = merged.get((float(sigma), float(rate)), 0) + int(steps)
     accountant = RDPAccountant()
-    accountant.history = [tuple(e) for e in history]
+    accountant.history = [(sigma, rate, steps) for (sigma, rate), steps in merged.items()]
     return float(accountant.get_epsilon(delta))
 
 
