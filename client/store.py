@@ -13,9 +13,9 @@ in a directory is ignored. Writes go to a temporary file (0600) in the same dire
 and the directory is fsynced; the previous version stays readable until the new one is complete. Loading decrypts
 into memory only (safetensors from bytes), never to a temporary file. Directories are created 0700.
 
-Concurrency: any number of processes (and threads) may use one store at once. Every operation holds the store
-lock (`<root>/.store.lock`, `flock`) shared, and the user's lock (`users/<user>/.lock`) shared to read or
-exclusively to write or forget; rotation holds the store lock exclusively. So version numbers are handed out
+Concurrency: any number of processes (and threads) may use one store at once. Every operation holds a `flock` on
+the store's root directory shared, and one on the user's directory shared to read or exclusively to write or
+forget; rotation holds the root's exclusively. So version numbers are handed out
 once, a user key is created once, and a temporary file found while holding a user's exclusive lock belongs to a
 writer that died: it is removed. `flock` needs a local file system (not NFS). The locks are released by the
 kernel when a process dies, so a killed writer never blocks the store.
@@ -46,8 +46,6 @@ _VERSION = re.compile(r"v([0-9]{6,})\.pfl")
 _TEMP = re.compile(r"\..+\.tmp")
 _USER_KEY = "user-key"
 _USER_KEY_FILE = "user.key"
-_LOCK = ".lock"
-_STORE_LOCK = ".store.lock"
 # Test hook: the name of a write phase at which this process kills itself (crash-safety tests).
 CRASH_ENV = "PERSONAFL_STORE_CRASH_AT"
 
@@ -202,16 +200,15 @@ class EncryptedStore:
                 time.sleep(pause)
                 pause = min(pause * 2, 0.05)
 
+    def _open_dir(self, d: Path) -> int:
+        return os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+
     @contextmanager
     def _store_lock(self, exclusive: bool):
+        # Locks are taken on the directories themselves: no lock file to leave behind, to name a forgotten user,
+        # or to be mistaken for store data.
         _private_dirs(self.root, self.root)
-        try:
-            fd = os.open(self.root / _STORE_LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-        except OSError as e:
-            if exclusive or e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
-                raise
-            yield  # a read-only store has no writers to exclude
-            return
+        fd = self._open_dir(self.root)
         try:
             self._flock(fd, exclusive, "the store")
             yield
@@ -220,7 +217,7 @@ class EncryptedStore:
 
     @contextmanager
     def _user_lock(self, user: str, exclusive: bool, create: bool):
-        """Holds `users/<user>/.lock`; yields False (no lock taken) if the user does not exist and not `create`."""
+        """Holds the user's directory locked; yields False (no lock) if the user does not exist and not `create`."""
         udir = self._user_dir(user)
         while True:
             if os.path.islink(udir):
@@ -231,23 +228,18 @@ class EncryptedStore:
                 yield False
                 return
             try:
-                fd = os.open(udir / _LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-            except FileNotFoundError:
-                continue  # the directory was forgotten meanwhile
-            except OSError as e:
-                if exclusive or e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
-                    raise
-                yield True
-                return
+                fd = self._open_dir(udir)
+            except (FileNotFoundError, NotADirectoryError):
+                continue  # forgotten (or replaced) meanwhile: look again
             try:
                 self._flock(fd, exclusive, f"user {user!r}")
                 held = os.fstat(fd)
                 try:
-                    now = os.lstat(udir / _LOCK)
+                    now = os.lstat(udir)
                 except FileNotFoundError:
                     now = None
                 if now is None or (now.st_ino, now.st_dev) != (held.st_ino, held.st_dev):
-                    continue  # `forget` removed the lock file while we waited: lock whatever is there now
+                    continue  # `forget` removed the directory while we waited: lock whatever is there now
                 yield True
                 return
             finally:
@@ -392,16 +384,13 @@ class EncryptedStore:
             for top, dirs, files in os.walk(udir, topdown=False, followlinks=False):
                 for f in files:
                     p = Path(top) / f
-                    if p == udir / _LOCK:
-                        continue
                     report["bytes_deleted"] += os.lstat(p).st_size
                     report["files_deleted"] += 1
                     p.unlink()
                 for d in dirs:
                     p = Path(top) / d
                     p.unlink() if p.is_symlink() else p.rmdir()
-            (udir / _LOCK).unlink(missing_ok=True)  # last: waiters then see another inode and retry
-            udir.rmdir()
+            udir.rmdir()  # while still locked: waiters then find no directory, or another inode, and look again
         _fsync_dir(udir.parent)
         return report
 
