@@ -76,8 +76,10 @@ class Deployment:
         self.work = Path(work)
         self.work.mkdir(parents=True, exist_ok=True)
         # flower-superlink / -supernode start flower-superexec and friends from PATH: put this environment first.
+        # UV_OFFLINE: the app runs on this installed environment; nothing may fetch packages at run time (see
+        # start_superlink).
         self.env = {**os.environ, "FLWR_HOME": str(self.work / "flwr-home"), "PYTHONPATH": str(ROOT),
-                    "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+                    "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "UV_OFFLINE": "1"}
         self.processes: dict[str, subprocess.Popen] = {}
         self.certs = make_certificates(self.work / "certificates")
         self.port = free_port()  # Flower 1.41 serves the Fleet, Control and Runtime APIs on one HTTPS port
@@ -97,7 +99,12 @@ class Deployment:
         self._start("superlink", [str(BIN / "flower-superlink"), "--ssl-ca-certfile", str(self.certs["ca"]),
                                   "--ssl-certfile", str(self.certs["cert"]), "--ssl-keyfile", str(self.certs["key"]),
                                   "--enable-supernode-auth", "--host", "127.0.0.1", "--port", str(self.port),
-                                  "--database", str(self.work / "superlink.db")])
+                                  "--database", str(self.work / "superlink.db"),
+                                  # Flower 1.41's SuperLink has its SuperExec `uv sync` every submitted app into a
+                                  # fresh environment before the ServerApp starts (the whole of pyproject.toml: CUDA
+                                  # torch, 97.6 s cold, a package index needed). The app is installed here already;
+                                  # the ServerApp runs in this environment. (SuperNodes never sync by default.)
+                                  "--disable-runtime-dependency-installation"])
         self._wait_port(self.port)
 
     def _wait_port(self, port: int, timeout: float = 60) -> None:
@@ -126,12 +133,15 @@ class Deployment:
         self.flwr("supernode", "register", str(home / "supernode.key.pub"), "local-tls")
         return home
 
-    def start_device(self, name: str) -> None:
+    def start_device(self, name: str, eval_holdout: float = 0.4) -> None:
+        """`eval_holdout`: the newest ratings each device keeps out of training to evaluate on (a demonstration
+        measures; a real owner's device trains on all of them by default)."""
         home = self.work / "devices" / name
         ports = self.__dict__.setdefault("device_ports", {}).setdefault(name, (free_port(), free_port()))
         self._start(name, [sys.executable, "-m", "client.daemon", "run", "--home", str(home), "--superlink",
                            f"127.0.0.1:{self.port}", "--root-cert", str(self.certs["ca"]), "--api-port",
-                           str(ports[0]), "--clientappio-port", str(ports[1]), "--min-ratings", "1"])
+                           str(ports[0]), "--clientappio-port", str(ports[1]), "--min-ratings", "1",
+                           "--eval-holdout", str(eval_holdout)])
 
     def kill(self, name: str) -> None:
         proc = self.processes.pop(name)
@@ -181,6 +191,12 @@ def main(argv: list[str] | None = None) -> None:
 
     work = Path(args.work).resolve()
     deployment = Deployment(work)
+
+    def stop(signum, _frame):  # SIGTERM / SIGHUP end the run like Ctrl-C: through `finally`, which stops every process
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGHUP, stop)
     try:
         deployment.start_superlink()
         from common.data import load_movielens
@@ -204,6 +220,7 @@ def main(argv: list[str] | None = None) -> None:
         for v in versions:
             print(f"  v{v['id']} persona {v['persona']} round {v['round']} devices {v['devices']} {v['state']}")
     finally:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGHUP, signal.SIGINT})  # finish cleaning up
         deployment.close()
 
 

@@ -5,12 +5,17 @@ back with its encrypted state). Takes a few minutes: every Flower message starts
 """
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
 
-from client.daemon import load_settings, status
+from client.daemon import _descendants, _proc_stat, load_settings, status
 from server.registry import PersonaRegistry
 from simulations.deployment import Deployment
 from tests.conftest import make_data, write_grouplens_100k
@@ -81,3 +86,39 @@ def test_tls_deployment_survives_a_killed_daemon_and_resumes_a_restarted_one(tmp
         assert sorted(_rounds(out)) == [1, 2, 3]
     finally:
         deployment.close()
+
+
+def _alive(pid: int) -> bool:
+    return _proc_stat(pid) is not None and Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_sigterm_to_the_deployment_stops_the_superlink_and_every_daemon(tmp_path):
+    ratings, items, users = make_data(n_users=2, n_items=20, per_user=10, seed=9)
+    catalogue = write_grouplens_100k(tmp_path / "catalogue", ratings, items, users)
+    work = tmp_path / "work"
+    root = Path(__file__).resolve().parents[2]
+    main = subprocess.Popen([sys.executable, "-m", "simulations.deployment", "--devices", "1", "--rounds", "1",
+                             "--dataset", str(catalogue), "--work", str(work)], cwd=root,
+                            env={**os.environ, "PYTHONPATH": str(root)}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    pids: list[int] = []
+    try:
+        deadline = time.time() + 180
+        while not (work / "device0.log").exists() and time.time() < deadline:  # the daemon has been started
+            assert main.poll() is None, "the deployment exited early"
+            time.sleep(0.5)
+        time.sleep(1)
+        pids = _descendants(main.pid)  # the SuperLink and its SuperExec, the daemon (and its SuperNode if started)
+        assert len(pids) >= 3, pids
+        main.send_signal(signal.SIGTERM)
+        main.wait(90)
+        deadline = time.time() + 30
+        while any(map(_alive, pids)) and time.time() < deadline:
+            time.sleep(0.5)
+        assert not [p for p in pids if _alive(p)], "processes left running after SIGTERM"
+    finally:
+        if main.poll() is None:
+            main.kill()
+        for pid in pids:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
