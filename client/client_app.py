@@ -326,8 +326,9 @@ def build_app(overrides: dict | None = None, mods: Iterable[Mod] = ()) -> Client
         device, cfg = _device(context, overrides)
         state = _state(context)
         if "data-path" in context.node_config:  # deployed: the owner opts in or out of evaluation
-            # Evaluation replies are un-noised counts and error sums: under DP an owner must opt in explicitly.
-            opted_in = int(context.node_config.get("evaluate", 0 if _private_run(cfg) else 1))
+            # Evaluation replies are un-noised counts and error sums (README: What leaves a device): a deployed
+            # device sends them only when its owner held ratings out for it (`run --eval-holdout`).
+            opted_in = int(context.node_config.get("evaluate", 1))
             in_eval = opted_in * int(len(device.test) > 0)  # needs a hold-out
         else:
             in_eval = int(device.user in _eval_sample(cfg.dataset, cfg.split, cfg.eval_users, cfg.eval_seed))
