@@ -112,6 +112,16 @@ def _is_regular(path: Path) -> bool:
         return False
 
 
+def _owner_only(path: Path) -> None:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode):
+        if st.st_mode & 0o077:
+            os.chmod(path, stat.S_IMODE(st.st_mode) & 0o700)
+
+
 def atomic_write(path: Path, data: bytes) -> None:
     """`data` at `path` complete or not at all: temporary file (0600) in the same directory, fsync, rename, fsync."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -204,10 +214,14 @@ class EncryptedStore:
         return os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
 
     @contextmanager
-    def _store_lock(self, exclusive: bool):
+    def _store_lock(self, exclusive: bool, create: bool = False):
         # Locks are taken on the directories themselves: no lock file to leave behind, to name a forgotten user,
         # or to be mistaken for store data.
-        _private_dirs(self.root, self.root)
+        if create:
+            _private_dirs(self.root, self.root)
+        elif not self.root.is_dir():
+            yield  # nothing stored: nothing to exclude (and a read must not create the store)
+            return
         fd = self._open_dir(self.root)
         try:
             self._flock(fd, exclusive, "the store")
@@ -247,7 +261,7 @@ class EncryptedStore:
 
     @contextmanager
     def _locked(self, user: str, exclusive: bool, create: bool = False, missing: str = ""):
-        with self._store_lock(exclusive=False), self._user_lock(user, exclusive, create) as exists:
+        with self._store_lock(exclusive=False, create=create), self._user_lock(user, exclusive, create) as exists:
             if not exists:
                 raise StoreError(missing or f"no data stored for user {user!r}")
             yield
@@ -301,10 +315,14 @@ class EncryptedStore:
         d = self._dir(user, name)
         with self._locked(user, exclusive=True, create=True):
             _private_dirs(self.root, d)
+            for p in (self.root / "users", self._user_dir(user), d, self._user_dir(user) / _USER_KEY_FILE):
+                _owner_only(p)  # a store written by older code (0755 / 0644)
             self._sweep(self._user_dir(user))
             self._sweep(d)
             user_key = self._user_key(user, create=True)
             existing = self.versions(user, name)
+            for v in existing:
+                _owner_only(d / _version_name(v))
             # Past every name of version form, files or not: a stray directory `v000009.pfl` is never a target.
             version = max([0, *(v for f in self._names(d) if (v := version_of(f)) is not None)]) + 1
             blob = seal(payload, Binding(str(user), name, version), user_key, {"kind": "user-key"})

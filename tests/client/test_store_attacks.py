@@ -331,3 +331,20 @@ def test_store_files_are_owner_only(tmp_path):
     for p in [root, *root.rglob("*")]:
         mode = stat.S_IMODE(p.lstat().st_mode)
         assert mode == (0o700 if p.is_dir() else 0o600), (p, oct(mode))
+
+
+def test_a_store_left_world_readable_by_older_code_is_tightened_on_write(tmp_path):
+    store = EncryptedStore(tmp_path / "store", KEY)
+    store.put_bytes("u1", "personal", b"x")
+    for p in (tmp_path / "store").rglob("*"):
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    store.put_bytes("u1", "personal", b"y")
+    for p in (tmp_path / "store").rglob("*"):
+        assert not stat.S_IMODE(p.stat().st_mode) & 0o077, p
+
+
+def test_reading_a_missing_store_creates_nothing(tmp_path):
+    store = EncryptedStore(tmp_path / "absent", KEY)
+    with pytest.raises(StoreError):
+        store.get_bytes("u1", "personal")
+    assert store.forget("u1")["files_deleted"] == 0 and not (tmp_path / "absent").exists()
