@@ -47,6 +47,10 @@ def run_federation(overrides: dict, num_nodes: int, cpus_per_node: float | None 
     from client.client_app import build_app as client_app
     from server.server_app import build_app as server_app
 
+    # Simulations replay exactly: DP sampling and noise come from the public seed (`reproducible`, recorded in
+    # history.json's config), which voids the privacy claim against anyone who knows the seed. The accounted
+    # epsilon is what a deployed device, drawing the same mechanism from secret randomness, would spend.
+    overrides = {"reproducible": True, **overrides}
     cfg = FederationConfig.from_run_config(overrides)
     out = Path(cfg.out_dir)
     for d in (out, Path(cfg.device_dir)):  # a run's directories hold that run's persona versions and devices only
