@@ -185,14 +185,17 @@ def owner_budget(cfg: FederationConfig, context: Context, state: dict) -> float:
     return min(math.inf if owner is None else float(owner), asked)
 
 
-def _device_dp(device: Device, cfg: FederationConfig) -> DeviceDP:
+def _device_dp(device: Device, cfg: FederationConfig, context: Context | None = None) -> DeviceDP:
+    """DP-SGD settings. A deployed device ignores the run config's `reproducible` (a coordinator that chose the
+    seed would know which records were sampled) and always uses secure-mode noise (about 0.5% of a step)."""
+    deployed = context is not None and _deployed(context)
     noise = cfg.dp_device_noise
     if cfg.dp_device_target_epsilon > 0:  # spread the target over a participation in every round
         rate = dp_sample_rate(cfg.dp_device_records, cfg.train(cfg.local_steps))
         noise = noise_for_target(cfg.dp_device_target_epsilon, cfg.dp_delta, rate, cfg.num_rounds * cfg.local_steps)
     return DeviceDP(noise, cfg.dp_device_clip, cfg.dp_delta, cfg.dp_device_budget or float("inf"),
-                    records=cfg.dp_device_records, secure_mode=cfg.dp_secure_mode,
-                    seed=cfg.seed if cfg.reproducible else None)
+                    records=cfg.dp_device_records, secure_mode=cfg.dp_secure_mode or deployed,
+                    seed=cfg.seed if cfg.reproducible and not deployed else None)
 
 
 def _ledger(device: Device, cfg: FederationConfig, context: Context) -> PrivacyLedger:
@@ -210,12 +213,15 @@ def _ledger(device: Device, cfg: FederationConfig, context: Context) -> PrivacyL
         raise LedgerRolledBack(f"privacy ledger version {versions[-1] if versions else 'none'} found, device state "
                                f"says {expected} was written")
     budget = owner_budget(cfg, context, state)
+    # A deployed device's delta is at most the default (1e-5): a coordinator asking for a larger one would buy a
+    # smaller epsilon with a weaker guarantee.
+    delta = min(cfg.dp_delta, FederationConfig.dp_delta) if _deployed(context) else cfg.dp_delta
     if versions:
         ledger = PrivacyLedger.from_bytes(store.get_bytes(user, LEDGER))
         # the smaller delta is the stricter statement: a coordinator cannot shrink epsilon by asking for a larger one
-        ledger.budget, ledger.delta = budget, min(ledger.delta, cfg.dp_delta)
+        ledger.budget, ledger.delta = budget, min(ledger.delta, delta)
         return ledger
-    return PrivacyLedger(budget, cfg.dp_delta)
+    return PrivacyLedger(budget, delta)
 
 
 def _train(device: Device, cfg: FederationConfig, context: Context, start: dict, steps: int,
@@ -230,7 +236,7 @@ def _train(device: Device, cfg: FederationConfig, context: Context, start: dict,
             raise BudgetExhausted("non-private training would exceed the device's finite lifetime budget")
         return device.train_adapter(start, cfg.train(steps))
     ledger = _ledger(device, cfg, context)
-    trained, metrics = device.train_adapter(start, cfg.train(steps), _device_dp(device, cfg), ledger)
+    trained, metrics = device.train_adapter(start, cfg.train(steps), _device_dp(device, cfg, context), ledger)
     version = _store(device, cfg, context).put_bytes(str(device.user), LEDGER, ledger.to_bytes())
     _save_state(device, cfg, context, ledger_version=version)  # after the ledger: a crash between leaves it ahead
     return trained, metrics

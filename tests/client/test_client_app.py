@@ -225,3 +225,16 @@ def test_enrol_budget_is_kept_in_the_encrypted_device_state_and_bounds_the_ledge
     ledger = _ledger(SimpleNamespace(user=3), FederationConfig(dp_device_noise=1.0, dp_device_budget=0.0),
                      _context(node))
     assert ledger.budget == 2.0  # the coordinator's 0 ("no limit") does not lift the owner's budget
+
+
+def test_a_coordinator_cannot_make_a_deployed_device_replayable_or_weaken_its_delta(tmp_path, monkeypatch):
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    (tmp_path / "kek").write_text(RawKey.generate().raw.hex())
+    node = {"data-path": str(tmp_path / "r.jsonl"), "store-path": str(tmp_path / "vault"),
+            "store-key-file": str(tmp_path / "kek")}
+    cfg = FederationConfig(dp_device_noise=1.0, reproducible=True, seed=7, dp_delta=0.1)
+    dp = client_app._device_dp(SimpleNamespace(user=4), cfg, _context(node))
+    assert dp.seed is None and dp.secure_mode  # secret draws, secure-mode noise, whatever the run config says
+    assert _ledger(SimpleNamespace(user=4), cfg, _context(node)).delta == 1e-5
+    simulated = client_app._device_dp(SimpleNamespace(user=4), cfg, _context({"partition-id": 0}))
+    assert simulated.seed == 7 and not simulated.secure_mode  # the simulations' labelled reproducible mode
