@@ -387,6 +387,7 @@ class StoreModel(RuleBasedStateMachine):
         self.store.forget(user)
         for key in [k for k in self.model if k[0] == user]:
             del self.model[key]
+        self.last = {k: v for k, v in self.last.items() if k[0] != user}  # a forgotten user starts again at 1
 
     @rule()
     def rotate(self):
