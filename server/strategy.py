@@ -93,17 +93,84 @@ def update_norm(delta: Arrays) -> float:
 
 
 def check_update(delta: Arrays, reference: Arrays, max_norm: float = 0.0) -> str | None:
-    """Why an update is unusable (wrong keys or shapes, non-finite values, L2 norm above `max_norm` when that is
-    set), or None if it is fine."""
+    """Why an update is unusable (wrong keys, shapes or dtype, non-finite values, L2 norm above `max_norm` when
+    that is set), or None if it is fine. Only the adapter's own dtype (float32) is accepted: float64 or int
+    deltas are no adapter update, and complex or unicode arrays would crash the norm and the sum."""
     if set(delta) != set(reference):
         return f"keys differ from the persona adapter ({len(set(delta) ^ set(reference))} mismatched)"
     for k, v in delta.items():
+        if not isinstance(v, np.ndarray) or v.dtype != reference[k].dtype:
+            return f"{k} has dtype {getattr(v, 'dtype', type(v).__name__)}, expected {reference[k].dtype}"
         if v.shape != reference[k].shape:
             return f"{k} has shape {v.shape}, expected {reference[k].shape}"
         if not np.isfinite(v).all():
             return f"{k} has NaN or Inf values"
     if max_norm and (norm := update_norm(delta)) > max_norm:
         return f"L2 norm {norm:.4g} is above the bound {max_norm:.4g}"
+    return None
+
+
+def read_update(record, reference: Arrays, max_norm: float = 0.0) -> tuple[Arrays | None, str | None]:
+    """(delta, None) from a reply's "arrays" record, or (None, why it is unusable). Each Array's declared dtype
+    and shape are checked before anything is deserialised, so a hostile reply cannot make the coordinator
+    allocate more than an adapter's worth of memory."""
+    if not isinstance(record, ArrayRecord):
+        return None, f"'arrays' is a {type(record).__name__}, not an ArrayRecord"
+    if set(record) != set(reference):
+        return None, f"keys differ from the persona adapter ({len(set(record) ^ set(reference))} mismatched)"
+    for k, arr in record.items():
+        if arr.dtype != str(reference[k].dtype) or tuple(arr.shape) != reference[k].shape:
+            return None, (f"{k} is declared {arr.dtype}{list(arr.shape)}, expected "
+                          f"{reference[k].dtype}{list(reference[k].shape)}")
+    try:
+        delta = from_record(record)
+    except Exception as e:  # noqa: BLE001 -- corrupt bytes: np.load raises ValueError, OSError, EOFError, ...
+        return None, f"undecodable array ({type(e).__name__})"
+    problem = check_update(delta, reference, max_norm)  # the bytes may disagree with the declared dtype/shape
+    return (None, problem) if problem else (delta, None)
+
+
+def real(value) -> float | None:
+    """`value` as a finite float if it is a real number, else None: bools, lists, strings, NaN, Inf and ints
+    beyond float range (MetricRecord accepts 10**400) are not."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        value = float(value)
+    except OverflowError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+# Ratings are 1-5 and predictions expected ratings in [1, 5], so one held-out rating's error is at most 4:
+# error sums beyond n x 4 (absolute) or n x 16 (squared) are impossible, whoever sends them.
+MAX_RATING_ERROR = 4.0
+EVAL_SUMS = ("persona_sse", "persona_sae", "personal_sse", "personal_sae")
+# The L2 distance between a device's personal adapter and its persona's (persona adapters' own norm is ~10):
+# far below this in any real run; the bound only keeps a device from overflowing the pooled sums.
+MAX_PERSONAL_DISTANCE = 1e6
+
+
+def check_evaluation(metrics) -> str | None:
+    """Why an evaluation reply's metrics are unusable (missing, non-numeric, negative or impossible error sums),
+    or None. These sums drive canary rollbacks, so they are checked like updates."""
+    if not isinstance(metrics, MetricRecord):
+        return f"'metrics' is a {type(metrics).__name__}, not a MetricRecord"
+    values = {k: real(metrics.get(k)) for k in (*EVAL_SUMS, "n", "num-examples")}
+    if bad := [k for k, v in values.items() if v is None or v < 0]:
+        return f"{bad} missing, not finite numbers or negative"
+    n = values["n"]
+    tolerance = 1e-6 * n + 1e-9  # float32 predictions may round just past [1, 5]
+    for path in ("persona", "personal"):
+        if values[f"{path}_sae"] > MAX_RATING_ERROR * n + tolerance or \
+                values[f"{path}_sse"] > MAX_RATING_ERROR ** 2 * n + MAX_RATING_ERROR * tolerance:
+            return f"{path} error sums exceed {MAX_RATING_ERROR:g} per rating over {n:g} ratings"
+    for key, bound in (("cold", 1.0), ("personal_distance", MAX_PERSONAL_DISTANCE)):
+        if key not in metrics:
+            continue
+        value = real(metrics[key])
+        if value is None or not 0 <= value <= bound:
+            return f"{key} must be a number in [0, {bound:g}], got {metrics[key]!r}"
     return None
 
 
@@ -124,7 +191,8 @@ class PersonaStrategy(FedAvg):
         rollback: tuple[float, int] = (0.05, 5),
         aggregation: str = "mean",
         trim_fraction: float = 0.2,
-        max_update_norm: float = 0.0,
+        max_update_norm: float = FederationConfig.max_update_norm,
+        max_examples: float = FederationConfig.max_examples,
         sample_rate: float | None = None,
         reproducible: bool = False,
         eval_min_devices: int = FederationConfig.eval_min_devices,
@@ -138,7 +206,7 @@ class PersonaStrategy(FedAvg):
         devices are withheld. With `rollouts`, each evaluated
         device gets the version its bucket says (stable or canary), its metrics are pooled per version, and a
         canary worse than stable by `rollback` = (RMSE margin, minimum devices) is rolled back. `aggregation`,
-        `trim_fraction`, `max_update_norm`: see FederationConfig."""
+        `trim_fraction`, `max_update_norm`, `max_examples`: see FederationConfig."""
         if aggregation not in ("mean", "trimmed-mean", "median"):
             raise ValueError(f"unknown aggregation {aggregation!r}")
         if dp and aggregation != "mean":
@@ -169,6 +237,8 @@ class PersonaStrategy(FedAvg):
         self.rollback_margin, self.rollback_min_devices = rollback
         self._served: dict[int, int] = {}  # evaluation node -> version sent
         self.aggregation, self.trim_fraction, self.max_update_norm = aggregation, trim_fraction, max_update_norm
+        self.max_examples = max_examples
+        self._sent: dict[str, set[int]] = {}  # message type -> nodes asked this round: only they may reply
 
     @property
     def sample_rate(self) -> float:
@@ -190,6 +260,7 @@ class PersonaStrategy(FedAvg):
         personas = split_personas(arrays)
         self._current = personas
         records = {p: to_record(arrs) for p, arrs in personas.items()}  # one per persona, shared by its messages
+        self._sent[kind] = set(nodes)
         messages = []
         for node in nodes:
             persona = self.node_persona[node]
@@ -218,67 +289,105 @@ class PersonaStrategy(FedAvg):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Stream the replies into one running sum per persona: no list of all updates is ever held."""
         running: dict[int, _Running] = {}
-        counts = {"failed": 0, "skipped": 0, "rejected": 0}
+        counts = {"failed": 0, "skipped": 0, "rejected": 0, "refused": 0}
         max_norm = 0.0  # of accepted updates, before any clipping: what an operator sets max-update-norm from
+        seen: set[int] = set()
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
                 log(WARNING, "node %s failed this round: %s", node, msg.error.reason)
                 counts["failed"] += 1
                 continue
-            persona, content = self.node_persona.get(node), msg.content
-            if "metrics" in content and content["metrics"].get("skipped"):
-                reason = content["status"]["reason"] if "status" in content else "no reason given"
-                log(INFO, "node %s skipped the round: %s", node, reason)
+            outcome = self._read_train_reply(msg, seen)
+            seen.add(node)
+            if isinstance(outcome, str):
+                log(WARNING, "rejected reply from node %s: %s", node, outcome)
+                counts["rejected"] += 1
+                continue
+            if outcome is None:
                 counts["skipped"] += 1
                 continue
-            if persona is None or "arrays" not in content or "metrics" not in content:
-                log(WARNING, "rejected reply from node %s: not a persona update", node)
-                counts["rejected"] += 1
-                continue
-            delta = from_record(content["arrays"])
-            problem = check_update(delta, self._current[persona], 0.0 if self.dp else self.max_update_norm)
-            weight = content["metrics"].get("num-examples", 0)
-            if problem is None and not (isinstance(weight, (int, float)) and weight > 0):
-                problem = f"num-examples must be positive, got {weight!r}"
-            if problem:
-                log(WARNING, "rejected update from node %s: %s", node, problem)
-                counts["rejected"] += 1
-                continue
+            persona, delta, weight, metrics = outcome
             max_norm = max(max_norm, update_norm(delta))
             acc = running.setdefault(persona, _Running(self._current[persona], keep=self.aggregation != "mean"))
             arrays = [delta[k].astype(np.float64) for k in acc.keys]
             if self.dp:  # user-level DP: each device's delta clipped, every device weighs the same
                 clip(arrays, self.dp.clip)
-                weight = 1
-            acc.add(arrays, float(weight), content["metrics"])
+                weight = 1.0
+            acc.add(arrays, weight, metrics)
 
         new = {p: dict(arrs) for p, arrs in self._current.items()}
         metrics = MetricRecord()
         # Under DP every persona is released every round (noise only without updates); otherwise only updated ones.
         released = [p for p in sorted(self._current) if self.sizes.get(p, 0)] if self.dp else sorted(running)
-        for persona in released:
+        for persona in list(released):
             acc = running.get(persona) or _Running(self._current[persona])
             if self.dp:
                 mean_delta, privacy = self._private_mean(persona, acc)
                 metrics[f"p{persona}_epsilon"] = privacy["epsilon"]
             else:
                 mean_delta, privacy = acc.combine(self.aggregation, self.trim_fraction), {"dp": False}
-            new[persona] = {k: (v + mean_delta[k]).astype(np.float32) for k, v in self._current[persona].items()}
+            with np.errstate(over="ignore", invalid="ignore"):  # an overflow is caught just below
+                candidate = {k: (v + mean_delta[k]).astype(np.float32) for k, v in self._current[persona].items()}
+            if not all(np.isfinite(v).all() for v in candidate.values()):
+                # Never stored, served or promoted: a NaN/Inf version would be refused by every device, and
+                # training from it would stop for good. The persona keeps its version this round.
+                log(WARNING, "persona %d: the aggregate is not finite; release refused", persona)
+                counts["refused"] += 1
+                released.remove(persona)
+                continue
+            new[persona] = candidate
             persona_metrics = acc.mean_metrics()
             for key, value in persona_metrics.items():
                 metrics[f"p{persona}_{key}"] = value
             metrics[f"p{persona}_devices"] = acc.devices
             if self.on_release:
                 self.on_release(server_round, persona, new[persona], acc.devices, persona_metrics, privacy)
-        if not released:
-            return None, None
         if running:
             metrics.update(_Running.pooled(running.values()))
         metrics.update(counts)
+        if not released:  # the counts of what went wrong are still kept in the history, if anything arrived
+            return None, (metrics if any(counts.values()) else None)
         if not self.dp:  # a single device's statistic: kept out of what a DP run reports
             metrics["max_update_norm"] = max_norm
         return join_personas(new), metrics
+
+    def _read_train_reply(self, msg: Message, seen: set[int]) -> str | None | tuple[int, Arrays, float, MetricRecord]:
+        """(persona, delta, weight, metrics) of a usable update, None for a device that skipped the round, or why
+        the reply is rejected. The persona is always the coordinator's own: a reply claiming another is rejected,
+        never re-routed into that persona's aggregate."""
+        node, content = msg.metadata.src_node_id, msg.content
+        persona = self.node_persona.get(node)
+        if persona is None or persona not in self._current or node not in self._sent.get(MessageType.TRAIN, ()):
+            return "not a device asked to train this round"
+        if node in seen:
+            return "a second reply this round"
+        metrics = content["metrics"] if "metrics" in content else None
+        if not isinstance(metrics, MetricRecord):
+            return f"'metrics' is a {type(metrics).__name__}, not a MetricRecord"
+        # The claim is optional (routing never relies on it), but a device that names another persona is broken
+        # or lying.
+        if "persona" in metrics and real(metrics["persona"]) != persona:
+            return f"claims persona {metrics['persona']!r}, but it is in persona {persona}"
+        if metrics.get("skipped"):
+            status = content["status"] if "status" in content else None
+            reason = dict(status) if isinstance(status, ConfigRecord) else "no reason given"
+            log(INFO, "node %s skipped the round: %.200s", node, reason)
+            return None
+        delta, problem = read_update(content["arrays"] if "arrays" in content else None, self._current[persona],
+                                     0.0 if self.dp else self.max_update_norm)
+        if problem:
+            return problem
+        weight = 1.0
+        if not self.dp:  # under DP every device weighs the same and a reply need not carry an example count
+            weight = real(metrics.get("num-examples"))
+            if weight is None or weight <= 0:
+                return f"num-examples must be a positive finite number, got {metrics.get('num-examples')!r}"
+            # A device's example count is its own claim: capped, so one device cannot set its persona's mean.
+            weight = min(weight, self.max_examples)
+        if bad := [k for k in TRAIN_METRICS if k in metrics and real(metrics[k]) is None]:
+            return f"{bad} not finite numbers"
+        return persona, delta, weight, metrics
 
     def _private_mean(self, persona: int, acc: "_Running") -> tuple[Arrays, dict]:
         """Clipped sum / expected devices + Gaussian noise (Flower's DP helpers), and the persona's new epsilon."""
@@ -318,7 +427,25 @@ class PersonaStrategy(FedAvg):
         return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        valid, _ = self._check_and_log_replies(replies, is_train=False, validate=False)
+        valid, counts, seen = [], {"failed": 0, "rejected": 0}, set()
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            if msg.has_error():
+                log(WARNING, "node %s failed to evaluate: %s", node, msg.error.reason)
+                counts["failed"] += 1
+                continue
+            if node not in self.node_persona or node not in self._sent.get(MessageType.EVALUATE, ()):
+                problem = "not a device asked to evaluate this round"
+            elif node in seen:
+                problem = "a second reply this round"
+            else:
+                problem = check_evaluation(msg.content["metrics"] if "metrics" in msg.content else None)
+            if problem:
+                log(WARNING, "rejected evaluation from node %s: %s", node, problem)
+                counts["rejected"] += 1
+                continue
+            seen.add(node)
+            valid.append(msg)
         sums: dict[str, float] = defaultdict(float)
         for msg in valid:
             m = msg.content["metrics"]
@@ -330,10 +457,10 @@ class PersonaStrategy(FedAvg):
                 sums[f"{scope}/users"] += 1
                 sums[f"{scope}/personal_distance"] += float(m.get("personal_distance", 0.0))
         if not valid:
-            return None
+            return MetricRecord(counts) if any(counts.values()) else None
         if self.rollouts is not None:
             self._record_versions(valid)
-        out = MetricRecord()
+        out = MetricRecord(counts)
         for scope in sorted({k.split("/")[0] for k in sums}):
             n = sums[f"{scope}/n"]
             if n == 0:
@@ -423,7 +550,8 @@ class _Running:
         return out
 
     def mean_metrics(self) -> dict[str, float]:
-        return {k: self.metric_sums[k] / self.metric_weights[k] for k in self.metric_sums if self.metric_weights[k]}
+        means = {k: self.metric_sums[k] / self.metric_weights[k] for k in self.metric_sums if self.metric_weights[k]}
+        return {k: v for k, v in means.items() if math.isfinite(v)}  # finite inputs can still overflow the sums
 
     @staticmethod
     def pooled(groups) -> dict[str, float]:
@@ -432,4 +560,5 @@ class _Running:
             for k in g.metric_sums:
                 sums[k] += g.metric_sums[k]
                 weights[k] += g.metric_weights[k]
-        return {k: sums[k] / weights[k] for k in sums if weights[k]}
+        means = {k: sums[k] / weights[k] for k in sums if weights[k]}
+        return {k: v for k, v in means.items() if math.isfinite(v)}

@@ -102,7 +102,8 @@ def test_an_update_above_the_norm_bound_is_rejected_and_one_below_is_kept():
 def _poisoned_round(aggregation: str, **kw) -> np.ndarray:
     """Eight honest devices send deltas 1..8 (weights differ); two attackers send -1000 (a boosted sign flip)."""
     nodes = list(range(1, 11))
-    strategy, _ = _strategy({n: 0 for n in nodes}, aggregation=aggregation, **kw)
+    # The aggregation alone: no norm bound, which would reject the attackers before any aggregation sees them.
+    strategy, _ = _strategy({n: 0 for n in nodes}, aggregation=aggregation, max_update_norm=0.0, **kw)
     messages = list(strategy.configure_train(1, join_personas({0: _persona(0.0)}), ConfigRecord(), FakeGrid(nodes)))
     values = [1, 2, 3, 4, 5, 6, 7, 8, -1000, -1000]
     replies = [_reply(m, _persona(float(v)), examples=n) for m, v, n in zip(messages, values, nodes)]
@@ -136,8 +137,9 @@ def test_evaluation_sums_errors_exactly_per_persona_and_bucket():
     assert len(messages) == 2
     replies = []
     for m, (sse, n, cold) in zip(messages, [(4.0, 4, 0), (9.0, 1, 1)]):
-        metrics = MetricRecord({"persona_sse": sse, "persona_sae": sse, "personal_sse": sse / 4,
-                                "personal_sae": sse / 4, "n": n, "cold": cold, "num-examples": 1})
+        sae = float(np.sqrt(sse * n))  # every error the same size: a consistent (sse, sae) pair
+        metrics = MetricRecord({"persona_sse": sse, "persona_sae": sae, "personal_sse": sse / 4,
+                                "personal_sae": sae / 4, "n": n, "cold": cold, "num-examples": 1})
         replies.append(Message(content=RecordDict({"metrics": metrics}), reply_to=m))
     out = strategy.aggregate_evaluate(1, replies)
     assert out["persona_rmse"] == pytest.approx(np.sqrt(13 / 5))  # pooled over ratings, not averaged per user
@@ -155,7 +157,8 @@ def test_evaluation_is_also_pooled_by_user_activity():
                                                 FakeGrid([1, 2, 3])))
     replies = []
     for m, (sse, n, history) in zip(messages, [(4.0, 4, 10), (9.0, 1, 150), (1.0, 1, 120)]):
-        metrics = MetricRecord({"persona_sse": sse, "persona_sae": sse, "personal_sse": sse, "personal_sae": sse,
+        sae = float(np.sqrt(sse * n))  # every error the same size: a consistent (sse, sae) pair
+        metrics = MetricRecord({"persona_sse": sse, "persona_sae": sae, "personal_sse": sse, "personal_sae": sae,
                                 "n": n, "cold": int(history < 20), "num-examples": history})
         replies.append(Message(content=RecordDict({"metrics": metrics}), reply_to=m))
     out = strategy.aggregate_evaluate(1, replies)
