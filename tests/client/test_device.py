@@ -61,3 +61,19 @@ def test_long_term_memory_recalls_other_past_ratings_into_each_movie_prompt(ml10
         assert quoted not in tok.decode(device._suffixes([item])[0])
     assert not np.allclose(device.predict(adapter_arrays(device.rt.model)),
                            plain.predict(adapter_arrays(plain.rt.model)))
+
+
+def test_dp_records_are_keyed_by_the_devices_own_item_ids(ml100k_dir):
+    """Device DP hashes each training example's item id into its record: the ids must line up with the examples."""
+    from common.training import hashed_records
+
+    device = _device(ml100k_dir)
+    suffixes, _ = device.train_examples
+    items = device.train_items
+    assert len(items) == len(suffixes)
+    assert [tuple(s) for s in device._suffixes(items)] == [tuple(s) for s in suffixes]
+    records = hashed_records(items, 16, str(device.user).encode())
+    # one more rating (a movie the user has not rated) leaves every existing example in its record
+    new_item = next(i for i in device.data.items.index if i not in set(items))
+    grown = hashed_records(list(items) + [new_item], 16, str(device.user).encode())
+    assert sum(a != b for a, b in zip(records, grown)) == 1
