@@ -155,9 +155,10 @@ _PR_SET_PDEATHSIG = 1
 def _die_with_parent(parent: int):
     """A preexec_fn: the child gets SIGTERM when the daemon dies, even by SIGKILL (Linux PR_SET_PDEATHSIG). The
     SuperNode then stops gracefully, and its SuperExec and ClientApp processes follow (they watch their parent)."""
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork: the child only makes the call
+
     def preexec() -> None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        if prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
             os._exit(111)
         if os.getppid() != parent:  # the daemon died before prctl: nobody will send the signal
             os._exit(112)
