@@ -101,3 +101,17 @@ class PromptBuilder:
 
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def item_stats(train: pd.DataFrame) -> pd.DataFrame:
+    """Per-movie mean rating and count over training ratings (index item; columns mean, count): the collaborative
+    signal user+item bias models live on. In a federation this is a release like any other (a sum over devices)."""
+    return train.groupby("item")["rating"].agg(["mean", "count"])
+
+
+def item_stats_text(item: int, stats: pd.DataFrame) -> str:
+    """'Other users rated it 3.9/5 on average (212 ratings).' for one movie (or that nobody has yet)."""
+    if item not in stats.index or stats.at[item, "count"] < 1:
+        return "No other user has rated it yet."
+    n = int(stats.at[item, "count"])
+    return f"Other users rated it {stats.at[item, 'mean']:.1f}/5 on average ({n} rating{'s' if n != 1 else ''})."
