@@ -33,13 +33,13 @@ import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
-
-import torch
-from safetensors.torch import load as load_tensors
-from safetensors.torch import save as save_tensors
+from typing import TYPE_CHECKING
 
 from client.keys import KeySourceError
 from common.envelope import Binding, EnvelopeError, open_sealed, read_header, rewrap, seal
+
+if TYPE_CHECKING:  # torch is imported by the adapter methods only: a process storing bytes need not load it
+    import torch
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _VERSION = re.compile(r"v([0-9]{6,})\.pfl")
@@ -345,9 +345,13 @@ class EncryptedStore:
 
     # --- tensors (adapters) --------------------------------------------------------------------------------
     def put_adapter(self, user: str, name: str, tensors: dict[str, torch.Tensor]) -> int:
+        from safetensors.torch import save as save_tensors
+
         return self.put_bytes(user, name, save_tensors({k: v.detach().cpu().contiguous() for k, v in tensors.items()}))
 
     def get_adapter(self, user: str, name: str, version: int | None = None) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load as load_tensors
+
         return load_tensors(self.get_bytes(user, name, version))
 
     # --- key management ------------------------------------------------------------------------------------
