@@ -42,14 +42,16 @@ class Reason(BaseModel):
     reason: str = Field("", max_length=1000)
 
 
+# strict: a JSON body says what it means; `true`, "5" or 5.0 are not version 5 (query and path values are text,
+# so those stay lax).
 class CanaryRequest(Reason):
-    version: int = Field(ge=0, le=MAX_ID)
-    percent: float = Field(gt=0, le=100, allow_inf_nan=False,
+    version: int = Field(ge=0, le=MAX_ID, strict=True)
+    percent: float = Field(gt=0, le=100, allow_inf_nan=False, strict=True,
                            description="share of the persona's devices served the canary")
 
 
 class StableRequest(Reason):
-    version: int = Field(ge=0, le=MAX_ID)
+    version: int = Field(ge=0, le=MAX_ID, strict=True)
 
 
 class Page(BaseModel):
