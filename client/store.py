@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from client.keys import KeySourceError
-from common.envelope import Binding, EnvelopeError, open_sealed, read_header, rewrap, seal
+from common.envelope import Binding, EnvelopeError, WrongKeyError, open_sealed, read_header, rewrap, seal
 
 if TYPE_CHECKING:  # torch is imported by the adapter methods only: a process storing bytes need not load it
     import torch
@@ -356,7 +356,8 @@ class EncryptedStore:
 
     # --- key management ------------------------------------------------------------------------------------
     def rotate(self, new_keys) -> int:
-        """Re-wrap every user key under `new_keys`; payloads are untouched. Returns the number re-wrapped.
+        """Re-wrap every user key under `new_keys`; payloads are untouched. Returns the number of user keys now
+        under `new_keys` (a rotation that died part-way is finished by running it again with the same keys).
 
         All user keys are unwrapped with the old KEK before anything is written, so a wrong old key changes nothing.
         Each old `user.key` is overwritten in place after its replacement is durable (see `_overwrite_in_place` for
@@ -364,14 +365,23 @@ class EncryptedStore:
         """
         with self._store_lock(exclusive=True):
             old_kek, new_kek = self.keys.key(), new_keys.key()
-            staged = []
+            staged, done = [], 0
             for user in self.users():
                 path = self._user_dir(user) / _USER_KEY_FILE
-                if _is_regular(path):
-                    blob = path.read_bytes()
-                    self._check_kdf(read_header(blob)[0], path)
-                    staged.append((path, rewrap(blob, Binding(user, _USER_KEY, 0), old_kek, new_kek,
-                                                new_keys.descriptor)))
+                if not _is_regular(path):
+                    continue
+                blob, binding = path.read_bytes(), Binding(user, _USER_KEY, 0)
+                header = read_header(blob)[0]
+                try:
+                    self._check_kdf(header, path)
+                    staged.append((path, rewrap(blob, binding, old_kek, new_kek, new_keys.descriptor)))
+                except (WrongKeyError, KeySourceError):
+                    # A rotation that died part-way left this key under the new KEK already: rerunning the same
+                    # rotation finishes the job. Anything else keeps the original error (and nothing is written).
+                    recorded = {k: v for k, v in header["kek"].items() if k != "check"}
+                    if recorded != dict(new_keys.descriptor) or not self._opens(blob, binding, new_kek):
+                        raise
+                    done += 1
             for path, blob in staged:
                 self._sweep(path.parent)
                 old = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
@@ -383,7 +393,15 @@ class EncryptedStore:
             if hasattr(new_keys, "record"):
                 new_keys.record(self.root)
             self.keys = new_keys
-            return len(staged)
+            return len(staged) + done
+
+    @staticmethod
+    def _opens(blob: bytes, binding: Binding, kek: bytes) -> bool:
+        try:
+            open_sealed(blob, binding, kek)
+            return True
+        except EnvelopeError:
+            return False
 
     def forget(self, user: str) -> dict:
         """Crypto-shred a user: destroy their user key, then delete their files. Returns what was erased:

@@ -268,6 +268,21 @@ def test_rotation_overwrites_the_old_wrapped_user_key_in_place(tmp_path):
     assert store.get_bytes("u1", "personal") == b"secret"
 
 
+def test_a_rotation_that_died_part_way_is_finished_by_running_it_again(tmp_path):
+    from common.envelope import Binding, rewrap
+
+    old, new = RawKey.generate(), RawKey.generate()
+    store = EncryptedStore(tmp_path, old)
+    for user in ("a", "b", "c"):
+        store.put_bytes(user, "s", user.encode())
+    key_b = tmp_path / "users/b/user.key"  # the rotation had re-wrapped b's key, then died
+    key_b.write_bytes(rewrap(key_b.read_bytes(), Binding("b", "user-key", 0), old.raw, new.raw, new.descriptor))
+    with pytest.raises(WrongKeyError):
+        EncryptedStore(tmp_path, old).rotate(RawKey.generate())  # another new key: b's is not under it: refused
+    assert store.rotate(new) == 3
+    assert [EncryptedStore(tmp_path, new).get_bytes(u, "s") for u in "abc"] == [b"a", b"b", b"c"]
+
+
 def test_forget_shreds_temporary_copies_of_the_user_key(tmp_path):
     store = EncryptedStore(tmp_path, KEY)
     store.put_bytes("u1", "personal", b"secret")
