@@ -17,6 +17,7 @@ import base64
 import binascii
 import json
 import os
+import stat
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -188,6 +189,8 @@ class KeyringKey:
 
 def _read_kdf(path: Path) -> object:
     try:
+        if not stat.S_ISREG(os.lstat(path).st_mode):  # a FIFO would block the read forever; a link, lead anywhere
+            raise KeySourceError(f"{path} is not a regular file")
         return json.loads(Path(path).read_bytes().decode("utf-8"))
     except OSError as e:
         raise KeySourceError(f"{path} cannot be read: {e.strerror or e}") from None

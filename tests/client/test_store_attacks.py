@@ -215,6 +215,21 @@ def test_any_key_file_is_a_key_or_a_key_source_error(tmp_path_factory, content):
         pass
 
 
+@FEW
+@given(text=st.text(max_size=90))
+def test_any_key_text_is_a_key_or_a_key_source_error(text):
+    try:
+        assert len(RawKey.parse(text).raw) == 32
+    except KeySourceError:
+        pass
+
+
+def test_a_kdf_json_that_is_not_a_regular_file_is_refused_without_blocking(tmp_path):
+    os.mkfifo(tmp_path / "kdf.json")
+    with pytest.raises(KeySourceError, match="regular file"):
+        PassphraseKey.for_store(tmp_path, "pw")
+
+
 WEAK = {"kind": "scrypt", "salt": base64.b64encode(b"s" * 16).decode(), "n": 2, "r": 1, "p": 1}
 
 
