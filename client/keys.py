@@ -95,6 +95,12 @@ class PassphraseKey:
         finally:
             if os.path.lexists(tmp):
                 os.unlink(tmp)
+        # Durable before any key is wrapped with it: a salt lost in a crash would leave the store unreadable.
+        dir_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
         return True
 
     @property
