@@ -301,7 +301,7 @@ class PersonaStrategy(FedAvg):
             outcome = self._read_train_reply(msg, seen)
             seen.add(node)
             if isinstance(outcome, str):
-                log(WARNING, "rejected reply from node %s: %s", node, outcome)
+                log(WARNING, "rejected reply from node %s: %.300s", node, outcome)  # its claims may be long
                 counts["rejected"] += 1
                 continue
             if outcome is None:
@@ -441,7 +441,7 @@ class PersonaStrategy(FedAvg):
             else:
                 problem = check_evaluation(msg.content["metrics"] if "metrics" in msg.content else None)
             if problem:
-                log(WARNING, "rejected evaluation from node %s: %s", node, problem)
+                log(WARNING, "rejected evaluation from node %s: %.300s", node, problem)
                 counts["rejected"] += 1
                 continue
             seen.add(node)
