@@ -39,7 +39,8 @@ MAX_BODY = 1 << 20  # bytes; the largest legitimate body (a full /cold-start/sco
 
 class Reason(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    reason: str = Field("", max_length=1000)
+    # No NUL: PostgreSQL's text type cannot hold one (a 500 there, stored on SQLite).
+    reason: str = Field("", max_length=1000, pattern=r"^[^\x00]*$")
 
 
 # strict: a JSON body says what it means; `true`, "5" or 5.0 are not version 5 (query and path values are text,

@@ -16,6 +16,7 @@ from server.admin_api import create_app
 from server.auth import TokenConfigError, TokenStore
 from server.registry import PersonaRegistry
 from server.rollouts import Rollouts, bucket
+from tests.server.postgres import postgres_server, postgres_url  # noqa: F401 (fixtures)
 
 TOKENS = {"reader": "r" * 24, "operator": "o" * 24, "root": "a" * 24}
 
@@ -43,8 +44,8 @@ def _tokens() -> TokenStore:
                        ("root", TOKENS["root"], ["admin"])])
 
 
-def _registry(root) -> PersonaRegistry:
-    return PersonaRegistry(root, lora=LoraSettings(rank=2, targets=("q_proj",)), base_model="tiny")
+def _registry(root, url: str | None = None) -> PersonaRegistry:
+    return PersonaRegistry(root, url=url, lora=LoraSettings(rank=2, targets=("q_proj",)), base_model="tiny")
 
 
 def _arrays(value: float) -> dict:
@@ -52,10 +53,12 @@ def _arrays(value: float) -> dict:
             "m.q_proj.lora_B.weight": np.full((4, 2), value, np.float32)}
 
 
-@pytest.fixture
-def live(tmp_path):
-    """Two personas, each with a stable version 0 and two candidates; a live server over them."""
-    registry = _registry(tmp_path)
+@pytest.fixture(params=["sqlite", "postgresql"])
+def live(request, tmp_path):
+    """Two personas, each with a stable version 0 and two candidates; a live server over them. Every test runs on
+    SQLite (the default) and on a real PostgreSQL (skipped, with the reason, where one cannot be started)."""
+    url = request.getfixturevalue("postgres_url") if request.param == "postgresql" else None
+    registry = _registry(tmp_path, url)
     rollouts = Rollouts(registry)
     for persona in (0, 1):
         v0 = registry.add_version(persona, 0, _arrays(0.0), 0)
@@ -188,7 +191,8 @@ def test_restart_keeps_everything(live):
     ops.post("/personas/1/canary", json={"version": candidate, "percent": 40})
     before = ops.get("/personas/1").json()
     server.stop()
-    again = LiveServer(create_app(_registry(root), _tokens()))
+    again = LiveServer(create_app(_registry(root, registry.engine.url.render_as_string(hide_password=False)),
+                                  _tokens()))
     try:
         assert _client(again, "operator").get("/personas/1").json() == before
         assert _client(again, "root").get("/events").json()["total"] == 3
@@ -208,6 +212,8 @@ def test_bad_requests_get_clear_4xx(live):
     r = ops.post("/personas/0/canary", json={"version": _candidate(registry, 1), "percent": 10})
     assert r.status_code == 409 and "belongs to persona 1" in r.text
     assert ops.post("/personas/0/promote", json={"reason": "x", "extra": 1}).status_code == 422
+    r = ops.post("/personas/0/canary", json={"version": _candidate(registry, 0), "percent": 10, "reason": "a\x00b"})
+    assert r.status_code == 422  # PostgreSQL cannot store a NUL in text: refused on every backend
     assert ops.get("/versions", params={"limit": 0}).status_code == 422
     page = ops.get("/versions", params={"limit": 2, "offset": 1}).json()
     assert page["total"] == 6 and [v["id"] for v in page["items"]] == [2, 3]
