@@ -66,7 +66,7 @@ def test_every_stored_version_covers_its_full_lineage_across_a_coordinator_resta
     ratings, items, users = make_data(n_users=NODES, n_items=40, per_user=25, seed=6)
     data_dir = write_grouplens_100k(tmp_path / "ml", ratings, items, users)
     overrides = {"base-model": "tiny", "dataset": str(data_dir), "split": "default", "num-personas": 2,
-                 "num-rounds": 1, "kmeans-iters": 1, "fraction-train": 0.6, "eval-users": 1, "lr": 0.01,
+                 "num-rounds": 1, "kmeans-iters": 1, "fraction-train": 0.6, "eval-users": 0, "lr": 0.01,
                  "dp-user-noise": 1.0, "dp-user-clip": 0.5, "personal-steps": 0, "local-steps": 1,
                  "out-dir": str(tmp_path / "out"), "device-dir": str(tmp_path / "devices")}
     cfg = FederationConfig.from_run_config(overrides)
