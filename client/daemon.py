@@ -242,6 +242,7 @@ class SuperNode:
         record.update(supernode=self.proc.pid, supernode_start=_proc_stat(self.proc.pid)[1])
         _private(self.home / PIDFILE, json.dumps(record).encode())
         self.node_id: str | None = None
+        self.failure: str | None = None
         self.log = self.home / SUPERNODE_LOG
         threading.Thread(target=self._follow, daemon=True).start()
 
@@ -253,6 +254,8 @@ class SuperNode:
                 log.write(line)
                 if b"SuperNode ID:" in line:
                     self.node_id = line.split(b"SuperNode ID:")[1].strip().decode(errors="replace")
+                elif b"Exit Code:" in line:  # flwr_exit's error line: the SuperNode is going down
+                    self.failure = line.strip().decode(errors="replace")
 
     def state(self) -> str:
         if self.proc.poll() is not None:
@@ -260,6 +263,8 @@ class SuperNode:
         # flower-supernode keeps running (its Runtime API thread) when it could not start its SuperExec: without
         # one it never runs a ClientApp, so it is not "running".
         superexec = [p for p in _descendants(self.proc.pid) if b"flower-superexec" in _cmdline(p)]
+        if self.failure:
+            return f"failing ({self.failure}); see {self.log}"
         if not superexec:
             return f"broken: no SuperExec; see {self.log}"
         return "online" if self.node_id else "connecting"
@@ -318,6 +323,7 @@ def run(settings: dict, superlink: str, root_cert: str | None, policy: dict, api
                                engine)
         if api_port:
             sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restarted daemon's port may be in TIME_WAIT
             sock.bind(("127.0.0.1", api_port))
         else:
             sock = owner_only_socket(Path(api_socket) if api_socket else home / "api.sock")

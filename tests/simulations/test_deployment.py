@@ -6,6 +6,7 @@ back with its encrypted state). Takes a few minutes: every Flower message starts
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -54,11 +55,12 @@ def test_tls_deployment_survives_a_killed_daemon_and_resumes_a_restarted_one(tmp
                              str(catalogue))
             deployment.start_device(f"device{i}")
         out = tmp_path / "coordinator"
-        deployment.submit({"base-model": "tiny", "dataset": str(catalogue), "num-rounds": 3, "num-personas": 1,
+        deployment.submit({"base-model": "tiny", "dataset": str(catalogue), "num-rounds": 4, "num-personas": 1,
                            "fraction-train": 1.0, "min-train-nodes": 1, "eval-every": 3, "min-nodes": 3,
                            "lr": 0.01, "out-dir": str(out)})
 
         _wait(lambda: _rounds(out).get(1) == 3, 600, "round 1 with all three devices", deployment)
+        print(f"round 1 at {time.strftime('%X')}")
         deployment.kill("device2")  # daemon, its SuperNode and any ClientApp process, mid-run
         _wait(lambda: 2 in _rounds(out), 600, "round 2 without the killed device", deployment)
         assert _rounds(out)[2] == 2
@@ -78,12 +80,26 @@ def test_tls_deployment_survives_a_killed_daemon_and_resumes_a_restarted_one(tmp
         resumed = _wait(restarted_status, 120, "the restarted daemon's local API", deployment)
         # The restarted daemon reads the state it had before it was killed (decrypted with its own key).
         assert resumed["persona"] == before["persona"] and resumed["rounds_contributed"] >= before["rounds_contributed"]
-        assert resumed["supernode"] == "running"
+        # /status says what the SuperNode really is: online once it has rejoined the SuperLink.
+        _wait(lambda: (restarted_status() or {}).get("supernode") == "online", 120, "the restarted SuperNode online",
+              deployment)
+        rejoined_at = max(_rounds(out))
 
         _wait(lambda: (out / "history.json").exists(), 900, "the end of the run", deployment)
         history = json.loads((out / "history.json").read_text())
-        assert sorted(map(int, history["train"])) == [1, 2, 3] and history["devices"] == 3
-        assert sorted(_rounds(out)) == [1, 2, 3]
+        assert sorted(map(int, history["train"])) == [1, 2, 3, 4] and history["devices"] == 3
+        assert sorted(_rounds(out)) == [1, 2, 3, 4]
+        # The restarted device trained again: a round after its restart counts it, and its own encrypted state
+        # records contributions after the round it missed.
+        after = status(load_settings(home))
+        assert after["last_round"] > rejoined_at and after["rounds_contributed"] > before["rounds_contributed"]
+        assert _rounds(out)[4] == 3
+        # The app ran on the installed environment: the ServerApp's own log (from the SuperLink) shows no
+        # dependency sync before it started.
+        run_id = re.search(r"Created run (\d+)", (deployment.work / "superlink.log").read_text()).group(1)
+        log = deployment.flwr("log", run_id, "local-tls", "--show")
+        assert "devices online" in log, log[-2000:]
+        assert "Installing application dependencies" not in log and "uv sync" not in log
     finally:
         deployment.close()
 
