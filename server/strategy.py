@@ -340,9 +340,12 @@ class PersonaStrategy(FedAvg):
             persona_metrics = acc.mean_metrics()
             for key, value in persona_metrics.items():
                 metrics[f"p{persona}_{key}"] = value
-            metrics[f"p{persona}_devices"] = acc.devices
+            metrics[f"p{persona}_devices"] = acc.devices  # the coordinator's own history: it saw every reply
             if self.on_release:
-                self.on_release(server_round, persona, new[persona], acc.devices, persona_metrics, privacy)
+                # What leaves the coordinator (registry, manifest, admin API) under user-level DP is the public
+                # expected cohort, never the exact count: the accountant covers the noised sum, not who took part.
+                published = round(privacy["expected_devices"]) if self.dp else acc.devices
+                self.on_release(server_round, persona, new[persona], published, persona_metrics, privacy)
         if running:
             metrics.update(_Running.pooled(running.values()))
         metrics.update(counts)

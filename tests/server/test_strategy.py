@@ -250,3 +250,23 @@ def test_a_device_out_of_budget_is_skipped_not_rejected():
     new, _ = strategy.aggregate_train(1, [_reply(by_node[1], _persona(1.0), 3), skipped])
     np.testing.assert_allclose(split_personas(new)[0]["a.lora_A.weight"], 1.0)
     assert [n for _, _, n, _ in released] == [1]
+
+
+def test_under_dp_the_published_device_count_is_the_public_expected_cohort_not_who_replied():
+    """The registry, manifests and admin API get the release's device count: under user-level DP that must not be
+    the exact number of contributors (not covered by the accountant), so it is the public expected cohort."""
+    node_persona = {n: n % 2 for n in range(8)}  # two personas of 4 devices, q = 0.5: 2 expected each
+    strategy, released = _strategy(node_persona, dp=UserDP(noise_multiplier=1.0, clip=1.0, delta=1e-5),
+                                   sample_rate=0.5)
+    arrays = join_personas({0: _persona(0.0), 1: _persona(0.0)})
+    published = []
+    for round_ in (1, 2, 3):
+        requests = list(strategy.configure_train(round_, arrays, ConfigRecord(), FakeGrid(node_persona)))
+        replies = [_reply(m, _persona(0.01), 1) for m in requests][: round_ - 1]  # 0, 1 then 2 replies
+        strategy.aggregate_train(round_, replies)
+        published += [n for r, _, n, _ in released if r == round_]
+    assert published == [2] * 6
+    plain, released_plain = _strategy({1: 0, 2: 0, 3: 0})
+    requests = list(plain.configure_train(1, join_personas({0: _persona(0.0)}), ConfigRecord(), FakeGrid([1, 2, 3])))
+    plain.aggregate_train(1, [_reply(m, _persona(0.01), 1) for m in requests[:2]])
+    assert [n for _, _, n, _ in released_plain] == [2]  # without DP the exact count is published
