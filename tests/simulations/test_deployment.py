@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from client.daemon import _descendants, _proc_stat, load_settings, status
+from client.daemon import _descendants, load_settings, status
 from server.registry import PersonaRegistry
 from simulations.deployment import Deployment
 from tests.conftest import make_data, write_grouplens_100k
@@ -105,7 +105,11 @@ def test_tls_deployment_survives_a_killed_daemon_and_resumes_a_restarted_one(tmp
 
 
 def _alive(pid: int) -> bool:
-    return _proc_stat(pid) is not None and Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    """A process that exists and is not a zombie (an exited child nobody has reaped yet)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
 
 
 def test_sigterm_to_the_deployment_stops_the_superlink_and_every_daemon(tmp_path):
