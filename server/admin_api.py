@@ -25,7 +25,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from server.auth import Principal, TokenStore
 from server.registry import PersonaRegistry, RegistryError
@@ -43,16 +43,28 @@ class Reason(BaseModel):
     reason: str = Field("", max_length=1000, pattern=r"^[^\x00]*$")
 
 
-# strict: a JSON body says what it means; `true`, "5" or 5.0 are not version 5 (query and path values are text,
-# so those stay lax).
+def _json_integer(value: Any) -> Any:
+    """JSON Schema's integer, which the OpenAPI document promises: 5 and 5.0, but not `true` or "5" (pydantic's lax
+    mode would take those as 5, its strict mode would refuse 5.0)."""
+    if isinstance(value, (bool, str)):
+        raise ValueError("must be a JSON integer")
+    return value
+
+
+JsonInt = Annotated[int, BeforeValidator(_json_integer)]
+
+
+# Typed as JSON Schema types them (query and path values are text, so those stay lax).
 class CanaryRequest(Reason):
-    version: int = Field(ge=0, le=MAX_ID, strict=True)
+    model_config = ConfigDict(extra="forbid", json_schema_extra={
+        "examples": [{"version": 2, "percent": 10, "reason": "round 2 looks better offline"}]})
+    version: JsonInt = Field(ge=0, le=MAX_ID)
     percent: float = Field(gt=0, le=100, allow_inf_nan=False, strict=True,
                            description="share of the persona's devices served the canary")
 
 
 class StableRequest(Reason):
-    version: int = Field(ge=0, le=MAX_ID, strict=True)
+    version: JsonInt = Field(ge=0, le=MAX_ID)
 
 
 class Page(BaseModel):
@@ -94,8 +106,8 @@ READ = responses(401, 403, 422)
 READ_ONE = responses(401, 403, 404, 422)
 WRITE = responses(401, 403, 404, 409, 413, 415, 422)
 
-PersonaId = Annotated[int, Path(ge=0, le=MAX_ID)]
-VersionId = Annotated[int, Path(ge=0, le=MAX_ID)]
+PersonaId = Annotated[int, Path(ge=0, le=MAX_ID, examples=[0])]
+VersionId = Annotated[int, Path(ge=0, le=MAX_ID, examples=[1])]
 PersonaFilter = Annotated[int | None, Query(ge=0, le=MAX_ID)]
 Limit = Annotated[int, Query(ge=1, le=500)]
 Offset = Annotated[int, Query(ge=0, le=MAX_ID)]
