@@ -21,14 +21,17 @@ from schemathesis.specs.openapi.checks import (
 
 from server.admin_api import create_app
 from server.rollouts import Rollouts
+from tests.server.postgres import postgres_server, postgres_url  # noqa: F401 (fixtures)
 from tests.server.test_admin_api import TOKENS, LiveServer, _arrays, _registry, _tokens
 
 EXAMPLES = 6  # per operation and mode, plus the documented examples: about 170 calls, well under a minute
 
 
-@pytest.fixture(scope="module")
-def fuzz_schema(tmp_path_factory):
-    registry = _registry(tmp_path_factory.mktemp("fuzz"))
+@pytest.fixture(params=["sqlite", "postgresql"])
+def fuzz_schema(request, tmp_path):
+    # On PostgreSQL too: its 32-bit INTEGER and NUL-free text are stricter than SQLite.
+    url = request.getfixturevalue("postgres_url") if request.param == "postgresql" else None
+    registry = _registry(tmp_path, url)
     rollouts = Rollouts(registry)
     for persona in (0, 1):
         v0 = registry.add_version(persona, 0, _arrays(0.0), 0)
