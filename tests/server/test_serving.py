@@ -1,9 +1,13 @@
 """Cold-start serving with the tiny model and two persona adapters, directly and through the live admin API."""
 
+import json
+
 import httpx
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from common.adapters import adapter_arrays, add_lora
 from common.config import LoraSettings
@@ -92,3 +96,47 @@ def test_cold_start_endpoints_on_a_live_server(setup):
         assert httpx.post(server.url + "/cold-start/assign", json=woman).status_code == 401
     finally:
         server.stop()
+
+
+NON_FINITE = ["NaN", "Infinity", "-Infinity", "1e999"]
+_bad_number = st.one_of(st.integers(min_value=2**63, max_value=2**200).map(str), st.sampled_from(NON_FINITE),
+                        st.integers(max_value=-(2**63)).map(str), st.just("1" * 5000))
+HOSTILE_FIELDS = {  # JSON text a field must refuse
+    "age": st.one_of(_bad_number, st.sampled_from(["0", "121", "2.5", '"x"', "null", "[]"])),
+    "gender": st.one_of(_bad_number, st.sampled_from(['"' + "F" * 17 + '"', "5", "null", '"\\ud800"'])),
+    "liked_genres": st.one_of(_bad_number, st.sampled_from(['"Drama"', json.dumps(["Drama"] * 11), "[1]"])),
+    "movies": st.one_of(_bad_number, _bad_number.map(lambda n: f"[1, {n}]"), st.sampled_from(["[]", "[-1]",
+                        json.dumps(list(range(501))), "[1.5]"])),
+    "device_id": st.one_of(_bad_number, st.sampled_from(['""', '"' + "d" * 129 + '"', "7"])),
+}
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
+@given(field=st.sampled_from(sorted(HOSTILE_FIELDS)), data=st.data())
+def test_hostile_cold_start_bodies_are_422(serving_client, field, data):
+    """One field of an otherwise valid request holds a value it must refuse: 422, never a 5xx."""
+    value = data.draw(HOSTILE_FIELDS[field])
+    onboarding = {"age": "30", "gender": '"F"', "occupation": '"writer"', "liked_genres": '["Drama"]'}
+    request = {"device_id": '"a"', "movies": "[1, 2]"}
+    (onboarding if field in onboarding else request)[field] = value
+
+    def obj(d):
+        return "{" + ", ".join(f'"{k}": {v}' for k, v in d.items()) + "}"
+
+    body = obj({**request, "onboarding": obj(onboarding)})
+    for path, payload in (("/cold-start/score", '{"requests": [' + body + "]}"), ("/cold-start/assign", obj(onboarding))):
+        if path.endswith("assign") and field not in onboarding:
+            continue
+        r = serving_client.post(path, content=payload.encode("utf-8", "surrogatepass"),
+                                headers={"Content-Type": "application/json"})
+        assert r.status_code == 422, (path, payload[:200], r.status_code, r.text)
+
+
+@pytest.fixture(scope="module")
+def serving_client(setup):
+    registry, data, *_ = setup
+    server = LiveServer(create_app(registry, TokenStore([("app", TOKEN, ["read"])]),
+                                   serving=ColdStartService(registry, "tiny", data.items)))
+    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60) as client:
+        yield client
+    server.stop()
