@@ -69,9 +69,15 @@ def call(args) -> None:
         body = {"reason": args.reason}
         if args.command == "canary":
             body.update(version=args.version, percent=args.percent)
-    response = httpx.request(method, url + path, json=body, params=params,
-                             headers={"Authorization": f"Bearer {token}"}, timeout=60)
-    print(json.dumps(response.json(), indent=2))
+    try:
+        response = httpx.request(method, url + path, json=body, params=params,
+                                 headers={"Authorization": f"Bearer {token}"}, timeout=60)
+    except httpx.TransportError as e:
+        sys.exit(f"cannot reach the admin API at {url}: {e}")
+    try:
+        print(json.dumps(response.json(), indent=2))
+    except ValueError:  # not JSON (a proxy's error page, say): show it as it is
+        print(f"HTTP {response.status_code}: {response.text[:2000]}")
     if response.status_code >= 400:
         sys.exit(1)
 

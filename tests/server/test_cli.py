@@ -84,3 +84,9 @@ def test_the_admin_api_does_not_import_the_model_stack():
             "print(sorted(m for m in ('torch', 'peft', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_calls_to_an_unreachable_server_exit_with_a_message():
+    with pytest.raises(SystemExit) as exit_:
+        main(["personas", "--url", f"http://127.0.0.1:{_free_port()}", "--token", TOKEN])
+    assert "cannot reach" in str(exit_.value.code)
