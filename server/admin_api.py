@@ -17,7 +17,7 @@ import json
 import math
 import tarfile
 from collections.abc import Callable
-from typing import Annotated, Any
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request
 from fastapi.dependencies.models import Dependant
@@ -35,6 +35,9 @@ from server.rollouts import Rollouts
 # OverflowError from the database driver.
 MAX_ID = 2**31 - 1
 MAX_BODY = 1 << 20  # bytes; the largest legitimate body (a full /cold-start/score batch) is well under this
+
+
+Item = TypeVar("Item")
 
 
 class Reason(BaseModel):
@@ -67,8 +70,54 @@ class StableRequest(Reason):
     version: JsonInt = Field(ge=0, le=MAX_ID)
 
 
-class Page(BaseModel):
-    items: list[dict[str, Any]]
+class Evaluation(BaseModel):
+    """Pooled held-out error of one version over the evaluation devices that were served it."""
+    version: int
+    devices: int
+    ratings: float
+    rmse: float | None
+    mae: float | None
+
+
+class PersonaView(BaseModel):
+    persona: int
+    stable: int | None
+    previous_stable: int | None
+    canary: int | None
+    percent: float = Field(description="share of devices served the canary (0 without one)")
+    paused: bool
+    versions: int = Field(description="how many versions the persona has")
+    stable_metrics: Evaluation | None
+    canary_metrics: Evaluation | None
+
+
+class VersionView(BaseModel):
+    model_config = ConfigDict(extra="allow")  # a column added to the registry shows up without a change here
+    id: int
+    persona: int
+    parent: int | None
+    round: int
+    devices: int
+    epsilon: float | None
+    delta: float | None
+    state: Literal["candidate", "canary", "stable", "retired"]
+    created: float
+    evaluation: Evaluation
+
+
+class Event(BaseModel):
+    id: int
+    at: float
+    actor: str
+    action: str
+    persona: int | None
+    version: int | None
+    reason: str
+    detail: dict[str, Any]
+
+
+class Page(BaseModel, Generic[Item]):
+    items: list[Item]
     total: int
     limit: int
     offset: int
@@ -273,23 +322,23 @@ def create_app(registry: PersonaRegistry, tokens: TokenStore, serving=None, max_
     def health() -> dict:
         return {"status": "ok", "personas": len(registry.personas())}
 
-    @app.get("/personas", response_model=Page, responses=READ)
+    @app.get("/personas", response_model=Page[PersonaView], responses=READ)
     def list_personas(limit: Limit = 50, offset: Offset = 0, _: Principal = Depends(require("read"))) -> dict:
         personas = registry.personas()
         return {"items": [persona_view(p) for p in personas[offset:offset + limit]], "total": len(personas),
                 "limit": limit, "offset": offset}
 
-    @app.get("/personas/{persona}", responses=READ_ONE)
+    @app.get("/personas/{persona}", response_model=PersonaView, responses=READ_ONE)
     def get_persona(persona: PersonaId, _: Principal = Depends(require("read"))) -> dict:
         return persona_view(persona)
 
-    @app.get("/versions", response_model=Page, responses=READ)
+    @app.get("/versions", response_model=Page[VersionView], responses=READ)
     def list_versions(persona: PersonaFilter = None, limit: Limit = 50, offset: Offset = 0,
                       _: Principal = Depends(require("read"))) -> dict:
         items, total = registry.versions(persona, limit, offset)
         return {"items": [version_view(v["id"]) for v in items], "total": total, "limit": limit, "offset": offset}
 
-    @app.get("/versions/{version}", responses=READ_ONE)
+    @app.get("/versions/{version}", response_model=VersionView, responses=READ_ONE)
     def get_version(version: VersionId, _: Principal = Depends(require("read"))) -> dict:
         return version_view(version)
 
@@ -312,37 +361,37 @@ def create_app(registry: PersonaRegistry, tokens: TokenStore, serving=None, max_
         return GzipResponse(buffer.getvalue(), headers={
             "Content-Disposition": f'attachment; filename="persona-version-{version}.tar.gz"'})
 
-    @app.post("/personas/{persona}/canary", responses=WRITE)
+    @app.post("/personas/{persona}/canary", response_model=PersonaView, responses=WRITE)
     def canary(persona: PersonaId, body: CanaryRequest, who: Principal = Depends(require("rollout"))) -> dict:
         rollouts.start_canary(persona, body.version, body.percent, who.name, body.reason)
         return persona_view(persona)
 
-    @app.post("/personas/{persona}/promote", responses=WRITE)
+    @app.post("/personas/{persona}/promote", response_model=PersonaView, responses=WRITE)
     def promote(persona: PersonaId, body: Reason, who: Principal = Depends(require("rollout"))) -> dict:
         rollouts.promote(persona, who.name, body.reason)
         return persona_view(persona)
 
-    @app.post("/personas/{persona}/rollback", responses=WRITE)
+    @app.post("/personas/{persona}/rollback", response_model=PersonaView, responses=WRITE)
     def rollback(persona: PersonaId, body: Reason, who: Principal = Depends(require("rollout"))) -> dict:
         rollouts.rollback(persona, who.name, body.reason)
         return persona_view(persona)
 
-    @app.post("/personas/{persona}/pause", responses=WRITE)
+    @app.post("/personas/{persona}/pause", response_model=PersonaView, responses=WRITE)
     def pause(persona: PersonaId, body: Reason, who: Principal = Depends(require("rollout"))) -> dict:
         rollouts.pause(persona, who.name, body.reason, paused=True)
         return persona_view(persona)
 
-    @app.post("/personas/{persona}/resume", responses=WRITE)
+    @app.post("/personas/{persona}/resume", response_model=PersonaView, responses=WRITE)
     def resume(persona: PersonaId, body: Reason, who: Principal = Depends(require("rollout"))) -> dict:
         rollouts.pause(persona, who.name, body.reason, paused=False)
         return persona_view(persona)
 
-    @app.post("/personas/{persona}/stable", responses=WRITE)
+    @app.post("/personas/{persona}/stable", response_model=PersonaView, responses=WRITE)
     def set_stable(persona: PersonaId, body: StableRequest, who: Principal = Depends(require("admin"))) -> dict:
         rollouts.make_stable(persona, body.version, who.name, body.reason)
         return persona_view(persona)
 
-    @app.get("/events", response_model=Page, responses=READ)
+    @app.get("/events", response_model=Page[Event], responses=READ)
     def list_events(persona: PersonaFilter = None, limit: Limit = 50, offset: Offset = 0,
                     _: Principal = Depends(require("admin"))) -> dict:
         items, total = rollouts.events(persona, limit, offset)
