@@ -39,8 +39,8 @@ from client.policy import TrainingPolicy
 from client.store import EncryptedStore
 from common.config import DeviceDP, FederationConfig, ScoringConfig, split_preset
 from common.data import load_movielens
-from common.personas import (EMBED_DIM, cold_start_persona, embed_profiles, embedding_sse, initial_slot, nearest,
-                             onboarding_space, slot_sums)
+from common.personas import (cold_start_persona, discovery_dim, embed_profiles, embedding_sse, genre_deviation,
+                             initial_slot, nearest, onboarding_space, slot_sums)
 from common.privacy import BudgetExhausted, PrivacyLedger, noise_for_target
 from common.split import sample_users, temporal_split
 from common.training import dp_sample_rate
@@ -106,10 +106,15 @@ def _state(context: Context) -> ConfigRecord:
     return context.state["device"]
 
 
-def _embedding(device: Device, context: Context) -> np.ndarray:
+def _embedding(device: Device, context: Context, cfg: FederationConfig) -> np.ndarray:
+    """This device's discovery vector (`discovery-features`), computed once per run."""
     state = context.state
     if "embedding" not in state:
-        state["embedding"] = ArrayRecord({"e": _array(embed_profiles([device.profile])[0])})
+        if cfg.discovery_features == "genre-deviation":
+            e = genre_deviation(device.train, device.data.items, onboarding_space(cfg.dataset).genres)
+        else:
+            e = embed_profiles([device.profile])[0]
+        state["embedding"] = ArrayRecord({"e": _array(e)})
     return state["embedding"]["e"].numpy()
 
 
@@ -296,10 +301,11 @@ def build_app(overrides: dict | None = None, mods: Iterable[Mod] = ()) -> Client
         if device.n_train < cfg.cold_start_threshold:  # too little history to embed: sits out discovery
             # No "cold" flag: it would tell the coordinator, un-noised, that this user has few ratings; the zero
             # contribution is clipped and noised inside the sum like any other.
-            return _reply(message, {}, {"sums": _array(np.zeros((k, EMBED_DIM), np.float32)),
+            dim = discovery_dim(cfg.discovery_features, onboarding_space(cfg.dataset))
+            return _reply(message, {}, {"sums": _array(np.zeros((k, dim), np.float32)),
                                                  "counts": _array(np.zeros(k, np.float32)),
                                                  "sse": _array(np.zeros(k, np.float32))})
-        e = _embedding(device, context)
+        e = _embedding(device, context, cfg)
         sse = np.zeros(k, np.float32)
         if "centroids" in message.content:
             centroids = message.content["centroids"]["c"].numpy()
@@ -319,7 +325,7 @@ def build_app(overrides: dict | None = None, mods: Iterable[Mod] = ()) -> Client
         onboarding = np.zeros((k, space.size), np.float32)
         if device.n_train < cfg.cold_start_threshold:
             return _reply(message, {}, {"features": _array(onboarding), "counts": _array(np.zeros(k, np.float32))})
-        persona = nearest(_embedding(device, context), message.content["centroids"]["c"].numpy()) if k > 1 else 0
+        persona = nearest(_embedding(device, context, cfg), message.content["centroids"]["c"].numpy()) if k > 1 else 0
         _state(context)["persona"] = persona
         onboarding[persona] = space.encode(device.onboarding())
         counts = np.zeros(k, np.float32)

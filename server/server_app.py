@@ -30,7 +30,7 @@ from flwr.serverapp import Grid, ServerApp
 from common.adapters import adapter_arrays, add_lora
 from common.config import FederationConfig, UserDP
 from common.model import load_base_model
-from common.personas import EMBED_DIM, elbow, onboarding_space, update_centroids
+from common.personas import EMBED_DIM, discovery_dim, elbow, onboarding_space, update_centroids
 from common.privacy import (Event, epsilon, events_from_json, lineage_history, poisson_rate, user_level_history,
                             user_level_noise)
 from server.registry import PersonaRegistry
@@ -104,11 +104,11 @@ def privacy_plan(cfg: FederationConfig, num_nodes: int) -> tuple[UserDP | None, 
 
 
 def federated_kmeans(grid: Grid, nodes: list[int], k: int, iters: int, noise: float, timeout: float,
-                     inertia: bool = False) -> tuple[np.ndarray | None, float | None]:
+                     inertia: bool = False, dim: int = EMBED_DIM) -> tuple[np.ndarray | None, float | None]:
     """Lloyd iterations from per-slot sums and counts only; with `inertia`, the devices' summed squared distances
     to the previous iteration's centroids come back too (clipped and noised with the sums)."""
     centroids, sse = None, None
-    shapes = {"sums": (k, EMBED_DIM), "counts": (k,), **({"sse": (k,)} if inertia else {})}
+    shapes = {"sums": (k, dim), "counts": (k,), **({"sse": (k,)} if inertia else {})}
     bound = INERTIA_BOUND if inertia else EMBED_BOUND
     for iteration in range(iters):
         content = RecordDict({"config": ConfigRecord({"iteration": iteration, "k": k})})
@@ -131,9 +131,11 @@ def discover_personas(grid: Grid, nodes: list[int], cfg: FederationConfig, noise
 
     Returns node -> persona, the evaluation devices, and persona info (K, sizes, the inertia per candidate K).
     """
-    info: dict = {}
+    info: dict = {"features": cfg.discovery_features}
+    space = onboarding_space(cfg.dataset)
+    dim = discovery_dim(cfg.discovery_features, space)
     if cfg.persona_candidates:
-        runs = {k: federated_kmeans(grid, nodes, k, cfg.kmeans_iters, noise, timeout, inertia=True)
+        runs = {k: federated_kmeans(grid, nodes, k, cfg.kmeans_iters, noise, timeout, inertia=True, dim=dim)
                 for k in cfg.candidate_ks}
         info["inertia"] = {k: sse for k, (_, sse) in runs.items()}
         k = elbow(info["inertia"])
@@ -142,13 +144,12 @@ def discover_personas(grid: Grid, nodes: list[int], cfg: FederationConfig, noise
             {c: round(v, 2) for c, v in info["inertia"].items()}, k)
     else:
         k = cfg.num_personas
-        centroids, _ = federated_kmeans(grid, nodes, k, cfg.kmeans_iters if k > 1 else 0, noise, timeout)
+        centroids, _ = federated_kmeans(grid, nodes, k, cfg.kmeans_iters if k > 1 else 0, noise, timeout, dim=dim)
     if centroids is None:
-        centroids = np.zeros((k, EMBED_DIM))
+        centroids = np.zeros((k, dim))
     content = RecordDict({"centroids": ArrayRecord({"c": Array(centroids.astype(np.float32))}),
                           "config": ConfigRecord({"k": k})})
     assigned = _query(grid, nodes, "assign", content, timeout)
-    space = onboarding_space(cfg.dataset)
     features, counts = _sum(assigned, {"features": (k, space.size), "counts": (k,)}, ONBOARDING_BOUND, noise,
                             "assign")
     counts = np.maximum(counts, 0.0)  # post-processing keeps the noisy tables valid counts

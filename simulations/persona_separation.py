@@ -17,7 +17,9 @@ and over several k-means seeds:
 Groupings:
 - `profile-embedding`: what the federation's discovery does today (all-MiniLM-L6-v2 embeddings of the prompt's
   profile text, Lloyd iterations from a random partition: the same math as federated k-means, without DP noise).
-- `genre-deviation`: the same Lloyd iterations on the per-genre deviation vectors.
+- `genre-deviation`: the same Lloyd iterations on the per-genre deviation vectors, as the federation's
+  `discovery-features = "genre-deviation"` devices send them (`common.personas.genre_deviation`: halved and
+  clipped to norm 1).
 - `random`: a seeded random partition (the floor).
 
 `python -m simulations.persona_separation [--split paper] [--ks 2,4,8] [--seeds 5] [--iters 4]` prints a table
@@ -37,7 +39,7 @@ import pandas as pd
 
 from common.config import split_preset
 from common.data import load_movielens
-from common.personas import initial_slot, nearest, update_centroids
+from common.personas import genre_deviation, initial_slot, nearest, update_centroids
 from common.split import temporal_split
 from simulations.classical import Biases
 
@@ -128,12 +130,14 @@ def run(split: str = "paper", ks: tuple[int, ...] = (2, 4, 8), seeds: int = 5, i
     users = np.sort(train["user"].unique())
     test = test[test["user"].isin(users)].reset_index(drop=True)
     x_genre = genre_deviations(train, data.items, users)
-    features = {"genre-deviation": x_genre}
+    # What the federation's `discovery-features = "genre-deviation"` devices send (scaled, clipped to norm 1).
+    genres = tuple(sorted({g for gs in data.items["genres"] for g in gs}))
+    by_user = dict(tuple(train.groupby("user")))
+    features = {"genre-deviation": np.stack([genre_deviation(by_user[u], data.items, genres) for u in users])}
     if "profile-embedding" in groupings:
         from common.personas import embed_profiles
         from common.prompt import user_profile
 
-        by_user = dict(tuple(train.groupby("user")))
         features["profile-embedding"] = embed_profiles([user_profile(by_user[u], data.items) for u in users])
     one = {u: 0 for u in users}
     base = {(w, lv): persona_errors(train, test, data.items, one, w == "warm", lv) for w, lv in MODELS}

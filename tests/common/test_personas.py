@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 
 from common.personas import (FeatureSpace, Onboarding, cold_start_persona, elbow, embed_profiles, embedding_sse,
                              initial_slot, nearest, slot_sums, update_centroids)
@@ -82,3 +83,21 @@ def test_cold_start_follows_the_aggregated_onboarding_counts():
     assert cold_start_persona(space.encode(Onboarding(22, "M", "student", ("Action",))), counts, sizes, space) == 0
     assert cold_start_persona(space.encode(Onboarding(65, "F", "retired")), counts, sizes, space) == 1
     assert cold_start_persona(space.encode(Onboarding(40, "X", "pilot", ("Drama",))), counts, sizes, space) == 1
+
+
+def test_genre_deviation_points_at_the_users_taste_and_stays_in_the_unit_ball():
+    import pandas as pd
+
+    from common.personas import GENRE_SCALE, GENRE_SHRINK, genre_deviation
+
+    items = pd.DataFrame({"genres": [("Action",), ("Action", "Drama"), ("Comedy",), ("Drama",)]},
+                         index=pd.Index([1, 2, 3, 4], name="item"))
+    genres = ("Action", "Comedy", "Drama", "Horror")
+    train = pd.DataFrame({"item": [1, 2, 3, 4], "rating": [5.0, 5.0, 1.0, 3.0]})  # own mean 3.5
+    x = genre_deviation(train, items, genres)
+    assert x.shape == (4,) and x.dtype == np.float32
+    assert x[0] > 0 > x[1] and x[3] == 0.0  # loves Action, dislikes Comedy, never saw Horror
+    assert x[0] == pytest.approx(GENRE_SCALE * (1.5 + 1.5) / (2 + GENRE_SHRINK))
+    assert np.linalg.norm(genre_deviation(train.assign(rating=[5.0, 5.0, 1.0, 1.0]) .iloc[[0, 2] * 20], items,
+                                          genres)) == pytest.approx(1.0)  # clipped: a contribution stays bounded
+    assert not genre_deviation(train.iloc[:0], items, genres).any()  # no ratings: no direction

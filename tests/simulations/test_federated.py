@@ -117,6 +117,7 @@ def dp_federation(tmp_path_factory):
     overrides = {"base-model": "tiny", "dataset": str(data_dir), "split": "default", "num-personas": 2, "num-rounds": 2,
                  "fraction-train": 0.6, "eval-every": 2, "eval-users": 5, "kmeans-iters": 2, "lr": 0.01,
                  "persona-candidates": "1,2,3", "dp-device-noise": 0.8, "dp-device-budget": 50.0,
+                 "discovery-features": "genre-deviation",  # the other discovery path, through DP clipping
                  "dp-user-noise": 1.0, "dp-user-clip": 0.5,
                  "out-dir": str(root / "out"), "device-dir": str(root / "devices")}
     key = RawKey.generate()
@@ -160,6 +161,7 @@ def test_k_is_chosen_at_the_elbow_of_the_noisy_federated_inertia(dp_federation):
     inertia = {int(k): v for k, v in personas["inertia"].items()}
     assert sorted(inertia) == [1, 2, 3] and all(v >= 0 for v in inertia.values())
     assert personas["k"] == elbow(inertia) == len(personas["sizes"])
+    assert personas["features"] == "genre-deviation"
     assert history["config"]["num_personas"] == personas["k"]
     assert {p.name for p in (out / "personas").iterdir()} == {f"p{k}" for k in range(personas["k"])}
 
