@@ -209,7 +209,7 @@ class FederationConfig:
     # What persona discovery clusters: "profile-embedding" (all-MiniLM-L6-v2 of the prompt's profile text, 384
     # dimensions) or "genre-deviation" (the user's per-genre rating deviations from their own mean, one dimension
     # per catalogue genre). Profile embeddings separate taste no better than random partitions; genre deviations
-    # 12x better (docs/personas_and_dp_scaling.md).
+    # 8-14x better (docs/personas_and_dp_scaling.md).
     discovery_features: str = "profile-embedding"
     # Long-term memory: each movie's prompt also quotes the user's this-many most similar past ratings (MiniLM
     # embeddings of the movie texts, on the device); 0 = profile (short-term memory) only, the paper's prompt.
