@@ -12,7 +12,8 @@ federation's training rows (`common.training.pack`); movies quoted in the profil
 step draws `rows-per-step` users uniformly and `items-per-row` of their training ratings. Hyper-parameters are the
 federation's defaults and were not tuned (no validation split is used, and nothing is chosen on test ratings).
 
-`python -m simulations.centralised [--item-stats] [--steps 100] [--seeds 0] [--eval-users 40]` prints progress,
+`python -m simulations.centralised [--item-stats] [--steps 100] [--eval-at 50] [--seeds 0] [--eval-users 40]`
+prints progress (and, with `--eval-at`, the evaluation users' RMSE at those steps),
 the table (RMSE, MAE, and the paired per-user difference of MSE against user+item bias with a 95% interval), and
 writes `results/centralised/<tag>.{md,json}`.
 """
@@ -64,7 +65,8 @@ def user_rows(train: pd.DataFrame, items: pd.DataFrame, builder: PromptBuilder) 
 
 def train_centralised(model, head: RatingHead, rows: dict[int, tuple], suffix: dict[int, list[int]], steps: int,
                       rows_per_step: int, items_per_row: int, lr: float, seed: int, pad_id: int,
-                      log_every: int = 10) -> list[float]:
+                      log_every: int = 10, checkpoint=None, checkpoints: tuple[int, ...] = ()) -> list[float]:
+    """`checkpoint(step)` is called (model in eval mode) after each step in `checkpoints`: a learning curve."""
     rng = np.random.default_rng(seed)
     users = np.array(sorted(rows))
     params = [p for p in model.parameters() if p.requires_grad]
@@ -89,6 +91,10 @@ def train_centralised(model, head: RatingHead, rows: dict[int, tuple], suffix: d
             s = time.perf_counter() - start
             print(f"  step {step + 1}/{steps}: loss {np.mean(losses[-log_every:]):.3f}, {tokens / s:.0f} tokens/s, "
                   f"{s:.0f} s", flush=True)
+        if checkpoint is not None and step + 1 in checkpoints and step + 1 < steps:
+            model.eval()
+            checkpoint(step + 1)
+            model.train()
     model.eval()
     return losses
 
@@ -136,11 +142,19 @@ def run(args: argparse.Namespace) -> dict:
         start = time.perf_counter()
         print(f"seed {seed}: training {args.steps} steps x {args.rows_per_step} rows x {args.items_per_row} "
               f"ratings ({tag})", flush=True)
+        prefixes = {u: r[0] for u, r in rows.items()}
+        curve = {}
+
+        def checkpoint(step: int) -> None:
+            curve[step] = rmse(score(model, head, prefixes, test, suffix, pad), y)
+            print(f"  step {step}: RMSE {curve[step]:.4f}", flush=True)
+
         losses = train_centralised(model, head, rows, suffix, args.steps, args.rows_per_step, args.items_per_row,
-                                   args.lr, seed, pad)
+                                   args.lr, seed, pad, checkpoint=checkpoint, checkpoints=tuple(args.eval_at))
         train_s = time.perf_counter() - start
-        pred = score(model, head, {u: r[0] for u, r in rows.items()}, test, suffix, pad)
-        runs.append({"seed": seed, "pred": pred.tolist(), "train_seconds": train_s,
+        pred = score(model, head, prefixes, test, suffix, pad)
+        curve[args.steps] = rmse(pred, y)
+        runs.append({"seed": seed, "pred": pred.tolist(), "train_seconds": train_s, "rmse_by_step": curve,
                      "eval_seconds": time.perf_counter() - start - train_s, "final_loss": float(np.mean(losses[-10:]))})
         print(f"seed {seed}: RMSE {rmse(pred, y):.4f} ({train_s:.0f} s training)", flush=True)
     bias_err = (preds["user+item bias"] - y) ** 2
@@ -161,7 +175,12 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def markdown(result: dict) -> str:
-    lines = [f"{result['users']} evaluation users, {result['test_ratings']:,} test ratings",
+    curves = [r["rmse_by_step"] for r in result["runs"] if len(r.get("rmse_by_step", {})) > 1]
+    lines = [f"{result['users']} evaluation users, {result['test_ratings']:,} test ratings"]
+    if curves:
+        lines.append("RMSE by training step (per seed): " + "; ".join(
+            ", ".join(f"{k}: {v:.4f}" for k, v in sorted(c.items(), key=lambda kv: int(kv[0]))) for c in curves))
+    lines += [
              "", "| method | RMSE | RMSE sd (seeds) | MAE | paired MSE diff vs user+item bias [95% CI] |",
              "|---|---:|---:|---:|---|"]
     for r in result["table"]:
@@ -192,6 +211,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--lora-rank", type=int, default=8)
     ap.add_argument("--lora-targets", default="q_proj,v_proj")
     ap.add_argument("--item-stats", action="store_true")
+    ap.add_argument("--eval-at", type=lambda s: [int(x) for x in s.split(",") if x], default=[],
+                    help="also score the evaluation users after these steps (a learning curve; costs one pass each)")
     ap.add_argument("--out", default="results/centralised")
     args = ap.parse_args(argv)
     result = run(args)

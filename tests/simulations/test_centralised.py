@@ -27,7 +27,7 @@ def test_item_stats_come_from_training_ratings_only_and_reach_the_prompt():
 def test_centralised_run_end_to_end(ml100k_dir, tmp_path, capsys):
     out = tmp_path / "out"
     main(["--dataset", str(ml100k_dir), "--split", "default", "--base-model", "tiny", "--steps", "4",
-          "--eval-users", "6", "--seeds", "0,1", "--item-stats", "--out", str(out)])
+          "--eval-users", "6", "--seeds", "0,1", "--item-stats", "--eval-at", "2", "--out", str(out)])
     result = json.loads((out / "slm-item-stats.json").read_text())
     methods = [r["method"] for r in result["table"]]
     assert methods == ["global mean", "user+item bias", "matrix factorisation", "centralised SLM adapter + item stats"]
@@ -35,6 +35,9 @@ def test_centralised_run_end_to_end(ml100k_dir, tmp_path, capsys):
     for run in result["runs"]:
         pred = np.array(run["pred"])
         assert len(pred) == result["test_ratings"] and np.all((pred >= 1) & (pred <= 5))
+    # a learning curve: scored after step 2 and at the end (step 4), and the end point is the reported prediction
+    assert sorted(run["rmse_by_step"]) == ["2", "4"]
+    assert all(0 < v < 4 for v in run["rmse_by_step"].values())
     # two seeds train two different adapters
     assert not np.allclose(result["runs"][0]["pred"], result["runs"][1]["pred"])
     assert "paired MSE diff vs user+item bias" in capsys.readouterr().out
