@@ -396,7 +396,12 @@ class PersonaStrategy(FedAvg):
         """Clipped sum / expected devices + Gaussian noise (Flower's DP helpers), and the persona's new epsilon."""
         expected = self.sample_rate * self.sizes[persona]
         mean = [t / expected for t in acc.sum]
-        add_gaussian_noise_inplace(mean, compute_stdv(self.dp.noise_multiplier, self.dp.clip, expected))
+        std = compute_stdv(self.dp.noise_multiplier, self.dp.clip, expected)
+        if self.reproducible:  # Flower's helper: numpy's global generator, which a simulation may seed
+            add_gaussian_noise_inplace(mean, std)
+        else:  # a predictable draw could be subtracted from the release: seed each one from the OS's CSPRNG
+            rng = np.random.default_rng(secrets.randbits(128))
+            mean = [t + rng.normal(0.0, std, t.shape) for t in mean]
         self.privacy_history[persona].append((self.dp.noise_multiplier, self.sample_rate, 1))
         eps = epsilon(self.privacy_history[persona], self.dp.delta)
         return dict(zip(acc.keys, mean)), {"dp": True, "level": "user", "epsilon": eps, "delta": self.dp.delta,

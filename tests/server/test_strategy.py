@@ -223,7 +223,7 @@ def test_dp_on_one_persona_matches_flowers_server_side_fixed_clipping_wrapper():
     deltas = [_persona(2.0), _persona(-0.1), _persona(0.3)]
     nodes = [1, 2, 3]
 
-    ours, _ = _strategy({n: 0 for n in nodes}, dp=dp)
+    ours, _ = _strategy({n: 0 for n in nodes}, dp=dp, reproducible=True)  # Flower's global-RNG noise, seeded below
     by_node = {m.metadata.dst_node_id: m for m in
                ours.configure_train(1, join_personas({0: current}), ConfigRecord(), FakeGrid(nodes))}
     np.random.seed(7)
@@ -270,3 +270,20 @@ def test_under_dp_the_published_device_count_is_the_public_expected_cohort_not_w
     requests = list(plain.configure_train(1, join_personas({0: _persona(0.0)}), ConfigRecord(), FakeGrid([1, 2, 3])))
     plain.aggregate_train(1, [_reply(m, _persona(0.01), 1) for m in requests[:2]])
     assert [n for _, _, n, _ in released_plain] == [2]  # without DP the exact count is published
+
+
+def test_user_level_noise_is_secret_unless_the_run_is_labelled_reproducible():
+    """Noise drawn from a generator anyone can seed could be subtracted from the release: outside the simulations'
+    reproducible mode, two releases from the same global numpy seed differ."""
+    dp = UserDP(noise_multiplier=1.0, clip=1.0, delta=1e-5)
+    outs = {}
+    for reproducible in (False, True):
+        for attempt in range(2):
+            strategy, _ = _strategy({1: 0}, dp=dp, reproducible=reproducible)
+            list(strategy.configure_train(1, join_personas({0: _persona(0.0)}), ConfigRecord(), FakeGrid([1])))
+            np.random.seed(11)
+            new, _ = strategy.aggregate_train(1, [])
+            outs[reproducible, attempt] = split_personas(new)[0]["a.lora_A.weight"]
+    assert not np.allclose(outs[False, 0], outs[False, 1])
+    np.testing.assert_array_equal(outs[True, 0], outs[True, 1])
+    assert np.abs(outs[False, 0]).max() > 0
