@@ -24,7 +24,6 @@ from pathlib import Path
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.common.logger import log
-from flwr.supercore.differential_privacy import add_gaussian_noise_inplace
 from flwr.serverapp import Grid, ServerApp
 
 from common.adapters import adapter_arrays, add_lora
@@ -36,7 +35,7 @@ from common.privacy import (Event, epsilon, events_from_json, lineage_history, p
 from server.registry import PersonaRegistry
 from server.rollouts import Rollouts
 from server.serving import ONBOARDING_FILE, save_onboarding
-from server.strategy import PersonaStrategy, clip, join_personas
+from server.strategy import PersonaStrategy, add_noise, clip, join_personas
 
 # L2 bounds on one device's discovery contribution: a unit embedding plus a count of 1 in one slot; onboarding
 # answers one-hot (age bracket, gender, occupation, up to 3 genres) plus a count of 1.
@@ -56,7 +55,7 @@ def _query(grid: Grid, nodes: list[int], action: str, content: RecordDict, timeo
 
 
 def _sum(replies: list[Message], shapes: dict[str, tuple[int, ...]], bound: float, noise: float,
-         action: str) -> list[np.ndarray]:
+         action: str, reproducible: bool = False) -> list[np.ndarray]:
     """Sum of the replies' arrays; with `noise` > 0 each reply is clipped to `bound` and the sum gets Gaussian
     noise of std noise x bound (Flower's DP helpers): a user-level Gaussian mechanism on the aggregate.
 
@@ -77,7 +76,7 @@ def _sum(replies: list[Message], shapes: dict[str, tuple[int, ...]], bound: floa
         raise RuntimeError(f"persona discovery: no device gave a valid answer to query.{action} "
                            f"({len(replies)} replies)")
     if noise > 0:
-        add_gaussian_noise_inplace(total, noise * bound)
+        total = add_noise(total, noise * bound, reproducible)
     return total
 
 
@@ -104,7 +103,8 @@ def privacy_plan(cfg: FederationConfig, num_nodes: int) -> tuple[UserDP | None, 
 
 
 def federated_kmeans(grid: Grid, nodes: list[int], k: int, iters: int, noise: float, timeout: float,
-                     inertia: bool = False, dim: int = EMBED_DIM) -> tuple[np.ndarray | None, float | None]:
+                     inertia: bool = False, dim: int = EMBED_DIM,
+                     reproducible: bool = False) -> tuple[np.ndarray | None, float | None]:
     """Lloyd iterations from per-slot sums and counts only; with `inertia`, the devices' summed squared distances
     to the previous iteration's centroids come back too (clipped and noised with the sums)."""
     centroids, sse = None, None
@@ -115,7 +115,7 @@ def federated_kmeans(grid: Grid, nodes: list[int], k: int, iters: int, noise: fl
         if centroids is not None:
             content["centroids"] = ArrayRecord({"c": Array(centroids.astype(np.float32))})
         replies = _query(grid, nodes, "embed", content, timeout)
-        sums, counts, *rest = _sum(replies, shapes, bound, noise, "embed")
+        sums, counts, *rest = _sum(replies, shapes, bound, noise, "embed", reproducible)
         if rest and centroids is not None:
             sse = float(max(rest[0].sum(), 0.0))
         centroids = update_centroids(sums, counts, centroids)
@@ -135,8 +135,8 @@ def discover_personas(grid: Grid, nodes: list[int], cfg: FederationConfig, noise
     space = onboarding_space(cfg.dataset)
     dim = discovery_dim(cfg.discovery_features, space)
     if cfg.persona_candidates:
-        runs = {k: federated_kmeans(grid, nodes, k, cfg.kmeans_iters, noise, timeout, inertia=True, dim=dim)
-                for k in cfg.candidate_ks}
+        runs = {k: federated_kmeans(grid, nodes, k, cfg.kmeans_iters, noise, timeout, inertia=True, dim=dim,
+                                    reproducible=cfg.reproducible) for k in cfg.candidate_ks}
         info["inertia"] = {k: sse for k, (_, sse) in runs.items()}
         k = elbow(info["inertia"])
         centroids = runs[k][0]
@@ -144,14 +144,15 @@ def discover_personas(grid: Grid, nodes: list[int], cfg: FederationConfig, noise
             {c: round(v, 2) for c, v in info["inertia"].items()}, k)
     else:
         k = cfg.num_personas
-        centroids, _ = federated_kmeans(grid, nodes, k, cfg.kmeans_iters if k > 1 else 0, noise, timeout, dim=dim)
+        centroids, _ = federated_kmeans(grid, nodes, k, cfg.kmeans_iters if k > 1 else 0, noise, timeout, dim=dim,
+                                        reproducible=cfg.reproducible)
     if centroids is None:
         centroids = np.zeros((k, dim))
     content = RecordDict({"centroids": ArrayRecord({"c": Array(centroids.astype(np.float32))}),
                           "config": ConfigRecord({"k": k})})
     assigned = _query(grid, nodes, "assign", content, timeout)
     features, counts = _sum(assigned, {"features": (k, space.size), "counts": (k,)}, ONBOARDING_BOUND, noise,
-                            "assign")
+                            "assign", cfg.reproducible)
     counts = np.maximum(counts, 0.0)  # post-processing keeps the noisy tables valid counts
     features = np.clip(features, 0.0, counts[:, None])
     tables = ArrayRecord({"features": Array(features.astype(np.float32)),

@@ -53,6 +53,17 @@ def clip(arrays: list[np.ndarray], bound: float) -> None:
         clip_inputs_inplace(arrays, bound)
 
 
+def add_noise(arrays: list[np.ndarray], std: float, reproducible: bool) -> list[np.ndarray]:
+    """`arrays` + Gaussian noise of `std`. A predictable draw could be replayed and subtracted from a release, so
+    each draw comes from a generator seeded from the OS's CSPRNG, except in a simulation labelled `reproducible`,
+    which uses Flower's helper (numpy's global generator, which that simulation may seed)."""
+    if reproducible:
+        add_gaussian_noise_inplace(arrays, std)
+        return arrays
+    rng = np.random.default_rng(secrets.randbits(128))
+    return [a + rng.normal(0.0, std, np.shape(a)) for a in arrays]
+
+
 def activity_bucket(n_train: int) -> str:
     """'ratings_0_19', ..., 'ratings_200_plus': the scope name of a user with `n_train` training ratings."""
     lo = 0
@@ -396,12 +407,7 @@ class PersonaStrategy(FedAvg):
         """Clipped sum / expected devices + Gaussian noise (Flower's DP helpers), and the persona's new epsilon."""
         expected = self.sample_rate * self.sizes[persona]
         mean = [t / expected for t in acc.sum]
-        std = compute_stdv(self.dp.noise_multiplier, self.dp.clip, expected)
-        if self.reproducible:  # Flower's helper: numpy's global generator, which a simulation may seed
-            add_gaussian_noise_inplace(mean, std)
-        else:  # a predictable draw could be subtracted from the release: seed each one from the OS's CSPRNG
-            rng = np.random.default_rng(secrets.randbits(128))
-            mean = [t + rng.normal(0.0, std, t.shape) for t in mean]
+        mean = add_noise(mean, compute_stdv(self.dp.noise_multiplier, self.dp.clip, expected), self.reproducible)
         self.privacy_history[persona].append((self.dp.noise_multiplier, self.sample_rate, 1))
         eps = epsilon(self.privacy_history[persona], self.dp.delta)
         return dict(zip(acc.keys, mean)), {"dp": True, "level": "user", "epsilon": eps, "delta": self.dp.delta,

@@ -84,6 +84,27 @@ def test_private_discovery_sums_take_an_all_zero_answer_and_clip_the_rest(monkey
     assert np.sqrt((sums ** 2).sum() + (counts ** 2).sum()) == pytest.approx(1.0, rel=1e-6)
 
 
+
+def test_discovery_noise_is_secret_unless_the_run_is_labelled_reproducible(monkeypatch):
+    """Noise anyone could replay (numpy's global generator, seeded) could be subtracted from the discovery sums."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 0)):
+        monkeypatch.setattr(TaskIdentity, attr, value)
+    from server.server_app import _sum
+
+    shapes = {"sums": (2, 3), "counts": (2,)}
+    answers = [_answer(1, sums=np.ones((2, 3)), counts=[1, 0])]
+    draws = {}
+    for reproducible in (False, True):
+        for attempt in range(2):
+            np.random.seed(5)
+            draws[reproducible, attempt] = _sum(answers, shapes, bound=1.0, noise=1.0, action="embed",
+                                                reproducible=reproducible)[0]
+    assert not np.allclose(draws[False, 0], draws[False, 1])
+    np.testing.assert_array_equal(draws[True, 0], draws[True, 1])
+
+
 DP = UserDP(noise_multiplier=1.0, clip=1.0, delta=1e-5)
 
 
