@@ -99,13 +99,19 @@ def _store_with_personal_adapter(settings: dict):
     return store
 
 
+def _local_api(settings, store, **headers) -> tuple[LiveServer, httpx.Client]:
+    """The owner's local API served for real on loopback, and a client holding the owner's token."""
+    server = LiveServer(create_local_app(settings, store, lambda: status(settings, store)))
+    token = Path(settings["home"], "api.token").read_text()
+    return server, httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {token}", **headers},
+                                timeout=60)
+
+
 def test_local_api_scores_ranks_and_records_with_the_personal_adapter(device_home):
     settings, _ = device_home
     store = _store_with_personal_adapter(settings)
-    server = LiveServer(create_local_app(settings, store, lambda: status(settings, store)))
+    server, client = _local_api(settings, store)
     try:
-        token = Path(settings["home"], "api.token").read_text()
-        client = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {token}"}, timeout=60)
         assert httpx.post(server.url + "/score", json={"movies": [1]}).status_code == 401
         scored = client.post("/score", json={"movies": [1, 2, 3, 4]}).json()["ratings"]
         assert len(scored) == 4 and all(1 <= r["rating"] <= 5 for r in scored)
@@ -268,10 +274,7 @@ _REQUESTS = {
 def test_local_api_answers_422_to_non_finite_numbers_in_any_field(device_home):
     settings, _ = device_home
     store = open_store(settings)
-    server = LiveServer(create_local_app(settings, store, lambda: status(settings, store)))
-    token = Path(settings["home"], "api.token").read_text()
-    client = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {token}",
-                                                        "Content-Type": "application/json"}, timeout=60)
+    server, client = _local_api(settings, store, **{"Content-Type": "application/json"})
     before = Path(settings["data_path"]).read_bytes()
 
     @hsettings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
@@ -302,10 +305,8 @@ def test_local_api_answers_422_to_non_finite_numbers_in_any_field(device_home):
 def test_a_rating_posted_now_reaches_the_serving_profile(device_home):
     settings, _ = device_home
     store = _store_with_personal_adapter(settings)
-    server = LiveServer(create_local_app(settings, store, lambda: status(settings, store)))
+    server, client = _local_api(settings, store)
     try:
-        token = Path(settings["home"], "api.token").read_text()
-        client = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {token}"}, timeout=60)
         before = [r["rating"] for r in client.post("/score", json={"movies": [1, 2, 3]}).json()["ratings"]]
         rated = {json.loads(line)["item"] for line in Path(settings["data_path"]).read_text().splitlines()}
         new = sorted(set(range(1, 31)) - rated)[0]
