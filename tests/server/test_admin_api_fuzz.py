@@ -19,29 +19,20 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from server.admin_api import create_app
-from server.rollouts import Rollouts
 from tests.server.postgres import postgres_server, postgres_url  # noqa: F401 (fixtures)
-from tests.server.test_admin_api import TOKENS, LiveServer, _arrays, _registry, _tokens
+from tests.server.test_admin_api import TOKENS, live  # noqa: F401 (live is a fixture)
 
 EXAMPLES = 6  # per operation and mode, plus the documented examples: about 170 calls, well under a minute
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def fuzz_schema(request, tmp_path):
-    # On PostgreSQL too: its 32-bit INTEGER and NUL-free text are stricter than SQLite.
-    url = request.getfixturevalue("postgres_url") if request.param == "postgresql" else None
-    registry = _registry(tmp_path, url)
-    rollouts = Rollouts(registry)
-    for persona in (0, 1):
-        v0 = registry.add_version(persona, 0, _arrays(0.0), 0)
-        rollouts.make_stable(persona, v0, "test")
-        registry.add_version(persona, 1, _arrays(1.0), 3, parent=v0)
-    server = LiveServer(create_app(registry, _tokens()))
+@pytest.fixture
+def fuzz_schema(live):
+    """The document served by `live` (two personas with stable and candidate versions; on SQLite and on
+    PostgreSQL, whose 32-bit INTEGER and NUL-free text are stricter than SQLite)."""
+    server, _, _ = live
     schema = schemathesis.openapi.from_url(server.url + "/openapi.json")
     schema.config.checks.positive_data_acceptance.expected_statuses = ["2xx", "404", "409"]
-    yield schema
-    server.stop()
+    return schema
 
 
 # The last two hold the document to the implementation both ways: what it calls valid is not refused as malformed
