@@ -98,7 +98,7 @@ class _WithLoraInput(torch.nn.Module):
 class _PrefixGraph(_WithLoraInput):
     def forward(self, input_ids, lora):
         """[1, P] prefix -> past [layers, 2 (keys, values), 1, kv heads, P, head dim]."""
-        cache = self.run(lora, input_ids=input_ids, use_cache=True).past_key_values
+        cache = self.run(lora, input_ids=input_ids, use_cache=True).cache
         return torch.stack([torch.stack([layer.keys, layer.values]) for layer in cache.layers])
 
 

@@ -76,7 +76,7 @@ def rating_loss(logits: torch.Tensor, ratings: torch.Tensor, mse_weight: float =
 def encode_prefix(model: torch.nn.Module, prefix_ids: Sequence[int]):
     """The key/value cache of a prompt prefix (left untouched by `predict_with_prefix`, so it can be kept)."""
     device = next(model.parameters()).device
-    return decoder(model)(input_ids=torch.tensor([list(prefix_ids)], device=device), use_cache=True).past_key_values
+    return decoder(model)(input_ids=torch.tensor([list(prefix_ids)], device=device), use_cache=True).cache
 
 
 @torch.no_grad()
@@ -109,7 +109,7 @@ def predict_with_prefix(
             batch[row, : len(suffixes[i])] = torch.tensor(suffixes[i], device=device)
         batch_cache = copy.deepcopy(cache)
         batch_cache.batch_repeat_interleave(len(idx))
-        hidden = body(input_ids=batch, past_key_values=batch_cache, use_cache=True).last_hidden_state
+        hidden = body(input_ids=batch, cache=batch_cache, use_cache=True).last_hidden_state
         last = hidden[torch.arange(len(idx), device=device), lengths - 1]
         out[idx] = expected_rating(head.logits(model, last)).cpu().numpy()
     return out

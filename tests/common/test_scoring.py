@@ -73,3 +73,25 @@ def test_expected_rating_and_loss():
     assert good < bad
     assert rating_loss(logits, ratings, mse_weight=1.0) > good  # the uniform row adds squared error 0, CE > 0
     assert rating_loss(logits, torch.tensor([5.0, 1.0, 3.0]), mse_weight=1.0) > bad
+
+
+def test_scoring_uses_the_cache_argument_not_the_deprecated_past_key_values(tiny):
+    """transformers renamed `past_key_values` to `cache` and drops the old name in 5.40; the old name only logs a
+    deprecation once per process, so the once-cache is cleared to see it however many tests ran before."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    model, tok = tiny
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    root = hf_logging.get_logger("transformers")
+    hf_logging.warning_once.cache_clear()
+    root.addHandler(handler)
+    try:
+        cache = encode_prefix(model, [5, 6, 7, 8])
+        predict_with_prefix(model, RatingHead(tok), [5, 6, 7, 8], [[9, 10], [11]], cache=cache)
+    finally:
+        root.removeHandler(handler)
+    assert not [m for m in seen if "past_key_values" in m], seen
