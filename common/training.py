@@ -13,6 +13,7 @@ import hashlib
 import hmac
 import secrets
 import time
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -220,7 +221,13 @@ def train_local_dp(
     within = np.random.default_rng(seed)
     params = [p for p in model.parameters() if p.requires_grad]
     model.train()  # Opacus refuses a module in eval mode (a shared runtime is left in eval after scoring)
-    engine = PrivacyEngine(accountant="rdp")
+    with warnings.catch_warnings():
+        if dp.secure_mode or dp.seed is not None:
+            # Opacus warns at construction that its secure RNG is off. Here it is either turned on just below (our
+            # secretly seeded generator) or off on purpose: a seeded, reproducible simulation. A deployed device
+            # without secure mode still gets the warning.
+            warnings.filterwarnings("ignore", message="Secure RNG turned off", category=UserWarning)
+        engine = PrivacyEngine(accountant="rdp")
     noise_generator = loader_rng
     if dp.secure_mode:
         # Opacus' secure_mode wants torchcsprng, which has no build for torch 2.x: its secure noise path runs on our

@@ -43,6 +43,8 @@ EMBED_BOUND = math.sqrt(2.0)
 # With inertia: plus a squared distance of at most 4 between a unit embedding and a centroid (a mean of unit vectors).
 INERTIA_BOUND = math.sqrt(1.0 + 1.0 + 4.0**2)
 ONBOARDING_BOUND = math.sqrt(7.0)
+# `extra` of the log records that are progress: a simulation's console (simulations.console) shows only those.
+PROGRESS = {"progress": True}
 
 def _query(grid: Grid, nodes: list[int], action: str, content: RecordDict, timeout: float) -> list[Message]:
     messages = [Message(content=content, message_type=f"{MessageType.QUERY}.{action}", dst_node_id=n) for n in nodes]
@@ -172,7 +174,8 @@ def discover_personas(grid: Grid, nodes: list[int], cfg: FederationConfig, noise
     eval_nodes = sorted(r.metadata.src_node_id for r in replies if r.content["metrics"].get("eval"))
     cold = sum(int(r.content["metrics"].get("cold", 0)) for r in replies)  # under DP devices keep this flag
     sizes = np.bincount(list(node_persona.values()), minlength=k).tolist()
-    log(INFO, "personas: sizes %s (%d cold-start devices placed from onboarding answers)", sizes, cold)
+    log(INFO, "personas: sizes %s (%d cold-start devices placed from onboarding answers)", sizes, cold,
+        extra=PROGRESS)
     return node_persona, eval_nodes, {"k": k, "sizes": sizes, "cold_start_devices": cold, **info}
 
 
@@ -225,6 +228,26 @@ def resumed_histories(registry: PersonaRegistry, heads: dict[int, int], fresh: s
     return histories
 
 
+def round_summary(server_round: int, num_rounds: int, metrics: dict, seconds: float) -> str:
+    """One line of a round's key figures from its aggregated train and evaluate metrics."""
+    train, evaluate = metrics.get("train") or {}, metrics.get("evaluate") or {}
+    parts = [f"round {server_round}/{num_rounds}"]
+    devices = sum(int(v) for k, v in train.items() if k.startswith("p") and k.endswith("_devices"))
+    trained = f"{devices} device{'s' * (devices != 1)} trained" if devices else "no update released"
+    if "train_loss" in train:
+        trained += f", loss {train['train_loss']:.3f}"
+    epsilons = [v for k, v in train.items() if k.endswith("_epsilon")]
+    if epsilons:
+        trained += f", user-level epsilon up to {max(epsilons):.2f}"
+    problems = [f"{int(train[k])} {k}" for k in ("failed", "skipped", "rejected", "refused") if train.get(k)]
+    parts.append(trained + (f" ({', '.join(problems)})" if problems else ""))
+    if "persona_rmse" in evaluate:
+        parts.append(f"evaluation by {int(evaluate['users'])} users: persona RMSE {evaluate['persona_rmse']:.4f}, "
+                     f"personal RMSE {evaluate['personal_rmse']:.4f}")
+    parts.append(f"{seconds:.0f} s")
+    return " | ".join(parts)
+
+
 def wait_for_nodes(grid: Grid, expected: int, timeout: float = 600) -> list[int]:
     deadline = time.time() + timeout
     while len(nodes := sorted(grid.get_node_ids())) < expected and time.time() < deadline:
@@ -275,9 +298,19 @@ def run(grid: Grid, cfg: FederationConfig) -> None:
                                rollback=(cfg.rollback_margin, cfg.rollback_min_devices),
                                aggregation=cfg.aggregation, trim_fraction=cfg.trim_fraction,
                                max_update_norm=cfg.max_update_norm, max_examples=cfg.max_examples)
+    round_started = time.time()
+
+    def round_done(server_round: int, _arrays) -> None:
+        """Flower's end-of-round hook (its `evaluate_fn`; the server evaluates nothing itself): progress."""
+        nonlocal round_started
+        if server_round:
+            log(INFO, "%s", round_summary(server_round, cfg.num_rounds, strategy.round_metrics[server_round],
+                                          time.time() - round_started), extra=PROGRESS)
+        round_started = time.time()
+
     result = strategy.start(grid, join_personas({p: registry.arrays(v) for p, v in heads.items()}),
                             num_rounds=cfg.num_rounds, timeout=cfg.round_timeout, train_config=ConfigRecord(),
-                            evaluate_config=ConfigRecord())
+                            evaluate_config=ConfigRecord(), evaluate_fn=round_done)
     history = {
         "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
         "devices": len(nodes),

@@ -250,6 +250,9 @@ class PersonaStrategy(FedAvg):
         self.aggregation, self.trim_fraction, self.max_update_norm = aggregation, trim_fraction, max_update_norm
         self.max_examples = max_examples
         self._sent: dict[str, set[int]] = {}  # message type -> nodes asked this round: only they may reply
+        # Per round, the aggregated train and evaluate metrics as they come (Flower's result has them only at the
+        # end): the ServerApp's one progress line per round reads them.
+        self.round_metrics: dict[int, dict[str, MetricRecord | None]] = defaultdict(dict)
 
     @property
     def sample_rate(self) -> float:
@@ -298,6 +301,12 @@ class PersonaStrategy(FedAvg):
         return self._messages(nodes, arrays, config, MessageType.TRAIN)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        arrays, metrics = self._aggregate_train(server_round, replies)
+        self.round_metrics[server_round]["train"] = metrics
+        return arrays, metrics
+
+    def _aggregate_train(self, server_round: int,
+                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Stream the replies into one running sum per persona: no list of all updates is ever held."""
         running: dict[int, _Running] = {}
         counts = {"failed": 0, "skipped": 0, "rejected": 0, "refused": 0}
@@ -441,6 +450,11 @@ class PersonaStrategy(FedAvg):
         return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        metrics = self._aggregate_evaluate(server_round, replies)
+        self.round_metrics[server_round]["evaluate"] = metrics
+        return metrics
+
+    def _aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         valid, counts, seen = [], {"failed": 0, "rejected": 0}, set()
         for msg in replies:
             node = msg.metadata.src_node_id

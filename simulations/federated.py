@@ -34,6 +34,7 @@ from common.metrics import mae, rmse
 from common.model import load_base_model
 from common.split import sample_users, temporal_split
 from server.strategy import ACTIVITY_EDGES, activity_bucket
+from simulations import console
 from simulations.classical import Biases, GlobalMean, tune_mf
 
 QUICK = {"num-rounds": 2, "eval-every": 2, "eval-users": 6, "fraction-train": 0.025, "kmeans-iters": 2}
@@ -42,10 +43,10 @@ QUICK = {"num-rounds": 2, "eval-every": 2, "eval-users": 6, "fraction-train": 0.
 def run_federation(overrides: dict, num_nodes: int, cpus_per_node: float | None = None, mods=()) -> dict:
     """One Flower simulation (its ClientApp wrapped in `mods`, e.g. simulated attackers); returns the ServerApp's
     history."""
-    from flwr.simulation import run_simulation
-
     from client.client_app import build_app as client_app
     from server.server_app import build_app as server_app
+    from simulations.console import worker_logging
+    from simulations.runtime import LOG_ENV, simulate
 
     # Simulations replay exactly: DP sampling and noise come from the public seed (`reproducible`, recorded in
     # history.json's config), which voids the privacy claim against anyone who knows the seed. The accounted
@@ -57,13 +58,11 @@ def run_federation(overrides: dict, num_nodes: int, cpus_per_node: float | None 
         if d.exists():
             shutil.rmtree(d)
     overrides = {**overrides, "min-nodes": num_nodes}
-    # One node at a time with every core: 2-core machines gain nothing from parallel model replicas.
-    resources = {"num_cpus": cpus_per_node or float(os.cpu_count() or 1), "num_gpus": 0.0}
-    run_simulation(server_app=server_app(overrides), client_app=client_app(overrides, mods), num_supernodes=num_nodes,
-                   backend_config={"client_resources": resources})
+    simulate(server_app(overrides), client_app(overrides, (worker_logging, *mods)), num_nodes, cpus_per_node)
     history_file = out / "history.json"
     if not history_file.exists():
-        raise RuntimeError(f"the simulation ended without writing {history_file}; see the log above")
+        where = os.environ.get(LOG_ENV) or "the log above"
+        raise RuntimeError(f"the simulation ended without writing {history_file}; see {where}")
     return json.loads(history_file.read_text())
 
 
@@ -85,6 +84,7 @@ def baseline_rows(cfg: FederationConfig, eval_users, with_slm: bool) -> list[dic
         pred = fit().predict(test["user"], test["item"])
         rows.append(_row(name, "-", test["rating"], pred, len(eval_users), time.perf_counter() - start,
                          buckets(test["user"])))
+        print(f"baseline {name}: RMSE {rows[-1]['rmse']:.4f} ({rows[-1]['wall_s']:.0f} s)", flush=True)
     if with_slm:
         start = time.perf_counter()
         model, tok = load_base_model(cfg.base_model)
@@ -92,6 +92,7 @@ def baseline_rows(cfg: FederationConfig, eval_users, with_slm: bool) -> list[dic
                              memory_items=cfg.memory_items)
         rows.append(_row("SLM vanilla prompting" + _memory(cfg), "-", pred["rating"], pred["pred"], len(eval_users),
                          time.perf_counter() - start, buckets(pred["user"])))
+        print(f"baseline {rows[-1]['method']}: RMSE {rows[-1]['rmse']:.4f} ({rows[-1]['wall_s']:.0f} s)", flush=True)
     return rows
 
 
@@ -237,49 +238,50 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="run-config override, e.g. --set num-rounds=3 --set base-model=tiny (repeatable)")
     args = p.parse_args(argv)
+    with console.session(Path(args.out) / "federated.log"):
 
-    overrides = dict(QUICK) if args.quick else {}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        overrides[key] = value
-    cfg = FederationConfig.from_run_config(overrides)
-    data = load_movielens(cfg.dataset)
-    split = temporal_split(data.ratings, split_preset(cfg.split))
-    nodes = len(split.users)
-    eval_users = sample_users(split.users, cfg.eval_users, cfg.eval_seed)
-    print(f"{data.name} / split '{cfg.split}': {nodes} devices, {len(eval_users)} evaluation users, "
-          f"{cfg.num_rounds} rounds, base {cfg.base_model}")
+        overrides = dict(QUICK) if args.quick else {}
+        for item in args.set:
+            key, _, value = item.partition("=")
+            overrides[key] = value
+        cfg = FederationConfig.from_run_config(overrides)
+        data = load_movielens(cfg.dataset)
+        split = temporal_split(data.ratings, split_preset(cfg.split))
+        nodes = len(split.users)
+        eval_users = sample_users(split.users, cfg.eval_users, cfg.eval_seed)
+        print(f"{data.name} / split '{cfg.split}': {nodes} devices, {len(eval_users)} evaluation users, "
+              f"{cfg.num_rounds} rounds, base {cfg.base_model}")
 
-    if args.repeats < 1:
-        raise SystemExit(f"--repeats must be >= 1, got {args.repeats}")
-    runs = persona_runs(args.personas, overrides, args.epsilons, args.dp_personas, args.device_noise)
-    out = Path(args.out)
-    rows = baseline_rows(cfg, eval_users, with_slm=not args.no_slm_baseline)
-    histories: dict[str, list[dict]] = {}
-    for name, k, slug, extra in runs:
-        repeats = []
-        for r in range(args.repeats):
-            seed = cfg.seed + r
-            run_dir = slug if args.repeats == 1 else f"{slug}-seed{seed}"
-            print(f"\n=== federation: {name}" + (f", seed {seed} ({r + 1}/{args.repeats})" if args.repeats > 1 else "")
-                  + " ===")
-            history = run_federation({**overrides, **extra, "seed": seed,
-                                      "num-personas": k if k != "elbow" else 1, "out-dir": str(out / run_dir),
-                                      "device-dir": str(out / "devices" / run_dir)}, nodes)
-            histories.setdefault(name, []).append(history)
-            repeats.append(federated_rows(name + _memory(cfg), history["personas"]["k"], history))
-        rows += summarise(repeats)
+        if args.repeats < 1:
+            raise SystemExit(f"--repeats must be >= 1, got {args.repeats}")
+        runs = persona_runs(args.personas, overrides, args.epsilons, args.dp_personas, args.device_noise)
+        out = Path(args.out)
+        rows = baseline_rows(cfg, eval_users, with_slm=not args.no_slm_baseline)
+        histories: dict[str, list[dict]] = {}
+        for name, k, slug, extra in runs:
+            repeats = []
+            for r in range(args.repeats):
+                seed = cfg.seed + r
+                run_dir = slug if args.repeats == 1 else f"{slug}-seed{seed}"
+                repeat = f", seed {seed} ({r + 1}/{args.repeats})" if args.repeats > 1 else ""
+                print(f"\n=== federation: {name}{repeat} ===", flush=True)
+                history = run_federation({**overrides, **extra, "seed": seed,
+                                          "num-personas": k if k != "elbow" else 1, "out-dir": str(out / run_dir),
+                                          "device-dir": str(out / "devices" / run_dir)}, nodes)
+                histories.setdefault(name, []).append(history)
+                repeats.append(federated_rows(name + _memory(cfg), history["personas"]["k"], history))
+            rows += summarise(repeats)
 
-    table = markdown(rows) + "\n\nRMSE by user activity (training ratings per user):\n\n" + activity_markdown(rows)
-    print("\n" + table)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.md").write_text(table + "\n")
-    pd.DataFrame([{k: v for k, v in r.items() if k not in ("activity", "rmse_runs")} for r in rows]).to_csv(
-        out / "results.csv", index=False)
-    (out / "results.json").write_text(json.dumps({"overrides": overrides, "rows": rows, "histories": histories},
-                                                 indent=2, default=str))
-    plot(histories, rows[: 4 if not args.no_slm_baseline else 3], out / "rmse_per_round.png")
-    print(f"\nwrote {out}/results.{{md,csv,json}} and {out}/rmse_per_round.png")
+        table = markdown(rows) + "\n\nRMSE by user activity (training ratings per user):\n\n" + activity_markdown(rows)
+        print("\n" + table)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.md").write_text(table + "\n")
+        pd.DataFrame([{k: v for k, v in r.items() if k not in ("activity", "rmse_runs")} for r in rows]).to_csv(
+            out / "results.csv", index=False)
+        (out / "results.json").write_text(json.dumps({"overrides": overrides, "rows": rows, "histories": histories},
+                                                     indent=2, default=str))
+        plot(histories, rows[: 4 if not args.no_slm_baseline else 3], out / "rmse_per_round.png")
+        print(f"\nwrote {out}/results.{{md,csv,json}} and {out}/rmse_per_round.png")
 
 
 if __name__ == "__main__":

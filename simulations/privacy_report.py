@@ -35,6 +35,7 @@ from common.data import load_movielens
 from common.metrics import attack_advantage, attack_auc
 from common.privacy import PrivacyLedger
 from common.split import temporal_split
+from simulations import console
 from simulations.federated import QUICK, dp_level, run_federation
 
 
@@ -154,47 +155,48 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default="results/privacy")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="run-config override")
     args = p.parse_args(argv)
+    with console.session(Path(args.out) / "privacy.log"):
 
-    overrides = dict(QUICK) if args.quick else {}
-    overrides.update(item.partition("=")[::2] for item in args.set)
-    overrides["num-personas"] = args.personas
-    cfg = FederationConfig.from_run_config(overrides)
-    nodes = len(temporal_split(load_movielens(cfg.dataset).ratings, split_preset(cfg.split)).users)
-    key = RawKey.generate()
-    os.environ[KEY_ENV] = key.raw.hex()  # the simulated devices' store key, so this harness can read their stores
+        overrides = dict(QUICK) if args.quick else {}
+        overrides.update(item.partition("=")[::2] for item in args.set)
+        overrides["num-personas"] = args.personas
+        cfg = FederationConfig.from_run_config(overrides)
+        nodes = len(temporal_split(load_movielens(cfg.dataset).ratings, split_preset(cfg.split)).users)
+        key = RawKey.generate()
+        os.environ[KEY_ENV] = key.raw.hex()  # the simulated devices' store key, so this harness can read their stores
 
-    out = Path(args.out)
-    rows = []
-    levels = [] if args.no_plain else [("no DP", "none", None)]
-    levels += [(f"ε={e}", f"eps{e}", float(e)) for e in args.epsilons.split(",") if e.strip()]
-    for name, slug, target in levels:
-        print(f"\n=== privacy level: {name} ===")
-        level = {**overrides, "out-dir": str(out / slug), "device-dir": str(out / "devices" / slug)}
-        if target is not None:
-            level.update(dp_level(target, args.device_noise))
-        start = time.perf_counter()
-        history = run_federation(level, nodes)
-        last = history["evaluate"][max(history["evaluate"], key=int)]
-        run_cfg = FederationConfig.from_run_config(level)
-        mia = membership_attack(run_cfg, Path(run_cfg.out_dir), Path(run_cfg.device_dir), key, args.mia_users,
-                                args.mia_ratings, cfg.seed)
-        rows.append({"level": name, "user_epsilon": user_epsilon(Path(run_cfg.out_dir)),
-                     "example_epsilon": example_epsilon(Path(run_cfg.device_dir), key),
-                     **{k: last[k] for k in ("persona_rmse", "persona_mae", "personal_rmse", "personal_mae")},
-                     "eval_users": int(last["users"]), "mia_auc": mia["auc"], "mia_advantage": mia["advantage"],
-                     "mia_members": mia["members"], "mia_non_members": mia["non_members"],
-                     "wall_s": time.perf_counter() - start})
-        print(markdown(rows[-1:]))
+        out = Path(args.out)
+        rows = []
+        levels = [] if args.no_plain else [("no DP", "none", None)]
+        levels += [(f"ε={e}", f"eps{e}", float(e)) for e in args.epsilons.split(",") if e.strip()]
+        for name, slug, target in levels:
+            print(f"\n=== privacy level: {name} ===")
+            level = {**overrides, "out-dir": str(out / slug), "device-dir": str(out / "devices" / slug)}
+            if target is not None:
+                level.update(dp_level(target, args.device_noise))
+            start = time.perf_counter()
+            history = run_federation(level, nodes)
+            last = history["evaluate"][max(history["evaluate"], key=int)]
+            run_cfg = FederationConfig.from_run_config(level)
+            mia = membership_attack(run_cfg, Path(run_cfg.out_dir), Path(run_cfg.device_dir), key, args.mia_users,
+                                    args.mia_ratings, cfg.seed)
+            rows.append({"level": name, "user_epsilon": user_epsilon(Path(run_cfg.out_dir)),
+                         "example_epsilon": example_epsilon(Path(run_cfg.device_dir), key),
+                         **{k: last[k] for k in ("persona_rmse", "persona_mae", "personal_rmse", "personal_mae")},
+                         "eval_users": int(last["users"]), "mia_auc": mia["auc"], "mia_advantage": mia["advantage"],
+                         "mia_members": mia["members"], "mia_non_members": mia["non_members"],
+                         "wall_s": time.perf_counter() - start})
+            print(markdown(rows[-1:]))
 
-    table = markdown(rows)
-    print("\n" + table)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "privacy.md").write_text(table + "\n")
-    pd.DataFrame(rows).to_csv(out / "privacy.csv", index=False)
-    (out / "privacy.json").write_text(json.dumps({"overrides": overrides, "device_noise": args.device_noise,
-                                                  "rows": rows}, indent=2, default=str))
-    plot(rows, out / "privacy.png")
-    print(f"\nwrote {out}/privacy.{{md,csv,json}} and {out}/privacy.png")
+        table = markdown(rows)
+        print("\n" + table)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "privacy.md").write_text(table + "\n")
+        pd.DataFrame(rows).to_csv(out / "privacy.csv", index=False)
+        (out / "privacy.json").write_text(json.dumps({"overrides": overrides, "device_noise": args.device_noise,
+                                                      "rows": rows}, indent=2, default=str))
+        plot(rows, out / "privacy.png")
+        print(f"\nwrote {out}/privacy.{{md,csv,json}} and {out}/privacy.png")
 
 
 if __name__ == "__main__":

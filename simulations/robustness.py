@@ -30,6 +30,7 @@ from common.data import load_movielens
 from common.split import temporal_split
 from server.registry import PersonaRegistry
 from simulations.adversaries import dropout, poisoning
+from simulations import console
 from simulations.federated import QUICK, run_federation
 
 
@@ -98,53 +99,54 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default="results/robustness")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="run-config override")
     args = p.parse_args(argv)
+    with console.session(Path(args.out) / "robustness.log"):
 
-    overrides = dict(QUICK) if args.quick else {"num-rounds": 3, "eval-every": 3, "eval-users": 12}
-    overrides.update(item.partition("=")[::2] for item in args.set)
-    # Each scenario measures its aggregation alone: the default sanity bound on update norms (which a boosted
-    # attack can exceed) is off unless set; the norm-bound scenario sets its own.
-    overrides.setdefault("max-update-norm", 0.0)
-    overrides["num-personas"] = args.personas
-    cfg = FederationConfig.from_run_config(overrides)
-    nodes = len(temporal_split(load_movielens(cfg.dataset).ratings, split_preset(cfg.split)).users)
-    attack = poisoning(args.poison_fraction, args.poison_kind, args.poison_scale, seed=cfg.seed)
-    label = f"{args.poison_fraction:.0%} {args.poison_kind} x{args.poison_scale:g}"
-    wanted = [s.strip() for s in args.scenarios.split(",") if s.strip()]
-    if "norm-bound" in wanted and "clean" not in wanted:
-        raise SystemExit("the norm-bound scenario takes its bound from the clean run: include 'clean'")
+        overrides = dict(QUICK) if args.quick else {"num-rounds": 3, "eval-every": 3, "eval-users": 12}
+        overrides.update(item.partition("=")[::2] for item in args.set)
+        # Each scenario measures its aggregation alone: the default sanity bound on update norms (which a boosted
+        # attack can exceed) is off unless set; the norm-bound scenario sets its own.
+        overrides.setdefault("max-update-norm", 0.0)
+        overrides["num-personas"] = args.personas
+        cfg = FederationConfig.from_run_config(overrides)
+        nodes = len(temporal_split(load_movielens(cfg.dataset).ratings, split_preset(cfg.split)).users)
+        attack = poisoning(args.poison_fraction, args.poison_kind, args.poison_scale, seed=cfg.seed)
+        label = f"{args.poison_fraction:.0%} {args.poison_kind} x{args.poison_scale:g}"
+        wanted = [s.strip() for s in args.scenarios.split(",") if s.strip()]
+        if "norm-bound" in wanted and "clean" not in wanted:
+            raise SystemExit("the norm-bound scenario takes its bound from the clean run: include 'clean'")
 
-    out = Path(args.out)
-    rows, bound = [], 0.0
-    for slug in wanted:
-        settings, mods = {}, [attack]
-        if slug == "clean":
-            name, mods = "clean, mean", []
-        elif slug in ("mean", "trimmed-mean", "median"):
-            name, settings = f"{label}, {slug}", {"aggregation": slug}
-        elif slug == "norm-bound":
-            name, settings = f"{label}, mean + norm bound {bound:.3g}", {"max-update-norm": bound}
-        elif slug == "dropout":
-            name, mods = f"dropout {args.dropout:.0%}, mean", [dropout(args.dropout, seed=cfg.seed)]
-        else:
-            raise SystemExit(f"unknown scenario {slug!r}")
-        print(f"\n=== scenario: {name} ===")
-        run = {**overrides, **settings, "out-dir": str(out / slug), "device-dir": str(out / "devices" / slug)}
-        start = time.perf_counter()
-        history = run_federation(run, nodes, mods=mods)
-        rows.append(row(name, history, out / slug, time.perf_counter() - start))
-        if slug == "clean":
-            bound = args.norm_factor * max_update_norm(history)
-        print(markdown(rows[-1:]))
+        out = Path(args.out)
+        rows, bound = [], 0.0
+        for slug in wanted:
+            settings, mods = {}, [attack]
+            if slug == "clean":
+                name, mods = "clean, mean", []
+            elif slug in ("mean", "trimmed-mean", "median"):
+                name, settings = f"{label}, {slug}", {"aggregation": slug}
+            elif slug == "norm-bound":
+                name, settings = f"{label}, mean + norm bound {bound:.3g}", {"max-update-norm": bound}
+            elif slug == "dropout":
+                name, mods = f"dropout {args.dropout:.0%}, mean", [dropout(args.dropout, seed=cfg.seed)]
+            else:
+                raise SystemExit(f"unknown scenario {slug!r}")
+            print(f"\n=== scenario: {name} ===")
+            run = {**overrides, **settings, "out-dir": str(out / slug), "device-dir": str(out / "devices" / slug)}
+            start = time.perf_counter()
+            history = run_federation(run, nodes, mods=mods)
+            rows.append(row(name, history, out / slug, time.perf_counter() - start))
+            if slug == "clean":
+                bound = args.norm_factor * max_update_norm(history)
+            print(markdown(rows[-1:]))
 
-    table = markdown(rows)
-    print("\n" + table)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "robustness.md").write_text(table + "\n")
-    pd.DataFrame(rows).to_csv(out / "robustness.csv", index=False)
-    (out / "robustness.json").write_text(json.dumps({"overrides": overrides, "args": vars(args), "rows": rows},
-                                                    indent=2, default=str))
-    plot(rows, out / "robustness.png")
-    print(f"\nwrote {out}/robustness.{{md,csv,json}} and {out}/robustness.png")
+        table = markdown(rows)
+        print("\n" + table)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "robustness.md").write_text(table + "\n")
+        pd.DataFrame(rows).to_csv(out / "robustness.csv", index=False)
+        (out / "robustness.json").write_text(json.dumps({"overrides": overrides, "args": vars(args), "rows": rows},
+                                                        indent=2, default=str))
+        plot(rows, out / "robustness.png")
+        print(f"\nwrote {out}/robustness.{{md,csv,json}} and {out}/robustness.png")
 
 
 if __name__ == "__main__":

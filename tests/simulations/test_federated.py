@@ -1,6 +1,10 @@
 """A real Flower simulation (Ray backend) of the whole system with the tiny model."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +21,7 @@ from server.registry import PersonaRegistry
 from simulations.federated import run_federation
 from tests.conftest import make_data, write_grouplens_100k
 
+ROOT = Path(__file__).resolve().parents[2]
 PERSONA_FILES = {"adapter_config.json", "adapter_model.safetensors", "manifest.json"}
 
 
@@ -189,15 +194,37 @@ def _main_job_data(tmp_path):
     return write_grouplens_100k(tmp_path / "ml", ratings, items, users)
 
 
-def test_main_job_writes_the_table_with_rmse_per_user_activity_bucket_and_privacy_rows(tmp_path):
-    from simulations.federated import main
+# What the known, handled warnings look like on a console, and a console's generic warning lines: none may show.
+KNOWN_NOISE = ("past_key_values", "run_simulation", "DEPRECATED FEATURE", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO",
+               "Secure RNG", "ClientAppActor", "Loading weights", "Warning", "WARNING")
+HANDLED = ("past_key_values", "The `run_simulation` function is deprecated", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO",
+           "Secure RNG")
 
+
+def test_main_job_writes_the_table_with_rmse_per_user_activity_bucket_and_privacy_rows(tmp_path):
+    """Run as a user runs it, in a process of its own (so warnings shown once per process, and whatever Ray's
+    workers print, reach the console as they would): the console has progress and results only, the log file the
+    rest, and the log file is named on the first line."""
     out = tmp_path / "results"
     sets = {"base-model": "tiny", "dataset": str(_main_job_data(tmp_path)), "split": "default", "num-rounds": 1,
             "eval-every": 1, "eval-users": 6, "kmeans-iters": 2, "cold-start-threshold": 18, "memory-items": 2,
             "lr": 0.01, "persona-candidates": "1,2,3", "eval-min-devices": 1}  # per-bucket RMSE of 2 and 4 users
-    main(["--personas", "elbow", "--epsilons", "2", "--dp-personas", "2", "--out", str(out)]
-         + [a for k, v in sets.items() for a in ("--set", f"{k}={v}")])
+    args = ["--personas", "elbow", "--epsilons", "2", "--dp-personas", "2", "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run([sys.executable, "-m", "simulations.federated", *args]
+                         + [a for k, v in sets.items() for a in ("--set", f"{k}={v}")],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+    assert run.returncode == 0, run.stderr[-3000:]
+    log_file = out / "federated.log"
+    assert run.stdout.splitlines()[0] == f"log file (library logging and warnings): {log_file.resolve()}"
+    log = log_file.read_text()
+    assert "Starting PersonaStrategy strategy" in log and "py.warnings" in log  # Flower's log and warnings went there
+    # Handled at their source, so not even in the log file.
+    assert not [n for n in HANDLED if n in log], [line for line in log.splitlines() if any(n in line for n in HANDLED)]
+    noisy = [line for line in (run.stdout + run.stderr).splitlines() if any(n in line for n in KNOWN_NOISE)]
+    assert not noisy, noisy
+    rounds = [line for line in run.stdout.splitlines() if line.startswith("round 1/1 | ")]
+    assert len(rounds) == 3 and all("evaluation by 6 users: persona RMSE" in line for line in rounds), run.stdout
     result = json.loads((out / "results.json").read_text())
     rows = {r["method"]: r for r in result["rows"]}
     assert {"SLM vanilla prompting + long-term memory (2)", "single adapter + long-term memory (2): persona adapter",

@@ -3,7 +3,6 @@
 lineage of releases, and the run fails on an under-report."""
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -24,14 +23,12 @@ NODES = 5
 def _run(overrides: dict) -> None:
     """One real Flower simulation on `out-dir` as it is: unlike simulations.federated.run_federation, nothing is
     wiped, so a second call is the coordinator restarting on the same registry."""
-    from flwr.simulation import run_simulation
-
     from client.client_app import build_app as client_app
     from server.server_app import build_app as server_app
+    from simulations.runtime import simulate
 
     overrides = {**overrides, "min-nodes": NODES}
-    run_simulation(server_app=server_app(overrides), client_app=client_app(overrides), num_supernodes=NODES,
-                   backend_config={"client_resources": {"num_cpus": float(os.cpu_count() or 1), "num_gpus": 0.0}})
+    simulate(server_app(overrides), client_app(overrides), NODES)
     assert (Path(overrides["out-dir"]) / "history.json").exists(), "the run ended without writing its history"
 
 
