@@ -125,28 +125,68 @@ def federated_rows(name: str, k: int, history: dict) -> list[dict]:
             for path in ("persona", "personal")]
 
 
-def plot(histories: dict[str, list[dict]], baselines: list[dict], path: Path) -> None:
-    """RMSE per evaluated round for each federation (the mean over its repeats), baselines as lines."""
-    import matplotlib
+def _mean_rmse(runs: list[dict], rnd: int, path_name: str) -> float | None:
+    """A federation's RMSE on one path at one evaluated round, the mean over its repeats (None if withheld)."""
+    values = [h["evaluate"].get(str(rnd), {}).get(f"{path_name}_rmse") for h in runs]
+    return float(np.mean(values)) if values and None not in values else None
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, runs in histories.items():
-        rounds = sorted(int(r) for r in runs[0]["evaluate"])
-        for path_name, style in (("persona", "-o"), ("personal", "--s")):
-            ax.plot(rounds, [np.mean([h["evaluate"][str(r)][f"{path_name}_rmse"] for h in runs]) for r in rounds],
-                    style, label=f"{name} ({path_name})")
-    for row, colour in zip(baselines, ("grey", "tab:brown", "tab:olive", "black")):
-        ax.axhline(row["rmse"], color=colour, linestyle=":", label=row["method"])
-    ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
-    ax.set_xlabel("round")
-    ax.set_ylabel("held-out RMSE (evaluation users)")
-    ax.legend(fontsize=8)
+def plot(histories: dict[str, list[dict]], baselines: list[dict], path: Path | None = None):
+    """RMSE of each federation (the mean over its repeats) against the baselines, drawn as the run has it: lines
+    over the evaluated rounds, or, when the run evaluated once (`--quick`), bars, where a line would be one dot.
+    Returns the figure (a plain Figure: nothing stays open in pyplot), saved to `path` if given."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    rounds = sorted({int(r) for runs in histories.values() for h in runs for r in h["evaluate"]})
+    users = {int(h["evaluate"][str(r)]["users"]) for runs in histories.values() for h in runs
+             for r in map(str, rounds) if "users" in h["evaluate"].get(r, {})} or {r["users"] for r in baselines}
+    rmse_label = "held-out RMSE (lower is better)"
+    who = f"{'/'.join(map(str, sorted(users)))} evaluation users' test ratings"
+    paths = (("persona", "shared persona adapter", "-o", "tab:blue"),
+             ("personal", "on-device personal adapter", "--s", "tab:orange"))
+    fig = Figure(figsize=(8, 4.8))
+    ax = fig.subplots()
+    if len(rounds) > 1:
+        for name, runs in histories.items():
+            for path_name, label, style, _ in paths:
+                points = [(r, _mean_rmse(runs, r, path_name)) for r in rounds]
+                points = [(r, v) for r, v in points if v is not None]
+                ax.plot([r for r, _ in points], [v for _, v in points], style, label=f"{name}: {label}")
+        for row, colour in zip(baselines, ("grey", "tab:brown", "tab:olive", "black")):
+            ax.axhline(row["rmse"], color=colour, linestyle=":", label=f"{row['method']} (baseline)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("federated round (rounds with an evaluation)")
+        ax.set_ylabel(rmse_label)
+        ax.set_title(who, fontsize=10)
+        ax.legend(fontsize=8)
+    else:
+        labels, values, colours = [], [], []
+        for row in baselines:
+            labels.append(f"{row['method']} (baseline)")
+            values.append(row["rmse"])
+            colours.append("grey")
+        for name, runs in histories.items():
+            for path_name, label, _, colour in paths:
+                value = _mean_rmse(runs, rounds[0], path_name) if rounds else None
+                if value is not None:
+                    labels.append(f"{name}: {label}")
+                    values.append(value)
+                    colours.append(colour)
+        # Horizontal bars: the method names are long; each bar carries its value, the differences being small.
+        bars = ax.barh(range(len(values)), values, color=colours)
+        ax.set_yticks(range(len(values)), labels, fontsize=8)
+        ax.invert_yaxis()
+        ax.bar_label(bars, fmt="%.4f", fontsize=8, padding=2)
+        ax.set_xlim(0, max(values, default=1.0) * 1.15)
+        ax.set_xlabel(rmse_label)
+        ax.set_title(who + (f"\nafter federated round {rounds[0]}, the run's one evaluation" if rounds else ""),
+                     fontsize=10)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    if path is not None:
+        fig.savefig(path, dpi=120)
+    return fig
 
 
 def markdown(rows: list[dict]) -> str:

@@ -294,3 +294,42 @@ def test_persona_runs_always_start_with_the_single_adapter_and_refuse_bad_k():
         persona_runs("2,x", {})
     with pytest.raises(SystemExit, match="number > 0"):
         persona_runs("2", {}, epsilons="0")
+
+
+def _history(evaluations: dict[int, tuple[float, float]], users: int = 6) -> dict:
+    return {"evaluate": {str(r): {"persona_rmse": a, "personal_rmse": b, "users": users}
+                         for r, (a, b) in evaluations.items()}}
+
+
+BASELINES = [{"method": m, "rmse": v, "users": 6} for m, v in
+             [("global mean", 1.15), ("user+item bias", 1.02), ("matrix factorisation", 0.98)]]
+
+
+def test_a_run_with_one_evaluation_is_plotted_as_bars_of_its_rmse():
+    from matplotlib.container import BarContainer
+
+    from simulations.federated import plot
+
+    # --quick: one evaluated round (round 2); a federation repeated twice is drawn at its mean.
+    histories = {"single adapter": [_history({2: (1.30, 1.20)}), _history({2: (1.10, 1.00)})],
+                 "4 personas": [_history({2: (1.25, 1.15)})]}
+    ax = plot(histories, BASELINES).axes[0]
+    (bars,) = [c for c in ax.containers if isinstance(c, BarContainer)]
+    assert [b.get_width() for b in bars] == pytest.approx([1.15, 1.02, 0.98, 1.20, 1.10, 1.25, 1.15])
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    assert labels[0] == "global mean (baseline)" and labels[3] == "single adapter: shared persona adapter"
+    assert not ax.lines  # no one-dot lines on a 1.9-2.1 axis
+    assert "RMSE" in ax.get_xlabel() and "6 evaluation users" in ax.get_title() and "round 2" in ax.get_title()
+
+
+def test_a_run_with_several_evaluations_is_plotted_as_lines_over_rounds():
+    from simulations.federated import plot
+
+    histories = {"single adapter": [_history({1: (1.3, 1.2), 3: (1.2, 1.1), 5: (1.1, 1.0)})]}
+    ax = plot(histories, BASELINES).axes[0]
+    assert not ax.containers
+    persona, personal, *baselines = ax.lines
+    assert list(persona.get_xdata()) == [1, 3, 5] and list(persona.get_ydata()) == pytest.approx([1.3, 1.2, 1.1])
+    assert list(personal.get_ydata()) == pytest.approx([1.2, 1.1, 1.0])
+    assert [line.get_ydata()[0] for line in baselines] == pytest.approx([1.15, 1.02, 0.98])
+    assert "round" in ax.get_xlabel() and "RMSE" in ax.get_ylabel() and "6 evaluation users" in ax.get_title()
