@@ -69,7 +69,10 @@ def session(log_file: str | Path):
     path = Path(log_file).resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     os.environ[LOG_ENV] = str(path)  # for the simulation's workers (`worker_logging`), which inherit it
-    added = _to_file(path, mode="w")
+    # Emptied, then appended to (O_APPEND) by this process and the workers alike: a handler writing at its own
+    # offset ("w") would overwrite the workers' lines.
+    path.write_text("")
+    added = _to_file(path, mode="a")
     console = logging.StreamHandler(sys.stdout)
     console.addFilter(_shown)
     console.setFormatter(logging.Formatter("%(message)s"))

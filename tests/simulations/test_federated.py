@@ -219,6 +219,8 @@ def test_main_job_writes_the_table_with_rmse_per_user_activity_bucket_and_privac
     assert run.stdout.splitlines()[0] == f"log file (library logging and warnings): {log_file.resolve()}"
     log = log_file.read_text()
     assert "Starting PersonaStrategy strategy" in log and "py.warnings" in log  # Flower's log and warnings went there
+    processes = {line.split()[2] for line in log.splitlines() if line[:4].isdigit()}
+    assert len(processes) >= 2, "the simulation workers' logging is not in the log file"
     # Handled at their source, so not even in the log file.
     assert not [n for n in HANDLED if n in log], [line for line in log.splitlines() if any(n in line for n in HANDLED)]
     noisy = [line for line in (run.stdout + run.stderr).splitlines() if any(n in line for n in KNOWN_NOISE)]
