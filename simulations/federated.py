@@ -11,8 +11,10 @@ Runs, on the same split and the same seeded evaluation users:
   the federation with K=1 (one shared adapter) and with K personas,
   optionally the K-persona federation under user-level DP at several epsilons (`--epsilons`),
   each federation `--repeats` times with training seeds seed, seed+1, ... (the table gives mean and sd),
-and writes results/federated/results.{md,csv,json} plus rmse_per_round.png; each run's persona versions go to
-results/federated/<run>/ and its simulated devices' encrypted stores to results/federated/devices/<run>/.
+and writes results/federated/results.{md,csv,json} plus rmse_per_round.png (lines over the evaluated rounds, or
+bars when the run evaluated once, as --quick does); each run's persona versions go to results/federated/<run>/ and
+its simulated devices' encrypted stores to results/federated/devices/<run>/. The console shows progress (a line per
+baseline and per round) and the tables; library logging and warnings go to results/federated/federated.log.
 """
 
 from __future__ import annotations

@@ -10,7 +10,8 @@ whose device contributed to at least one round, non-members users whose device n
 user by minus the mean cross-entropy of their training ratings under their persona's adapter. It reads the
 simulated devices' encrypted stores, so this harness holds their key (`PERSONAFL_STORE_KEY`, set here).
 
-Writes results/privacy/privacy.{md,csv,json} and privacy.png.
+Writes results/privacy/privacy.{md,csv,json} and privacy.png; library logging and warnings go to
+results/privacy/privacy.log (the console shows progress and the tables).
 """
 
 from __future__ import annotations

@@ -12,7 +12,8 @@ K defaults to 1 so each round has enough updates per persona for trimming to mea
 by default; a trimmed mean over 3 updates at trim 0.2 cuts none).
 
 The norm bound is set from the clean run: `--norm-factor` x the largest honest update norm the coordinator saw.
-Writes results/robustness/robustness.{md,csv,json} and robustness.png.
+Writes results/robustness/robustness.{md,csv,json} and robustness.png; library logging and warnings go to
+results/robustness/robustness.log (the console shows progress and the tables).
 """
 
 from __future__ import annotations
