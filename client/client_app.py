@@ -338,7 +338,7 @@ def build_app(overrides: dict | None = None, mods: Iterable[Mod] = ()) -> Client
         device, cfg = _device(context, overrides)
         state = _state(context)
         if "data-path" in context.node_config:  # deployed: the owner opts in or out of evaluation
-            # Evaluation replies are un-noised counts and error sums (README: What leaves a device): a deployed
+            # Evaluation replies are un-noised counts and error sums (docs/privacy.md: What leaves a device): a deployed
             # device sends them only when its owner held ratings out for it (`run --eval-holdout`).
             opted_in = int(context.node_config.get("evaluate", 1))
             in_eval = opted_in * int(len(device.test) > 0)  # needs a hold-out

@@ -2,7 +2,7 @@
 
 Every path, query and body field gets generated hostile values (integers beyond 64 bits, NaN/Infinity/1e999, wrong
 types, non-UTF-8 bytes, lone surrogates, missing or wrong tokens). Asserted for each request: no 5xx, a status the
-operation documents in the served OpenAPI, the specific 4xx the README promises, and an unchanged registry (every
+operation documents in the served OpenAPI, the 4xx docs/coordinator.md promises, and an unchanged registry (every
 row of every table) after a rejected request.
 """
 
