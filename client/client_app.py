@@ -39,6 +39,7 @@ from client.policy import TrainingPolicy
 from client.store import EncryptedStore
 from common.config import DeviceDP, FederationConfig, ScoringConfig, split_preset
 from common.data import load_movielens
+from common.item_stats import ItemStats, contribution
 from common.personas import (cold_start_persona, discovery_dim, embed_profiles, embedding_sse, genre_deviation,
                              initial_slot, nearest, onboarding_space, slot_sums)
 from common.privacy import BudgetExhausted, PrivacyLedger, noise_for_target
@@ -92,6 +93,14 @@ def _device(context: Context, overrides: dict) -> tuple[Device, FederationConfig
     test = split.test[split.test["user"] == user]
     return Device(user, data, train, test, runtime(cfg.base_model, cfg.lora), ScoringConfig(),
                   cfg.memory_items), cfg
+
+
+def _with_item_stats(device: Device, message: Message) -> Device:
+    """Quote the coordinator's released per-movie statistics in the prompts, when the round carries them."""
+    if "item-stats" in message.content:
+        record = message.content["item-stats"]
+        device.item_stats = ItemStats.from_arrays({k: record[k].numpy() for k in ("mean", "count", "mu")}).frame()
+    return device
 
 
 def _k(message: Message, cfg: FederationConfig) -> int:
@@ -316,6 +325,18 @@ def build_app(overrides: dict | None = None, mods: Iterable[Mod] = ()) -> Client
         sums, counts = slot_sums(e, slot, k)
         return _reply(message, {}, {"sums": _array(sums), "counts": _array(counts), "sse": _array(sse)})
 
+    @app.query("itemstats")
+    @_guarded
+    def itemstats(message: Message, context: Context) -> Message:
+        # Every device answers, cold-start ones included: the contribution's bound, not its size, is what the
+        # coordinator's noise covers, and an empty answer would say "few ratings" in the clear.
+        device, _ = _device(context, overrides)
+        sums, weights, volume = contribution(device.train["item"].to_numpy(), device.train["rating"].to_numpy(),
+                                             int(device.data.items.index.max()))
+        return _reply(message, {}, {"sums": _array(sums.astype(np.float32)),
+                                    "weights": _array(weights.astype(np.float32)),
+                                    "volume": _array(np.array([volume], np.float32))})
+
     @app.query("assign")
     @_guarded
     def assign(message: Message, context: Context) -> Message:
@@ -361,6 +382,7 @@ def build_app(overrides: dict | None = None, mods: Iterable[Mod] = ()) -> Client
     @_guarded
     def train(message: Message, context: Context) -> Message:
         device, cfg = _device(context, overrides)
+        _with_item_stats(device, message)
         persona = from_record(message.content["arrays"])
         persona_id = int(message.content["config"]["persona"])
         policy = TrainingPolicy.from_node_config(context.node_config)
@@ -392,6 +414,7 @@ def build_app(overrides: dict | None = None, mods: Iterable[Mod] = ()) -> Client
     @_guarded
     def evaluate(message: Message, context: Context) -> Message:
         device, cfg = _device(context, overrides)
+        _with_item_stats(device, message)
         persona = from_record(message.content["arrays"])
         personal = _load_personal(device, cfg, context)
         if personal is None:

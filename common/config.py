@@ -214,6 +214,11 @@ class FederationConfig:
     # Long-term memory: each movie's prompt also quotes the user's this-many most similar past ratings (MiniLM
     # embeddings of the movie texts, on the device); 0 = profile (short-term memory) only, the paper's prompt.
     memory_items: int = 0
+    # Collaborative signal: before discovery every device contributes its ratings to per-movie sums
+    # (`common.item_stats`: a bounded contribution, clipped and noised with the discovery noise under user-level
+    # DP, accounted as one more discovery release); the released means and counts go into each movie's prompt
+    # ("Other users rated it 3.9/5 on average (212 ratings).") on every device.
+    item_stats: bool = False
 
     def __post_init__(self) -> None:
         if self.persona_candidates:
