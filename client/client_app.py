@@ -44,6 +44,7 @@ from common.personas import (cold_start_persona, discovery_dim, embed_profiles, 
                              initial_slot, nearest, onboarding_space, slot_sums)
 from common.privacy import BudgetExhausted, PrivacyLedger, noise_for_target
 from common.split import sample_users, temporal_split
+from common.timing import phase
 from common.training import dp_sample_rate
 
 PERSONAL = "personal"  # the store name of the on-device personal adapter
@@ -70,6 +71,7 @@ def _eval_sample(name: str, split: str, n: int, seed: int) -> frozenset:
     return frozenset(int(u) for u in sample_users(_dataset(name, split)[1].users, n, seed))
 
 
+@phase("device: loading data and model")
 def _device(context: Context, overrides: dict) -> tuple[Device, FederationConfig]:
     cfg = FederationConfig.from_run_config({**dict(context.run_config), **overrides})
     node = context.node_config
@@ -115,6 +117,7 @@ def _state(context: Context) -> ConfigRecord:
     return context.state["device"]
 
 
+@phase("device: discovery features")
 def _embedding(device: Device, context: Context, cfg: FederationConfig) -> np.ndarray:
     """This device's discovery vector (`discovery-features`), computed once per run."""
     state = context.state
@@ -263,8 +266,9 @@ def _personal(device: Device, cfg: FederationConfig, context: Context, persona: 
     start = _load_personal(device, cfg, context)
     start = persona if start is None else start
     try:
-        personal, metrics = _train(device, cfg, context, start, cfg.personal_steps,
-                                   cfg.device_dp_enabled and cfg.dp_personal, leaves=False)
+        with phase("model: personal training"):
+            personal, metrics = _train(device, cfg, context, start, cfg.personal_steps,
+                                       cfg.device_dp_enabled and cfg.dp_personal, leaves=False)
     except (BudgetExhausted, LedgerRolledBack):  # keep serving with the adapter as it is
         personal, metrics = start, {}
     _store(device, cfg, context).put_adapter(str(device.user), PERSONAL,
@@ -279,7 +283,8 @@ def _guarded(handler):
     @functools.wraps(handler)
     def wrapper(message: Message, context: Context) -> Message:
         try:
-            return handler(message, context)
+            with phase("device: message handling (other)"):
+                return handler(message, context)
         except Exception:
             LOG.exception("%s failed on this device", message.metadata.message_type)
             return Message(error=Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=ERROR), reply_to=message)
@@ -392,8 +397,9 @@ def build_app(overrides: dict | None = None, mods: Iterable[Mod] = ()) -> Client
             LOG.info("round skipped: %s", detail)
             return _skipped(message, persona_id, POLICY)
         try:
-            trained, metrics = _train(device, cfg, context, persona, policy.steps(cfg.local_steps),
-                                      cfg.device_dp_enabled)
+            with phase("model: persona training"):
+                trained, metrics = _train(device, cfg, context, persona, policy.steps(cfg.local_steps),
+                                          cfg.device_dp_enabled)
         except BudgetExhausted as e:  # the device keeps serving; it just stops contributing
             LOG.info("round skipped: %s", e)
             return _skipped(message, persona_id, BUDGET)
@@ -419,7 +425,8 @@ def build_app(overrides: dict | None = None, mods: Iterable[Mod] = ()) -> Client
         personal = _load_personal(device, cfg, context)
         if personal is None:
             personal = _personal(device, cfg, context, persona)[0] if cfg.personal_steps > 0 else persona
-        on_persona, on_personal = device.errors(persona), device.errors(personal)
+        with phase("model: evaluation scoring"):
+            on_persona, on_personal = device.errors(persona), device.errors(personal)
         # The personal adapter trains without noise: under DP its distance from the persona stays on the device.
         distance = {} if _private_run(cfg) else \
             {"personal_distance": float(np.sqrt(sum(((personal[k] - persona[k]) ** 2).sum() for k in persona)))}

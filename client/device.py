@@ -19,6 +19,7 @@ from common.data import MovieLens
 from common.memory import catalogue_embeddings, recalled_text
 from common.model import load_base_model
 from common.personas import Onboarding
+from common.timing import phase
 from common.prompt import PromptBuilder, item_stats_text, movie_text, user_profile
 from common.privacy import PrivacyLedger
 from common.scoring import RatingHead, predict_with_prefix, rating_nll
@@ -86,8 +87,9 @@ class Device:
 
     @cached_property
     def train_examples(self) -> tuple[list[list[int]], np.ndarray]:
-        rows = self._target_rows
-        return self._suffixes(rows["item"]), rows["rating"].to_numpy(np.float64)
+        with phase("device: building prompts"):
+            rows = self._target_rows
+            return self._suffixes(rows["item"]), rows["rating"].to_numpy(np.float64)
 
     @property
     def train_items(self) -> np.ndarray:
@@ -96,7 +98,8 @@ class Device:
 
     @cached_property
     def test_examples(self) -> tuple[list[list[int]], np.ndarray]:
-        return self._suffixes(self.test["item"]), self.test["rating"].to_numpy(np.float64)
+        with phase("device: building prompts"):
+            return self._suffixes(self.test["item"]), self.test["rating"].to_numpy(np.float64)
 
     @property
     def n_train(self) -> int:

@@ -32,6 +32,7 @@ from common.data import load_movielens
 from common.item_stats import ItemStats, estimate, sensitivity
 from common.model import load_base_model
 from common.personas import EMBED_DIM, discovery_dim, elbow, onboarding_space, update_centroids
+from common.timing import phase
 from common.privacy import (Event, epsilon, events_from_json, lineage_history, poisson_rate, user_level_history,
                             user_level_noise)
 from server.registry import PersonaRegistry
@@ -58,6 +59,7 @@ def _query(grid: Grid, nodes: list[int], action: str, content: RecordDict, timeo
     return ok
 
 
+@phase("coordinator: discovery sums")
 def _sum(replies: list[Message], shapes: dict[str, tuple[int, ...]], bound: float, noise: float,
          action: str, reproducible: bool = False, clip_always: bool = False) -> list[np.ndarray]:
     """Sum of the replies' arrays; with `noise` > 0 each reply is clipped to `bound` and the sum gets Gaussian
@@ -290,6 +292,7 @@ def run(grid: Grid, cfg: FederationConfig) -> None:
     heads, fresh = starting_versions(registry, rollouts, cfg, version_zero_privacy(dp, prior))
     histories = resumed_histories(registry, heads, fresh, prior) if dp else {}
 
+    @phase("coordinator: registry writes")
     def release(round_, persona, arrays, devices, metrics, privacy) -> int:
         version = registry.add_version(persona, round_, arrays, devices, metrics, privacy, parent=heads[persona])
         heads[persona] = version

@@ -38,6 +38,7 @@ from flwr.supercore.differential_privacy import (add_gaussian_noise_inplace, cli
                                                 get_norm)
 
 from common.config import FederationConfig, UserDP
+from common.timing import phase
 from common.privacy import Event, epsilon, poisson_rate
 from server.rollouts import Rollouts
 
@@ -300,6 +301,7 @@ class PersonaStrategy(FedAvg):
         config["server-round"] = server_round
         return self._messages(nodes, arrays, config, MessageType.TRAIN)
 
+    @phase("coordinator: aggregation")
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Stream the replies into one running sum per persona: no list of all updates is ever held."""
         running: dict[int, _Running] = {}
@@ -443,6 +445,7 @@ class PersonaStrategy(FedAvg):
                 self._served[node] = version
         return messages
 
+    @phase("coordinator: aggregation")
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         valid, counts, seen = [], {"failed": 0, "rejected": 0}, set()
         for msg in replies:

@@ -87,6 +87,20 @@ def test_metrics_and_personal_adapters(federation):
     assert train["tokens_per_s"] > 0 and train["gflops_per_s"] > 0
 
 
+def test_the_wall_breakdown_adds_up_and_names_where_the_time_went(federation):
+    timing = federation[0]["timing"]
+    parts = timing["seconds"]
+    assert sum(parts.values()) == pytest.approx(timing["wall_s"], rel=1e-6)
+    for name in ("model: persona training", "model: personal training", "model: evaluation scoring",
+                 "device: encrypted store", "device: loading data and model", "device: building prompts",
+                 "device: discovery features", "coordinator: aggregation", "coordinator: discovery sums",
+                 "coordinator: registry writes"):
+        assert parts[name] > 0 and timing["calls"][name] >= 1, name
+    # Devices run one at a time and phases count exclusively: what no phase covers is never negative.
+    assert parts["rest (messaging, polling, idle, shut-down)"] >= 0
+    assert parts["start-up (Ray, Flower, until the first phase)"] > 0
+
+
 def test_device_stores_hold_personal_adapters_encrypted_only(federation):
     devices, key = federation[2], federation[3]
     nodes = sorted(devices.glob("node-*"))
@@ -234,6 +248,9 @@ def test_main_job_writes_the_table_with_rmse_per_user_activity_bucket_and_privac
         assert min(row["activity"].values()) - 1e-9 <= row["rmse"] <= max(row["activity"].values()) + 1e-9
     table = (out / "results.md").read_text()
     assert "| method | 0-19 ratings | 20-49 ratings |" in table and "RMSE sd" not in table
+    # the wall breakdown: one column per federation, and the share of the wall spent in the model
+    assert "| phase | single adapter | K at the elbow of 1,2,3 | 2 personas, user-level ε=2 |" in table
+    assert "model: persona training" in table and "**model forward/backward (all `model:` phases)**" in table
     assert (out / "results.csv").exists() and (out / "rmse_per_round.png").exists()
 
 
