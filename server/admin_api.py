@@ -79,6 +79,19 @@ class Evaluation(BaseModel):
     mae: float | None
 
 
+class EvaluationPoint(BaseModel):
+    """One pooled evaluation of a version as it was recorded (several devices' sums), for RMSE over time."""
+    id: int
+    at: float
+    version: int
+    state: Literal["candidate", "canary", "stable", "retired"] | None = Field(
+        description="the version's state when the evaluation was recorded")
+    devices: int
+    ratings: float
+    rmse: float | None
+    mae: float | None
+
+
 class PersonaView(BaseModel):
     persona: int
     stable: int | None
@@ -331,6 +344,13 @@ def create_app(registry: PersonaRegistry, tokens: TokenStore, serving=None, max_
     @app.get("/personas/{persona}", response_model=PersonaView, responses=READ_ONE)
     def get_persona(persona: PersonaId, _: Principal = Depends(require("read"))) -> dict:
         return persona_view(persona)
+
+    @app.get("/personas/{persona}/evaluations", response_model=Page[EvaluationPoint], responses=READ_ONE)
+    def list_evaluations(persona: PersonaId, limit: Limit = 50, offset: Offset = 0,
+                         _: Principal = Depends(require("read"))) -> dict:
+        """The persona's pooled evaluations in the order they were recorded, each with its version's state then."""
+        items, total = rollouts.evaluation_history(persona, limit, offset)
+        return {"items": items, "total": total, "limit": limit, "offset": offset}
 
     @app.get("/versions", response_model=Page[VersionView], responses=READ)
     def list_versions(persona: PersonaFilter = None, limit: Limit = 50, offset: Offset = 0,
