@@ -91,6 +91,10 @@ def test_page_shows_what_the_registry_holds_and_keeps_the_token_out_of_urls(site
     driver, registry, rollouts = site
     assert "no token" in driver.find_element(By.ID, "token-state").text
     assert rows(driver, "personas") == []
+    field = driver.find_element(By.ID, "token-input")
+    field.send_keys("not-a-token-of-this-server\n")  # Enter works as the button does
+    wait(driver).until(lambda d: "(401)" in message(d)[0])
+    assert message(driver)[1] == "error" and rows(driver, "personas") == []
     use_token(driver, "root")
     personas = registry.personas()
     wait(driver).until(lambda d: len(rows(d, "personas")) == len(personas) and rows(d, "events"))
