@@ -201,3 +201,7 @@ def test_page_is_served_with_a_policy_that_admits_only_its_own_code(site):
     assert "default-src 'none'" in policy and "connect-src 'self'" in policy and "frame-ancestors 'none'" in policy
     assert "unsafe-inline" not in policy and "http" not in policy
     assert policy.count("'sha256-") == 2
+    # And the browser enforces it: a script element injected into the page (as an HTML injection would) does not run.
+    driver.execute_script("const s = document.createElement('script'); s.textContent = 'window.injected = 1';"
+                          "document.body.append(s);")
+    assert driver.execute_script("return window.injected === undefined")
