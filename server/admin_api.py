@@ -446,7 +446,9 @@ def create_app(registry: PersonaRegistry, tokens: TokenStore, serving=None, max_
 
     @app.get("/events", response_model=Page[Event], responses=READ)
     def list_events(persona: PersonaFilter = None, limit: Limit = 50, offset: Offset = 0,
-                    _: Principal = Depends(require("admin"))) -> dict:
+                    _: Principal = Depends(require("read"))) -> dict:
+        # Read scope (issue #19: the operator page shows the audit trail to readers): actors are token names and
+        # reasons are what operators typed; neither holds user data.
         items, total = rollouts.events(persona, limit, offset)
         return {"items": items, "total": total, "limit": limit, "offset": offset}
 

@@ -93,7 +93,7 @@ ENDPOINTS = [  # method, path, body, scope
     ("POST", "/personas/0/promote", {}, "rollout"),
     ("POST", "/personas/0/rollback", {}, "rollout"),
     ("POST", "/personas/1/stable", {"version": 5}, "admin"),
-    ("GET", "/events", None, "admin"),
+    ("GET", "/events", None, "read"),
 ]
 HOLDERS = {"read": ["reader", "operator", "root"], "rollout": ["operator", "root"], "admin": ["root"]}
 
