@@ -38,6 +38,7 @@ from flwr.supercore.differential_privacy import (add_gaussian_noise_inplace, cli
                                                 get_norm)
 
 from common.config import FederationConfig, UserDP
+from common.timing import phase
 from common.privacy import Event, epsilon, poisson_rate
 from server.rollouts import Rollouts
 
@@ -207,6 +208,7 @@ class PersonaStrategy(FedAvg):
         sample_rate: float | None = None,
         reproducible: bool = False,
         eval_min_devices: int = FederationConfig.eval_min_devices,
+        extra_content: dict[str, ArrayRecord] | None = None,
     ) -> None:
         """`dp`: user-level DP on every persona release; `prior_releases`: user-level events the persona's users
         already took part in (its lineage from earlier runs, then this run's persona discovery; one list for every
@@ -217,7 +219,8 @@ class PersonaStrategy(FedAvg):
         devices are withheld. With `rollouts`, each evaluated
         device gets the version its bucket says (stable or canary), its metrics are pooled per version, and a
         canary worse than stable by `rollback` = (RMSE margin, minimum devices) is rolled back. `aggregation`,
-        `trim_fraction`, `max_update_norm`, `max_examples`: see FederationConfig."""
+        `trim_fraction`, `max_update_norm`, `max_examples`: see FederationConfig. `extra_content`: records every
+        training and evaluation message carries besides the adapter (the released item statistics)."""
         if aggregation not in ("mean", "trimmed-mean", "median"):
             raise ValueError(f"unknown aggregation {aggregation!r}")
         if dp and aggregation != "mean":
@@ -225,6 +228,7 @@ class PersonaStrategy(FedAvg):
         super().__init__(fraction_train=fraction_train, min_train_nodes=min_train_nodes, min_available_nodes=1,
                          min_evaluate_nodes=0, weighted_by_key="num-examples")
         self.node_persona = dict(node_persona)
+        self.extra_content = dict(extra_content or {})
         self.eval_nodes = [n for n in eval_nodes if n in self.node_persona]
         self.eval_every = eval_every
         self.num_rounds = num_rounds
@@ -279,7 +283,7 @@ class PersonaStrategy(FedAvg):
         for node in nodes:
             persona = self.node_persona[node]
             cfg = ConfigRecord({**dict(config), "persona": persona})
-            content = RecordDict({"arrays": records[persona], "config": cfg})
+            content = RecordDict({"arrays": records[persona], "config": cfg, **self.extra_content})
             messages.append(Message(content=content, message_type=kind, dst_node_id=node))
         return messages
 
@@ -300,6 +304,7 @@ class PersonaStrategy(FedAvg):
         config["server-round"] = server_round
         return self._messages(nodes, arrays, config, MessageType.TRAIN)
 
+    @phase("coordinator: aggregation")
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         arrays, metrics = self._aggregate_train(server_round, replies)
         self.round_metrics[server_round]["train"] = metrics
@@ -449,6 +454,7 @@ class PersonaStrategy(FedAvg):
                 self._served[node] = version
         return messages
 
+    @phase("coordinator: aggregation")
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         metrics = self._aggregate_evaluate(server_round, replies)
         self.round_metrics[server_round]["evaluate"] = metrics
