@@ -54,9 +54,18 @@ def encode(delta: dict[str, np.ndarray], persona: int, k: int, clip: float, coor
     flat = np.concatenate([np.asarray(delta[n], np.float64).ravel() for n in keys]) if keys else np.zeros(0)
     if not np.isfinite(flat).all():
         raise ValueError("the delta has NaN or Inf values")
+    if not 0 < clip < float("inf") or not 0 < coord_range < float("inf"):
+        raise ValueError(f"clip and range must be finite and > 0, got {clip}, {coord_range}")
+    if levels < 2 or levels % 2 or levels > 1 << 30:
+        raise ValueError(f"levels must be even and in [2, 2**30], got {levels}")
+    # Rounding moves each coordinate by less than one step, so the L2 norm by less than step x sqrt(d): clipping
+    # to that much below `clip` keeps the quantised delta itself within `clip`, which the coordinator checks.
+    bound = clip - step(coord_range, levels) * math.sqrt(d)
+    if bound <= 0:
+        raise ValueError(f"clip {clip} is below the quantisation error of {d} coordinates")
     arrays = [flat]
-    if get_norm(arrays) > clip:  # Flower's helper divides by the norm: an all-zero delta is already within it
-        clip_inputs_inplace(arrays, clip)
+    if get_norm(arrays) > bound:  # Flower's helper divides by the norm: an all-zero delta is already within it
+        clip_inputs_inplace(arrays, bound)
     zero = levels // 2
     vector = np.full(k * d + k, zero, np.uint32)
     vector[persona * d:(persona + 1) * d] = quantize([arrays[0]], coord_range, levels)[0].astype(np.uint32)

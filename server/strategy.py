@@ -37,9 +37,11 @@ from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
 from flwr.supercore.differential_privacy import (add_gaussian_noise_inplace, clip_inputs_inplace, compute_stdv,
                                                 get_norm)
 
-from common.config import FederationConfig, UserDP
+from common import kslot
+from common.config import FederationConfig, SecureAggregation, UserDP
 from common.privacy import Event, epsilon, poisson_rate
 from server.rollouts import Rollouts
+from server.secure_aggregation import Aborted, read_advert, run_round
 
 # Evaluation is also pooled by how many training ratings a user has (cold-start users vs heavy users): that is
 # where personas should matter most.
@@ -207,6 +209,8 @@ class PersonaStrategy(FedAvg):
         sample_rate: float | None = None,
         reproducible: bool = False,
         eval_min_devices: int = FederationConfig.eval_min_devices,
+        secure: SecureAggregation | None = None,
+        secure_timeout: float = FederationConfig.round_timeout,
     ) -> None:
         """`dp`: user-level DP on every persona release; `prior_releases`: user-level events the persona's users
         already took part in (its lineage from earlier runs, then this run's persona discovery; one list for every
@@ -217,9 +221,14 @@ class PersonaStrategy(FedAvg):
         devices are withheld. With `rollouts`, each evaluated
         device gets the version its bucket says (stable or canary), its metrics are pooled per version, and a
         canary worse than stable by `rollback` = (RMSE margin, minimum devices) is rolled back. `aggregation`,
-        `trim_fraction`, `max_update_norm`, `max_examples`: see FederationConfig."""
+        `trim_fraction`, `max_update_norm`, `max_examples`: see FederationConfig. With `secure`, each round's
+        updates arrive as masked K-slot vectors and only their per-persona sums are unmasked (`_secure_sums`);
+        `secure_timeout` bounds each of its three extra exchanges."""
         if aggregation not in ("mean", "trimmed-mean", "median"):
             raise ValueError(f"unknown aggregation {aggregation!r}")
+        if secure and aggregation != "mean":
+            raise ValueError(f"aggregation {aggregation!r} needs single updates, which secure aggregation hides "
+                             "from the coordinator; use aggregation='mean'")
         if dp and aggregation != "mean":
             raise ValueError("robust aggregation cannot be combined with user-level DP")
         super().__init__(fraction_train=fraction_train, min_train_nodes=min_train_nodes, min_available_nodes=1,
@@ -250,6 +259,9 @@ class PersonaStrategy(FedAvg):
         self.aggregation, self.trim_fraction, self.max_update_norm = aggregation, trim_fraction, max_update_norm
         self.max_examples = max_examples
         self._sent: dict[str, set[int]] = {}  # message type -> nodes asked this round: only they may reply
+        self.secure, self.secure_timeout = secure, secure_timeout
+        self._grid: Grid | None = None  # the secure round's extra exchanges go through the round's grid
+        self._secure_round: dict = {}  # this round's public protocol parameters
 
     @property
     def sample_rate(self) -> float:
@@ -295,12 +307,34 @@ class PersonaStrategy(FedAvg):
             self._sample_rate = size / len(eligible) if eligible else 0.0
         log(INFO, "configure_train: %d of %d devices", len(nodes), len(eligible))
         config["server-round"] = server_round
-        return self._messages(nodes, arrays, config, MessageType.TRAIN)
+        if not self.secure:
+            return self._messages(nodes, arrays, config, MessageType.TRAIN)
+        self._grid = grid
+        if len(nodes) < 2:  # a "sum" of one device is its update: nothing can be aggregated securely
+            log(WARNING, "round %d: %d devices sampled, secure aggregation needs 2; no round", server_round, len(nodes))
+            self._secure_round = {}
+            self._current = split_personas(arrays)
+            self._sent[SECURE_TRAIN] = set()
+            return []
+        # Public parameters, the same for every device of the round: quantisation levels such that the whole
+        # cohort's sum cannot wrap around the modulus, and the threshold as a device count.
+        self._secure_round = {
+            "secagg-round": secrets.randbits(62), "secagg-k": len(split_personas(arrays)),
+            "secagg-threshold": max(2, math.ceil(self.secure.threshold * len(nodes))),
+            "secagg-levels": kslot.levels_for(len(nodes)), "secagg-range": self.secure.coord_range,
+            "secagg-clip": self.secure.clip}
+        config.update(self._secure_round)
+        return self._messages(nodes, arrays, config, SECURE_TRAIN)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Stream the replies into one running sum per persona: no list of all updates is ever held."""
-        running: dict[int, _Running] = {}
         counts = {"failed": 0, "skipped": 0, "rejected": 0, "refused": 0}
+        if self.secure:
+            running = self._secure_sums(server_round, replies, counts)
+            if running is None:  # aborted: nothing is released, every persona keeps its version
+                return None, MetricRecord({**counts, "secagg_aborted": 1})
+            return self._release(server_round, running, counts, None)
+        running: dict[int, _Running] = {}
         max_norm = 0.0  # of accepted updates, before any clipping: what an operator sets max-update-norm from
         seen: set[int] = set()
         for msg in replies:
@@ -326,7 +360,11 @@ class PersonaStrategy(FedAvg):
                 clip(arrays, self.dp.clip)
                 weight = 1.0
             acc.add(arrays, weight, metrics)
+        return self._release(server_round, running, counts, max_norm)
 
+    def _release(self, server_round: int, running: dict[int, "_Running"], counts: dict[str, int],
+                 max_norm: float | None) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Each persona's new version from its aggregate (plain or secure), through DP when that is on."""
         new = {p: dict(arrs) for p, arrs in self._current.items()}
         metrics = MetricRecord()
         # Under DP every persona is released every round (noise only without updates); otherwise only updated ones.
@@ -362,9 +400,67 @@ class PersonaStrategy(FedAvg):
         metrics.update(counts)
         if not released:  # the counts of what went wrong are still kept in the history, if anything arrived
             return None, (metrics if any(counts.values()) else None)
-        if not self.dp:  # a single device's statistic: kept out of what a DP run reports
+        if not self.dp and max_norm is not None:  # a single device's statistic: not in DP or secure runs
             metrics["max_update_norm"] = max_norm
         return join_personas(new), metrics
+
+    def _secure_sums(self, server_round: int, replies: Iterable[Message],
+                     counts: dict[str, int]) -> dict[int, "_Running"] | None:
+        """The secure round after the train replies: run the protocol's three other exchanges, unmask the sum of
+        the survivors' K-slot vectors and decode it into per-persona sums and counts (bounded: `bound_sums`).
+        None when the round aborts (too few devices at some stage, or a sum no honest devices could produce)."""
+        params, adverts, seen = self._secure_round, {}, set()
+        asked = self._sent.get(SECURE_TRAIN, set())
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            if msg.has_error():
+                log(WARNING, "node %s failed this round: %s", node, msg.error.reason)
+                counts["failed"] += 1
+                continue
+            metrics = msg.content["metrics"] if "metrics" in msg.content else None
+            keys = read_advert(msg)
+            if node not in asked or node in seen:
+                problem = "not a device asked to train this round, or a second reply"
+            elif isinstance(metrics, MetricRecord) and metrics.get("skipped"):
+                counts["skipped"] += 1
+                seen.add(node)
+                continue
+            else:
+                problem = None if keys is not None else "no public keys of the right form"
+            seen.add(node)
+            if problem:
+                log(WARNING, "rejected reply from node %s: %s", node, problem)
+                counts["rejected"] += 1
+                continue
+            adverts[node] = keys
+        if not params:
+            return None
+        shapes = {k: v.shape for k, v in next(iter(self._current.values())).items()}
+        k = params["secagg-k"]
+        length = k * kslot.layout(shapes)[1] + k
+        try:
+            total, survivors = run_round(self._grid, adverts, params["secagg-threshold"], length,
+                                         params["secagg-round"], self.secure_timeout)
+            sums, persona_counts = kslot.decode(total, len(survivors), shapes, k, params["secagg-range"],
+                                                params["secagg-levels"])
+        except (Aborted, ValueError) as e:
+            log(WARNING, "round %d: secure aggregation aborted, nothing released: %s", server_round, e)
+            return None
+        counts["secagg_dropped"] = len(adverts) - len(survivors)
+        sums, clipped = bound_sums(sums, persona_counts, params["secagg-clip"], params["secagg-range"],
+                                   kslot.step(params["secagg-range"], params["secagg-levels"]))
+        if clipped:
+            log(WARNING, "round %d: persona sums %s exceeded what their devices could send honestly; bounded",
+                server_round, clipped)
+            counts["secagg_bounded"] = len(clipped)
+        running = {}
+        for persona, count in enumerate(persona_counts):
+            if count > 0 and persona in self._current:
+                acc = _Running(self._current[persona])
+                acc.sum = [sums[persona][key] for key in acc.keys]
+                acc.weight = acc.devices = int(count)
+                running[persona] = acc
+        return running
 
     def _read_train_reply(self, msg: Message, seen: set[int]) -> str | None | tuple[int, Arrays, float, MetricRecord]:
         """(persona, delta, weight, metrics) of a usable update, None for a device that skipped the round, or why
@@ -526,6 +622,27 @@ class PersonaStrategy(FedAvg):
 
 
 TRAIN_METRICS = ("train_loss", "tokens_per_s", "gflops_per_s")
+SECURE_TRAIN = f"{MessageType.TRAIN}.secagg"  # train, then answer with the first secure-aggregation message
+
+
+def bound_sums(sums: dict[int, Arrays], counts, clip: float, coord_range: float,
+               step: float) -> tuple[dict[int, Arrays], list[int]]:
+    """Each persona's decoded sum limited to what its `counts[p]` devices could have sent honestly: every
+    coordinate within count x range, the L2 norm within count x clip (devices clip to clip minus the worst
+    rounding, `kslot.encode`). Masking hides single vectors, so a device could have sent anything modulo
+    2**32; this is what bounds its influence (docs/secure_aggregation.md). Returns the sums and the personas
+    that had to be bounded."""
+    out, bounded = {}, []
+    for p, arrays in sums.items():
+        n = int(counts[p])
+        limited = {k: np.clip(v, -n * coord_range, n * coord_range) for k, v in arrays.items()}
+        norm = update_norm(limited)
+        if norm > n * clip:
+            limited = {k: v * (n * clip / norm) for k, v in limited.items()}
+        if norm > n * clip or any(not np.array_equal(limited[k], arrays[k]) for k in arrays):
+            bounded.append(p)
+        out[p] = limited
+    return out, bounded
 
 
 class _Running:
