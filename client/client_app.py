@@ -42,7 +42,6 @@ from client import secure_aggregation
 from client.policy import TrainingPolicy
 from client.store import EncryptedStore
 from common.config import DeviceDP, FederationConfig, ScoringConfig, split_preset
-from common import kslot
 from common.data import load_movielens
 from common.personas import (cold_start_persona, discovery_dim, embed_profiles, embedding_sse, genre_deviation,
                              initial_slot, nearest, onboarding_space, slot_sums)
@@ -407,17 +406,10 @@ def build_app(overrides: dict | None = None, mods: Iterable[Mod] = ()) -> Client
     @app.train("secagg")
     @_guarded
     def train_secagg(message: Message, context: Context) -> Message:
-        config = message.content["config"]
         outcome = persona_update(message, context, None)
         if isinstance(outcome, Message):
             return outcome
-        _, _, delta, _ = outcome
-        # Only public keys leave now; no persona, example count or train metric (each is one device's value).
-        vector = kslot.encode(delta, int(config["persona"]), int(config["secagg-k"]), float(config["secagg-clip"]),
-                              float(config["secagg-range"]), int(config["secagg-levels"]))
-        keys = secure_aggregation.begin(context, message.metadata.dst_node_id, vector,
-                                        int(config["secagg-threshold"]), config["secagg-round"])
-        return Message(content=RecordDict({"metrics": MetricRecord({}), "secagg": keys}), reply_to=message)
+        return secure_aggregation.start(message, context, outcome[2])
 
     @app.query("secagg_share")
     @_guarded

@@ -10,8 +10,9 @@ turns that into an error reply whose reason is a category (the device is then a 
 from __future__ import annotations
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
+from common import kslot
 from common.secure_aggregation import Participant, ProtocolError
 
 STATE, VECTOR = "secagg", "secagg-vector"
@@ -66,6 +67,18 @@ def begin(context: Context, node: int, vector: np.ndarray, threshold: int, round
     c, s = participant.advertise()
     _save(context, participant, round_id)
     return ConfigRecord({"c": c, "s": s})
+
+
+def start(message: Message, context: Context, delta: dict[str, np.ndarray]) -> Message:
+    """The train.secagg reply once `delta` is trained: the delta goes into the K-slot vector of the persona this
+    device trained (held in memory), and only two public keys leave. No persona id, example count or train
+    metric is sent: each is one device's value."""
+    config = message.content["config"]
+    vector = kslot.encode(delta, int(config["persona"]), int(config["secagg-k"]), float(config["secagg-clip"]),
+                          float(config["secagg-range"]), int(config["secagg-levels"]))
+    keys = begin(context, message.metadata.dst_node_id, vector, int(config["secagg-threshold"]),
+                 config["secagg-round"])
+    return Message(content=RecordDict({"metrics": MetricRecord({}), "secagg": keys}), reply_to=message)
 
 
 def _node_map(record, what: str) -> dict[int, bytes]:
