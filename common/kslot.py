@@ -22,6 +22,7 @@ import numpy as np
 from flwr.common.secure_aggregation.quantization import dequantize, quantize
 from flwr.supercore.differential_privacy import clip_inputs_inplace, get_norm
 
+MAX_SLOTS = 64
 MODULUS = 1 << 32  # masked arithmetic is uint32 with its natural wrap-around: 4 bytes a coordinate, as float32
 
 
@@ -48,6 +49,8 @@ def encode(delta: dict[str, np.ndarray], persona: int, k: int, clip: float, coor
            levels: int) -> np.ndarray:
     """This device's K-slot vector: `delta` clipped to L2 norm `clip` and to [-coord_range, coord_range] per
     coordinate (the quantisation range), quantised into slot `persona`; quantised zeros elsewhere; count 1 there."""
+    if not 1 <= k <= MAX_SLOTS:  # the coordinator's number: a huge one would exhaust the device's memory
+        raise ValueError(f"{k} slots; at most {MAX_SLOTS}")
     if not 0 <= persona < k:
         raise ValueError(f"persona {persona} is not one of {k} slots")
     keys, d = layout({n: v.shape for n, v in delta.items()})

@@ -133,6 +133,10 @@ class Participant:
             raise ProtocolError("the coordinator relayed other public keys for this device")
         if len(keys) < self.threshold:
             raise ProtocolError(f"{len(keys)} participants, fewer than the threshold {self.threshold}")
+        # A minority threshold would let a coordinator that tells two halves of the cohort different stories
+        # gather both the seed shares and the key shares of one device.
+        if 2 * self.threshold <= len(keys):
+            raise ProtocolError(f"threshold {self.threshold} is not a majority of {len(keys)} participants")
         if any(not 0 <= n <= MAX_NODE_ID for n in keys):
             raise ProtocolError("a participant id is not a node id")
         # Two participants with one key would let whoever holds it unmask the other's pairwise mask.

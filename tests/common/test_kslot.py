@@ -61,3 +61,5 @@ def test_quantisation_levels_never_let_a_cohort_wrap_around():
         kslot.encode({"a": np.full(4, np.nan, np.float32)}, 0, 2, 1.0, 0.1, 1000)
     with pytest.raises(ValueError):
         kslot.encode({"a": np.zeros(4, np.float32)}, 0, 2, 1.0, 0.1, 1001)  # odd levels: zero would round
+    with pytest.raises(ValueError):
+        kslot.encode({"a": np.zeros(4, np.float32)}, 0, 10**6, 1.0, 0.1, 1000)  # 10**6 slots of memory

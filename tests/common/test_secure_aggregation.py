@@ -41,13 +41,16 @@ def test_stages_run_in_order_and_once():
         p.share(keys)
 
 
-@pytest.mark.parametrize("tamper", ["own-key", "duplicate", "too-few"])
+@pytest.mark.parametrize("tamper", ["own-key", "duplicate", "too-few", "minority"])
 def test_key_lists_that_would_leak_are_refused(tamper):
     parties, keys = _parties()
     if tamper == "own-key":  # the coordinator substitutes its own key for this device's
         keys[1] = keys[2]
     elif tamper == "duplicate":  # two participants with one key: whoever holds it unmasks the other
         keys[3] = keys[4]
+    elif tamper == "minority":  # 2 of 4 could be two halves told different stories
+        parties[1] = Participant(1, VEC.copy(), 2)
+        keys[1] = parties[1].advertise()
     else:
         keys = {1: keys[1], 2: keys[2]}
     with pytest.raises(ProtocolError):
