@@ -113,12 +113,17 @@ def plain_round(shape: dict, k: int, devices: int, seed: int) -> dict:
             "coordinator_s": time.perf_counter() - start}
 
 
+def median(runs: list[dict]) -> dict:
+    return {key: float(np.median([r[key] for r in runs])) for key in runs[0]}
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base-model", default=FederationConfig().base_model)
     p.add_argument("--devices", type=int, default=13, help="13 = 6%% of the 216 paper-split devices")
     p.add_argument("--ks", default="1,4,8")
     p.add_argument("--drop", type=float, default=0.3, help="fraction of devices leaving after sharing keys")
+    p.add_argument("--repeat", type=int, default=3, help="rounds per cell; the table has the medians")
     args = p.parse_args(argv)
     for attr in ("_task_id", "_run_id", "_node_id"):  # what a Flower run would set for its messages
         setattr(TaskIdentity, attr, 1 if attr != "_node_id" else 0)
@@ -127,15 +132,15 @@ def main(argv: list[str] | None = None) -> None:
     shape = {n: v.shape for n, v in adapter_arrays(add_lora(load_base_model(cfg.base_model)[0], cfg.lora)).items()}
     params = sum(int(np.prod(s)) for s in shape.values())
     print(f"base {cfg.base_model}, {params:,} LoRA parameters, {args.devices} devices a round, "
-          f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}")
+          f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.1f} (1-minute average at the start)")
     print("| K | plain up / device (MB) | secure up / device (MB) | secure down / device (MB) | "
           "secure up / round (MB) | device protocol (s) | coordinator (s) | coordinator, "
           f"{args.drop:.0%} dropped (s) | plain coordinator (s) |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for k in (int(x) for x in args.ks.split(",")):
-        plain = plain_round(shape, k, args.devices, 0)
-        full = secure_round(shape, k, args.devices, 0.0, 0)
-        dropped = secure_round(shape, k, args.devices, args.drop, 1)
+        plain = median([plain_round(shape, k, args.devices, r) for r in range(args.repeat)])
+        full = median([secure_round(shape, k, args.devices, 0.0, r) for r in range(args.repeat)])
+        dropped = median([secure_round(shape, k, args.devices, args.drop, r) for r in range(args.repeat)])
         print(f"| {k} | {plain['up'] / 1e6:.2f} | {full['up'] / 1e6:.2f} | {full['down'] / 1e6:.2f} | "
               f"{full['round_up'] / 1e6:.1f} | {full['device_s']:.2f} | {full['coordinator_s']:.2f} | "
               f"{dropped['coordinator_s']:.2f} | {plain['coordinator_s']:.2f} |", flush=True)
