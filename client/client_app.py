@@ -426,9 +426,7 @@ def build_app(overrides: dict | None = None, mods: Iterable[Mod] = ()) -> Client
     def secagg_unmask(message: Message, context: Context) -> Message:
         return secure_aggregation.unmask(message, context)
 
-    @app.evaluate()
-    @_guarded
-    def evaluate(message: Message, context: Context) -> Message:
+    def evaluation(message: Message, context: Context) -> tuple[dict, FederationConfig, Device]:
         device, cfg = _device(context, overrides)
         persona = from_record(message.content["arrays"])
         personal = _load_personal(device, cfg, context)
@@ -438,7 +436,7 @@ def build_app(overrides: dict | None = None, mods: Iterable[Mod] = ()) -> Client
         # The personal adapter trains without noise: under DP its distance from the persona stays on the device.
         distance = {} if _private_run(cfg) else \
             {"personal_distance": float(np.sqrt(sum(((personal[k] - persona[k]) ** 2).sum() for k in persona)))}
-        return _reply(message, {
+        return {
             "num-examples": device.n_train, "cold": int(device.n_train < cfg.cold_start_threshold),
             "persona_sse": on_persona["sse"], "persona_sae": on_persona["sae"],
             "personal_sse": on_personal["sse"], "personal_sae": on_personal["sae"], "n": on_persona["n"],
@@ -446,7 +444,18 @@ def build_app(overrides: dict | None = None, mods: Iterable[Mod] = ()) -> Client
             # the version the coordinator served, echoed so its metrics are pooled per version (canaries)
             **({"version": int(message.content["config"]["version"])} if "version" in message.content["config"]
                else {}),
-        })
+        }, cfg, device
+
+    @app.evaluate()
+    @_guarded
+    def evaluate(message: Message, context: Context) -> Message:
+        return _reply(message, evaluation(message, context)[0])
+
+    @app.evaluate("secagg")
+    @_guarded
+    def evaluate_secagg(message: Message, context: Context) -> Message:
+        values, _, _ = evaluation(message, context)
+        return secure_aggregation.start_evaluation(message, context, values)
 
     return app
 

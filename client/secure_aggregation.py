@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from common import kslot
+from common import kslot, scoped_sums
 from common.secure_aggregation import Participant, ProtocolError
 
 STATE, VECTOR = "secagg", "secagg-vector"
@@ -76,6 +76,24 @@ def start(message: Message, context: Context, delta: dict[str, np.ndarray]) -> M
     config = message.content["config"]
     vector = kslot.encode(delta, int(config["persona"]), int(config["secagg-k"]), float(config["secagg-clip"]),
                           float(config["secagg-range"]), int(config["secagg-levels"]))
+    keys = begin(context, message.metadata.dst_node_id, vector, int(config["secagg-threshold"]),
+                 config["secagg-round"])
+    return Message(content=RecordDict({"metrics": MetricRecord({}), "secagg": keys}), reply_to=message)
+
+
+def start_evaluation(message: Message, context: Context, values: dict) -> Message:
+    """The evaluate.secagg reply: this device's statistics go into every scope it belongs to (all, its persona,
+    cold or warm, its activity bucket, the version it was served) of the round's scoped vector; only two public
+    keys leave. (`values` as a plain evaluation reply would carry them.)"""
+    config = message.content["config"]
+    scopes = config["secagg-scopes"]
+    if not isinstance(scopes, list) or not all(isinstance(x, str) for x in scopes):
+        raise ProtocolError("secagg-scopes is not a list of names")
+    own = ["all", f"p{int(config['persona'])}", "cold" if values["cold"] else "warm",
+           scoped_sums.activity_bucket(int(values["num-examples"]))]
+    if "version" in values:
+        own.append(f"v{values['version']}")
+    vector = scoped_sums.encode(values, own, list(scopes), int(config["secagg-levels"]))
     keys = begin(context, message.metadata.dst_node_id, vector, int(config["secagg-threshold"]),
                  config["secagg-round"])
     return Message(content=RecordDict({"metrics": MetricRecord({}), "secagg": keys}), reply_to=message)

@@ -37,15 +37,12 @@ from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
 from flwr.supercore.differential_privacy import (add_gaussian_noise_inplace, clip_inputs_inplace, compute_stdv,
                                                 get_norm)
 
-from common import kslot
+from common import kslot, scoped_sums
+from common.scoped_sums import ACTIVITY_EDGES, activity_bucket  # noqa: F401 -- also this module's public names
 from common.config import FederationConfig, SecureAggregation, UserDP
 from common.privacy import Event, epsilon, poisson_rate
 from server.rollouts import Rollouts
 from server.secure_aggregation import Aborted, read_advert, run_round
-
-# Evaluation is also pooled by how many training ratings a user has (cold-start users vs heavy users): that is
-# where personas should matter most.
-ACTIVITY_EDGES = (20, 50, 100, 200)
 
 
 def clip(arrays: list[np.ndarray], bound: float) -> None:
@@ -65,15 +62,6 @@ def add_noise(arrays: list[np.ndarray], std: float, reproducible: bool) -> list[
     rng = np.random.default_rng(secrets.randbits(128))
     return [a + rng.normal(0.0, std, np.shape(a)) for a in arrays]
 
-
-def activity_bucket(n_train: int) -> str:
-    """'ratings_0_19', ..., 'ratings_200_plus': the scope name of a user with `n_train` training ratings."""
-    lo = 0
-    for hi in ACTIVITY_EDGES:
-        if n_train < hi:
-            return f"ratings_{lo}_{hi - 1}"
-        lo = hi
-    return f"ratings_{lo}_plus"
 
 Arrays = dict[str, np.ndarray]
 # (round, persona, new adapter, contributing devices, aggregated train metrics, privacy) -> version id or None
@@ -262,6 +250,7 @@ class PersonaStrategy(FedAvg):
         self.secure, self.secure_timeout = secure, secure_timeout
         self._grid: Grid | None = None  # the secure round's extra exchanges go through the round's grid
         self._secure_round: dict = {}  # this round's public protocol parameters
+        self._secure_eval: dict = {}  # and the evaluation round's
 
     @property
     def sample_rate(self) -> float:
@@ -521,7 +510,14 @@ class PersonaStrategy(FedAvg):
         config["server-round"] = server_round
         online = set(grid.get_node_ids())
         nodes = [n for n in self.eval_nodes if n in online]
-        messages = self._messages(nodes, arrays, config, MessageType.EVALUATE)
+        if self.secure and len(nodes) < 2:
+            log(WARNING, "evaluation round %d: %d devices online, secure aggregation needs 2; no evaluation",
+                server_round, len(nodes))
+            self._sent[SECURE_EVALUATE] = set()
+            return []
+        kind = SECURE_EVALUATE if self.secure else MessageType.EVALUATE
+        self._grid = grid
+        messages = self._messages(nodes, arrays, config, kind)
         if self.rollouts is not None:
             self._served = {}
             payloads: dict[int, ArrayRecord] = {}
@@ -534,42 +530,34 @@ class PersonaStrategy(FedAvg):
                 message.content["arrays"] = payloads[version]
                 message.content["config"]["version"] = version
                 self._served[node] = version
+        if self.secure:
+            # Every scope the plain evaluation pools, and one per served version (canary judgement); a device
+            # writes its statistics into its own scopes and zeros into the rest.
+            personas = sorted(set(self.node_persona.values()))
+            versions = sorted(set(self._served.values())) if self.rollouts is not None else []
+            scopes = ["all", *(f"p{p}" for p in personas), "cold", "warm",
+                      *(activity_bucket(lo) for lo in (0, *ACTIVITY_EDGES)), *(f"v{v}" for v in versions)]
+            self._secure_eval = {"secagg-round": secrets.randbits(62), "secagg-scopes": scopes,
+                                 "secagg-threshold": max(2, math.ceil(self.secure.threshold * len(nodes))),
+                                 "secagg-levels": kslot.levels_for(len(nodes))}
+            for message in messages:
+                for key, value in self._secure_eval.items():
+                    message.content["config"][key] = value
         return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        valid, counts, seen = [], {"failed": 0, "rejected": 0}, set()
-        for msg in replies:
-            node = msg.metadata.src_node_id
-            if msg.has_error():
-                log(WARNING, "node %s failed to evaluate: %s", node, msg.error.reason)
-                counts["failed"] += 1
-                continue
-            if node not in self.node_persona or node not in self._sent.get(MessageType.EVALUATE, ()):
-                problem = "not a device asked to evaluate this round"
-            elif node in seen:
-                problem = "a second reply this round"
-            else:
-                problem = check_evaluation(msg.content["metrics"] if "metrics" in msg.content else None)
-            if problem:
-                log(WARNING, "rejected evaluation from node %s: %.300s", node, problem)
-                counts["rejected"] += 1
-                continue
-            seen.add(node)
-            valid.append(msg)
-        sums: dict[str, float] = defaultdict(float)
-        for msg in valid:
-            m = msg.content["metrics"]
-            persona = self.node_persona.get(msg.metadata.src_node_id)
-            bucket = "cold" if m.get("cold") else "warm"
-            for scope in ("all", f"p{persona}", bucket, activity_bucket(int(m["num-examples"]))):
-                for key in ("persona_sse", "persona_sae", "personal_sse", "personal_sae", "n"):
-                    sums[f"{scope}/{key}"] += float(m[key])
-                sums[f"{scope}/users"] += 1
-                sums[f"{scope}/personal_distance"] += float(m.get("personal_distance", 0.0))
-        if not valid:
+        counts = {"failed": 0, "rejected": 0}
+        if self.secure:
+            scoped = self._secure_evaluation(server_round, replies, counts)
+            if scoped is None:
+                return MetricRecord({**counts, "secagg_aborted": 1})
+            sums, pooled = scoped
+        else:
+            sums, pooled = self._plain_evaluation(replies, counts)
+        if not sums:
             return MetricRecord(counts) if any(counts.values()) else None
         if self.rollouts is not None:
-            self._record_versions(valid)
+            self._record_versions(pooled)
         out = MetricRecord(counts)
         for scope in sorted({k.split("/")[0] for k in sums}):
             n = sums[f"{scope}/n"]
@@ -589,26 +577,102 @@ class PersonaStrategy(FedAvg):
             out[f"{prefix}users"] = sums[f"{scope}/users"]
         return out
 
-
-    def _record_versions(self, replies: list[Message]) -> None:
-        """Pool persona-path error sums per served version, then let rollouts judge each running canary."""
-        pooled: dict[int, list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0, 0])
-        pooled_nodes: dict[int, set[int]] = defaultdict(set)
+    def _plain_evaluation(self, replies: Iterable[Message], counts: dict[str, int]) -> tuple[dict, dict]:
+        """Validated replies pooled per scope ("scope/field" -> sum), and per served version
+        (version -> ([sse, sae, n, devices], distinct nodes))."""
+        valid, seen = [], set()
         for msg in replies:
+            node = msg.metadata.src_node_id
+            if msg.has_error():
+                log(WARNING, "node %s failed to evaluate: %s", node, msg.error.reason)
+                counts["failed"] += 1
+                continue
+            if node not in self.node_persona or node not in self._sent.get(MessageType.EVALUATE, ()):
+                problem = "not a device asked to evaluate this round"
+            elif node in seen:
+                problem = "a second reply this round"
+            else:
+                problem = check_evaluation(msg.content["metrics"] if "metrics" in msg.content else None)
+            if problem:
+                log(WARNING, "rejected evaluation from node %s: %.300s", node, problem)
+                counts["rejected"] += 1
+                continue
+            seen.add(node)
+            valid.append(msg)
+        sums: dict[str, float] = defaultdict(float)
+        pooled: dict[int, tuple[list[float], set[int]]] = {}
+        for msg in valid:
             node, m = msg.metadata.src_node_id, msg.content["metrics"]
+            persona = self.node_persona.get(node)
+            bucket = "cold" if m.get("cold") else "warm"
+            for scope in ("all", f"p{persona}", bucket, activity_bucket(int(m["num-examples"]))):
+                for key in ("persona_sse", "persona_sae", "personal_sse", "personal_sae", "n"):
+                    sums[f"{scope}/{key}"] += float(m[key])
+                sums[f"{scope}/users"] += 1
+                sums[f"{scope}/personal_distance"] += float(m.get("personal_distance", 0.0))
+            if self.rollouts is None:
+                continue
             version = self._served.get(node)
             if version is None or m.get("version") != version:
                 log(WARNING, "evaluation from node %s is not tagged with the version it was sent (%s); not pooled",
                     node, version)
                 continue
-            p = pooled[version]
-            p[0], p[1], p[2], p[3] = p[0] + m["persona_sse"], p[1] + m["persona_sae"], p[2] + m["n"], p[3] + 1
-            pooled_nodes[version].add(node)
-        for version, (sse, sae, n, devices) in pooled.items():
+            held, nodes = pooled.setdefault(version, ([0.0, 0.0, 0.0, 0], set()))
+            for i, key in enumerate(("persona_sse", "persona_sae", "n")):
+                held[i] += float(m[key])
+            held[3] += 1
+            nodes.add(node)
+        return sums, pooled
+
+    def _secure_evaluation(self, server_round: int, replies: Iterable[Message],
+                           counts: dict[str, int]) -> tuple[dict, dict] | None:
+        """The evaluation round's statistics through secure aggregation: only every scope's pooled sums are
+        unmasked (`common.scoped_sums`). None when the round aborts."""
+        params, adverts, seen = self._secure_eval, {}, set()
+        asked = self._sent.get(SECURE_EVALUATE, set())
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            if msg.has_error():
+                log(WARNING, "node %s failed to evaluate: %s", node, msg.error.reason)
+                counts["failed"] += 1
+                continue
+            keys = read_advert(msg)
+            if node not in asked or node in seen or keys is None:
+                log(WARNING, "rejected evaluation from node %s: unasked, a second reply, or no public keys", node)
+                counts["rejected"] += 1
+                continue
+            seen.add(node)
+            adverts[node] = keys
+        if not params or not asked:
+            return None
+        scopes = list(params["secagg-scopes"])
+        try:
+            total, survivors = run_round(self._grid, adverts, params["secagg-threshold"],
+                                         len(scopes) * len(scoped_sums.FIELDS), params["secagg-round"],
+                                         self.secure_timeout)
+            table = scoped_sums.decode(total, len(survivors), scopes, params["secagg-levels"])
+        except (Aborted, ValueError) as e:
+            log(WARNING, "evaluation round %d: secure aggregation aborted, nothing pooled: %s", server_round, e)
+            return None
+        counts["secagg_dropped"] = len(adverts) - len(survivors)
+        sums = {f"{scope}/{field}": value for scope, row in table.items() if row["users"]
+                for field, value in row.items()}
+        pooled = {}
+        for scope, row in table.items():
+            if scope.startswith("v") and row["users"]:
+                version = int(scope[1:])
+                # Which survivors were served this version is the coordinator's own routing, not device data.
+                nodes = {n for n in survivors if self._served.get(n) == version}
+                pooled[version] = ([row["persona_sse"], row["persona_sae"], row["n"], row["users"]], nodes)
+        return sums, pooled
+
+    def _record_versions(self, pooled: dict[int, tuple[list[float], set[int]]]) -> None:
+        """Add this round's per-version pools to those held back, then let rollouts judge each running canary."""
+        for version, (sums, nodes) in pooled.items():
             # The registry (and the admin API reading it) only ever gets sums pooling eval_min_devices distinct
             # devices: smaller pools wait for later evaluation rounds of the same version.
             held, seen = self._pending.get(version, ([0.0, 0.0, 0.0, 0], set()))
-            held, seen = [a + b for a, b in zip(held, (sse, sae, n, devices))], seen | pooled_nodes[version]
+            held, seen = [a + b for a, b in zip(held, sums)], seen | nodes
             if len(seen) < self.eval_min_devices:
                 self._pending[version] = (held, seen)
                 log(INFO, "version %d: evaluation by %d devices withheld (below eval-min-devices %d)", version,
@@ -623,6 +687,7 @@ class PersonaStrategy(FedAvg):
 
 TRAIN_METRICS = ("train_loss", "tokens_per_s", "gflops_per_s")
 SECURE_TRAIN = f"{MessageType.TRAIN}.secagg"  # train, then answer with the first secure-aggregation message
+SECURE_EVALUATE = f"{MessageType.EVALUATE}.secagg"  # evaluate, likewise
 
 
 def bound_sums(sums: dict[int, Arrays], counts, clip: float, coord_range: float,

@@ -302,3 +302,49 @@ def test_coordinator_replies_from_unasked_nodes_are_ignored():
     state = SecureSum(2, 4)
     with pytest.raises(Aborted):
         state.advertise({1: (b"junk", b"junk"), 2: (b"", b"")})
+
+
+# --- Evaluation through the same sums ------------------------------------------------------------------------------
+
+def _evaluation(node_persona, values, grid, secure):
+    strategy = PersonaStrategy(node_persona, fraction_train=1.0, eval_nodes=list(node_persona), eval_min_devices=2,
+                               secure=secure)
+    start = {p: {n: np.zeros(s, np.float32) for n, s in SHAPES.items()} for p in sorted(set(node_persona.values()))}
+    messages = list(strategy.configure_evaluate(1, join_personas(start), ConfigRecord(), grid))
+    replies = []
+    for m in messages:
+        node = m.metadata.dst_node_id
+        if secure:
+            reply = device.start_evaluation(m, grid.contexts[node], values[node])
+            grid.received.append(reply.content)
+        else:
+            reply = Message(content=RecordDict({"metrics": MetricRecord(values[node])}), reply_to=m)
+        replies.append(reply)
+    return strategy.aggregate_evaluate(1, replies)
+
+
+def test_evaluation_error_sums_reach_the_coordinator_only_pooled():
+    rng = np.random.default_rng(7)
+    node_persona = {n: n % 2 for n in range(1, 8)}
+    values = {}
+    for n in node_persona:
+        held = int(rng.integers(5, 40))
+        values[n] = {"num-examples": int(rng.integers(5, 300)), "cold": int(n == 3), "n": held,
+                     "persona_sse": float(rng.uniform(0, 2) * held), "persona_sae": float(rng.uniform(0, 1) * held),
+                     "personal_sse": float(rng.uniform(0, 2) * held), "personal_sae": float(rng.uniform(0, 1) * held),
+                     "personal_distance": float(rng.uniform(0, 3))}
+    plain = _evaluation(node_persona, values, Grid(node_persona), None)
+    grid = Grid(node_persona, drop={"query.secagg_mask": {6}, "query.secagg_unmask": {6}})
+    secure = _evaluation(node_persona, values, grid, SECURE)
+    # Device 6 dropped after sharing keys: the secure pools are the other six devices' plain pools.
+    survivors = {n: v for n, v in values.items() if n != 6}
+    expected = _evaluation({n: node_persona[n] for n in survivors}, survivors, Grid(survivors), None)
+    assert {k for k in secure if not k.startswith("secagg")} == set(expected) and set(plain) >= set(expected)
+    for key, value in expected.items():
+        assert secure[key] == pytest.approx(value, rel=1e-5, abs=1e-5), key
+    assert secure["secagg_dropped"] == 1 and secure["users"] == 6
+    # Nothing the coordinator received holds any device's numbers: only keys, ciphertexts, masked integers.
+    for content in grid.received:
+        assert all(len(rec) == 0 for rec in content.metric_records.values())
+        for rec in content.array_records.values():
+            assert all(a.dtype == "uint32" for a in rec.values())

@@ -11,6 +11,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from client.keys import KEY_ENV, RawKey
+from server.registry import PersonaRegistry
 from simulations.federated import run_federation
 from tests.conftest import make_data, write_grouplens_100k
 
@@ -73,15 +74,24 @@ def test_secure_run_releases_the_plain_runs_persona_versions_within_quantisation
         assert "secagg_aborted" not in train and train["secagg_dropped"] == 0, (round_, train)
         assert sum(train[f"p{p}_devices"] for p in range(2) if f"p{p}_devices" in train) == 5
         assert "train_loss" not in train and "max_update_norm" not in train  # single devices' figures
-    final = history["evaluate"]["2"]
-    assert abs(final["persona_rmse"] - runs["plain"][0]["evaluate"]["2"]["persona_rmse"]) < 1e-3
+    # Evaluation went through secure sums too: the same pooled metrics, and the same per-version evaluations in
+    # the registry (the canary machinery's input).
+    final, plain_final = history["evaluate"]["2"], runs["plain"][0]["evaluate"]["2"]
+    assert final["users"] == plain_final["users"] == 5 and final["ratings"] == pytest.approx(plain_final["ratings"])
+    for key in ("persona_rmse", "personal_rmse", "p0_persona_rmse", "warm_persona_mae"):
+        assert final[key] == pytest.approx(plain_final[key], abs=1e-3), key
+    evaluations = {name: [PersonaRegistry(runs[name][1]).evaluation(v["id"]) for v in
+                          PersonaRegistry(runs[name][1]).versions()[0]] for name in ("plain", "secure")}
+    assert [e["devices"] for e in evaluations["secure"]] == [e["devices"] for e in evaluations["plain"]]
+    assert sum(e["devices"] for e in evaluations["secure"]) == 5
 
 
 def test_what_devices_send_in_a_secure_round_is_keys_ciphertexts_and_masked_integers(runs):
     replies = runs["secure"][2]
     stages = {r["type"] for r in replies}
-    assert {"train.secagg", "query.secagg_share", "query.secagg_mask", "query.secagg_unmask"} <= stages
-    assert "train" not in stages
+    assert {"train.secagg", "evaluate.secagg", "query.secagg_share", "query.secagg_mask",
+            "query.secagg_unmask"} <= stages
+    assert "train" not in stages and "evaluate" not in stages
     secure = [r for r in replies if "secagg" in r["type"]]
     assert secure and not any(r["error"] for r in secure)
     for r in secure:
