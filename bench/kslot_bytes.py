@@ -1,4 +1,4 @@
-"""Upload cost of K-slot persona updates (the secure-aggregation design in the README), measured with Flower's
+"""Upload cost of K-slot persona updates (the secure-aggregation design in docs/privacy.md), measured with Flower's
 own ArrayRecord serialisation on the real adapter shape.
 
     python -m bench.kslot_bytes [--base-model smollm2-135m] [--devices-per-round 13]

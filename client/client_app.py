@@ -43,10 +43,12 @@ from client.policy import TrainingPolicy
 from client.store import EncryptedStore
 from common.config import DeviceDP, FederationConfig, ScoringConfig, split_preset
 from common.data import load_movielens
+from common.item_stats import ItemStats, contribution
 from common.personas import (cold_start_persona, discovery_dim, embed_profiles, embedding_sse, genre_deviation,
                              initial_slot, nearest, onboarding_space, slot_sums)
 from common.privacy import BudgetExhausted, PrivacyLedger, noise_for_target
 from common.split import sample_users, temporal_split
+from common.timing import phase
 from common.training import dp_sample_rate
 
 PERSONAL = "personal"  # the store name of the on-device personal adapter
@@ -73,6 +75,7 @@ def _eval_sample(name: str, split: str, n: int, seed: int) -> frozenset:
     return frozenset(int(u) for u in sample_users(_dataset(name, split)[1].users, n, seed))
 
 
+@phase("device: loading data and model")
 def _device(context: Context, overrides: dict) -> tuple[Device, FederationConfig]:
     cfg = FederationConfig.from_run_config({**dict(context.run_config), **overrides})
     node = context.node_config
@@ -98,6 +101,14 @@ def _device(context: Context, overrides: dict) -> tuple[Device, FederationConfig
                   cfg.memory_items), cfg
 
 
+def _with_item_stats(device: Device, message: Message) -> Device:
+    """Quote the coordinator's released per-movie statistics in the prompts, when the round carries them."""
+    if "item-stats" in message.content:
+        record = message.content["item-stats"]
+        device.item_stats = ItemStats.from_arrays({k: record[k].numpy() for k in ("mean", "count", "mu")}).frame()
+    return device
+
+
 def _k(message: Message, cfg: FederationConfig) -> int:
     """The number of personas a discovery query is about (the coordinator may be trying several)."""
     config = message.content["config"] if "config" in message.content else {}
@@ -110,6 +121,7 @@ def _state(context: Context) -> ConfigRecord:
     return context.state["device"]
 
 
+@phase("device: discovery features")
 def _embedding(device: Device, context: Context, cfg: FederationConfig) -> np.ndarray:
     """This device's discovery vector (`discovery-features`), computed once per run."""
     state = context.state
@@ -258,8 +270,9 @@ def _personal(device: Device, cfg: FederationConfig, context: Context, persona: 
     start = _load_personal(device, cfg, context)
     start = persona if start is None else start
     try:
-        personal, metrics = _train(device, cfg, context, start, cfg.personal_steps,
-                                   cfg.device_dp_enabled and cfg.dp_personal, leaves=False)
+        with phase("model: personal training"):
+            personal, metrics = _train(device, cfg, context, start, cfg.personal_steps,
+                                       cfg.device_dp_enabled and cfg.dp_personal, leaves=False)
     except (BudgetExhausted, LedgerRolledBack):  # keep serving with the adapter as it is
         personal, metrics = start, {}
     _store(device, cfg, context).put_adapter(str(device.user), PERSONAL,
@@ -274,7 +287,8 @@ def _guarded(handler):
     @functools.wraps(handler)
     def wrapper(message: Message, context: Context) -> Message:
         try:
-            return handler(message, context)
+            with phase("device: message handling (other)"):
+                return handler(message, context)
         except Exception:
             LOG.exception("%s failed on this device", message.metadata.message_type)
             return Message(error=Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=ERROR), reply_to=message)
@@ -322,6 +336,18 @@ def build_app(overrides: dict | None = None, mods: Iterable[Mod] = ()) -> Client
         sums, counts = slot_sums(e, slot, k)
         return _reply(message, {}, {"sums": _array(sums), "counts": _array(counts), "sse": _array(sse)})
 
+    @app.query("itemstats")
+    @_guarded
+    def itemstats(message: Message, context: Context) -> Message:
+        # Every device answers, cold-start ones included: the contribution's bound, not its size, is what the
+        # coordinator's noise covers, and an empty answer would say "few ratings" in the clear.
+        device, _ = _device(context, overrides)
+        sums, weights, volume = contribution(device.train["item"].to_numpy(), device.train["rating"].to_numpy(),
+                                             int(device.data.items.index.max()))
+        return _reply(message, {}, {"sums": _array(sums.astype(np.float32)),
+                                    "weights": _array(weights.astype(np.float32)),
+                                    "volume": _array(np.array([volume], np.float32))})
+
     @app.query("assign")
     @_guarded
     def assign(message: Message, context: Context) -> Message:
@@ -344,7 +370,7 @@ def build_app(overrides: dict | None = None, mods: Iterable[Mod] = ()) -> Client
         device, cfg = _device(context, overrides)
         state = _state(context)
         if "data-path" in context.node_config:  # deployed: the owner opts in or out of evaluation
-            # Evaluation replies are un-noised counts and error sums (README: What leaves a device): a deployed
+            # Evaluation replies are un-noised counts and error sums (docs/privacy.md: What leaves a device): a deployed
             # device sends them only when its owner held ratings out for it (`run --eval-holdout`).
             opted_in = int(context.node_config.get("evaluate", 1))
             in_eval = opted_in * int(len(device.test) > 0)  # needs a hold-out
@@ -367,6 +393,7 @@ def build_app(overrides: dict | None = None, mods: Iterable[Mod] = ()) -> Client
         """(device, cfg, delta, metrics) from this round's training, or a skipped reply naming persona `claim`
         (None under secure aggregation: the device sends no persona id)."""
         device, cfg = _device(context, overrides)
+        _with_item_stats(device, message)
         persona = from_record(message.content["arrays"])
         policy = TrainingPolicy.from_node_config(context.node_config)
         # A refusal's details (how many ratings, what epsilon) stay in the device's log; the reply says only which
@@ -375,8 +402,9 @@ def build_app(overrides: dict | None = None, mods: Iterable[Mod] = ()) -> Client
             LOG.info("round skipped: %s", detail)
             return _skipped(message, claim, POLICY)
         try:
-            trained, metrics = _train(device, cfg, context, persona, policy.steps(cfg.local_steps),
-                                      cfg.device_dp_enabled)
+            with phase("model: persona training"):
+                trained, metrics = _train(device, cfg, context, persona, policy.steps(cfg.local_steps),
+                                          cfg.device_dp_enabled)
         except BudgetExhausted as e:  # the device keeps serving; it just stops contributing
             LOG.info("round skipped: %s", e)
             return _skipped(message, claim, BUDGET)
@@ -428,11 +456,13 @@ def build_app(overrides: dict | None = None, mods: Iterable[Mod] = ()) -> Client
 
     def evaluation(message: Message, context: Context) -> tuple[dict, FederationConfig, Device]:
         device, cfg = _device(context, overrides)
+        _with_item_stats(device, message)
         persona = from_record(message.content["arrays"])
         personal = _load_personal(device, cfg, context)
         if personal is None:
             personal = _personal(device, cfg, context, persona)[0] if cfg.personal_steps > 0 else persona
-        on_persona, on_personal = device.errors(persona), device.errors(personal)
+        with phase("model: evaluation scoring"):
+            on_persona, on_personal = device.errors(persona), device.errors(personal)
         # The personal adapter trains without noise: under DP its distance from the persona stays on the device.
         distance = {} if _private_run(cfg) else \
             {"personal_distance": float(np.sqrt(sum(((personal[k] - persona[k]) ** 2).sum() for k in persona)))}

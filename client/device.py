@@ -19,7 +19,8 @@ from common.data import MovieLens
 from common.memory import catalogue_embeddings, recalled_text
 from common.model import load_base_model
 from common.personas import Onboarding
-from common.prompt import PromptBuilder, movie_text, user_profile
+from common.timing import phase
+from common.prompt import PromptBuilder, item_stats_text, movie_text, user_profile
 from common.privacy import PrivacyLedger
 from common.scoring import RatingHead, predict_with_prefix, rating_nll
 from common.training import PackedRow, pack, packed_rating_logits, train_local, train_local_dp
@@ -53,6 +54,8 @@ class Device:
     rt: Runtime
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     memory_items: int = 0  # long-term memory: similar past ratings recalled into each movie's prompt
+    # released per-movie statistics (`common.item_stats`), quoted in each movie's prompt; None: not quoted
+    item_stats: pd.DataFrame | None = None
 
     @cached_property
     def profile(self) -> str:
@@ -62,12 +65,16 @@ class Device:
     def prefix(self) -> list[int]:
         return self.rt.builder.prefix_ids(self.profile)
 
+    def _movie(self, item) -> str:
+        text = movie_text(self.data.items.loc[item])
+        return text if self.item_stats is None else f"{text}\n{item_stats_text(item, self.item_stats)}"
+
     def _suffixes(self, items) -> list[list[int]]:
         catalogue = self.data.items
         if self.memory_items <= 0:
-            return [self.rt.builder.suffix_ids(movie_text(catalogue.loc[i])) for i in items]
+            return [self.rt.builder.suffix_ids(self._movie(i)) for i in items]
         embeddings, history = catalogue_embeddings(catalogue), self.train[["item", "rating"]]
-        return [self.rt.builder.suffix_ids(movie_text(catalogue.loc[i]),
+        return [self.rt.builder.suffix_ids(self._movie(i),
                                            recalled_text(i, history, catalogue, embeddings, self.memory_items))
                 for i in items]
 
@@ -80,8 +87,9 @@ class Device:
 
     @cached_property
     def train_examples(self) -> tuple[list[list[int]], np.ndarray]:
-        rows = self._target_rows
-        return self._suffixes(rows["item"]), rows["rating"].to_numpy(np.float64)
+        with phase("device: building prompts"):
+            rows = self._target_rows
+            return self._suffixes(rows["item"]), rows["rating"].to_numpy(np.float64)
 
     @property
     def train_items(self) -> np.ndarray:
@@ -90,7 +98,8 @@ class Device:
 
     @cached_property
     def test_examples(self) -> tuple[list[list[int]], np.ndarray]:
-        return self._suffixes(self.test["item"]), self.test["rating"].to_numpy(np.float64)
+        with phase("device: building prompts"):
+            return self._suffixes(self.test["item"]), self.test["rating"].to_numpy(np.float64)
 
     @property
     def n_train(self) -> int:

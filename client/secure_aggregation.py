@@ -14,6 +14,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 
 from common import kslot, scoped_sums
 from common.secure_aggregation import Participant, ProtocolError
+from common.timing import phase
 
 STATE, VECTOR = "secagg", "secagg-vector"
 
@@ -69,6 +70,7 @@ def begin(context: Context, node: int, vector: np.ndarray, threshold: int, round
     return ConfigRecord({"c": c, "s": s})
 
 
+@phase("device: secure aggregation")
 def start(message: Message, context: Context, delta: dict[str, np.ndarray]) -> Message:
     """The train.secagg reply once `delta` is trained: the delta goes into the K-slot vector of the persona this
     device trained (held in memory), and only two public keys leave. No persona id, example count or train
@@ -81,6 +83,7 @@ def start(message: Message, context: Context, delta: dict[str, np.ndarray]) -> M
     return Message(content=RecordDict({"metrics": MetricRecord({}), "secagg": keys}), reply_to=message)
 
 
+@phase("device: secure aggregation")
 def start_evaluation(message: Message, context: Context, values: dict) -> Message:
     """The evaluate.secagg reply: this device's statistics go into every scope it belongs to (all, its persona,
     cold or warm, its activity bucket, the version it was served) of the round's scoped vector; only two public
@@ -111,6 +114,7 @@ def _node_map(record, what: str) -> dict[int, bytes]:
     return out
 
 
+@phase("device: secure aggregation")
 def share(message: Message, context: Context) -> Message:
     maps = _node_map(message.content["keys"] if "keys" in message.content else None, "keys")
     c, s = maps.get("c", {}), maps.get("s", {})
@@ -122,6 +126,7 @@ def share(message: Message, context: Context) -> Message:
     return Message(content=content, reply_to=message)
 
 
+@phase("device: secure aggregation")
 def mask(message: Message, context: Context) -> Message:
     inbox = _node_map(message.content["inbox"] if "inbox" in message.content else None, "inbox")
     if set(inbox) - {""}:
@@ -138,6 +143,7 @@ def _ids(record: ConfigRecord, key: str) -> list[int]:
     return [int(v) for v in values]
 
 
+@phase("device: secure aggregation")
 def unmask(message: Message, context: Context) -> Message:
     nodes = message.content["nodes"] if "nodes" in message.content else None
     if not isinstance(nodes, ConfigRecord):

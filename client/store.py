@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from client.keys import KeySourceError
+from common.timing import phase
 from common.envelope import Binding, EnvelopeError, WrongKeyError, open_sealed, read_header, rewrap, seal
 
 if TYPE_CHECKING:  # torch is imported by the adapter methods only: a process storing bytes need not load it
@@ -310,6 +311,7 @@ class EncryptedStore:
         return user_key
 
     # --- bytes ---------------------------------------------------------------------------------------------
+    @phase("device: encrypted store")
     def put_bytes(self, user: str, name: str, payload: bytes) -> int:
         """Store a new version; returns its number. Older versions beyond `keep_versions` are deleted."""
         d = self._dir(user, name)
@@ -331,6 +333,7 @@ class EncryptedStore:
                 (d / _version_name(old)).unlink(missing_ok=True)
             return version
 
+    @phase("device: encrypted store")
     def get_bytes(self, user: str, name: str, version: int | None = None) -> bytes:
         """Decrypt a version (default: the latest) into memory. Raises an EnvelopeError subclass on bad data."""
         with self._locked(user, exclusive=False, missing=f"nothing stored for user {user!r} under {name!r}"):

@@ -195,7 +195,7 @@ class FederationConfig:
     # (coordinate-wise); the robust two hold a round's updates for a persona in memory and weigh devices equally.
     # max-update-norm > 0 rejects any delta with a larger L2 norm (under user-level DP deltas are clipped instead;
     # 0 = off). The default 100 is a sanity bound, not a poisoning defence: ~40x the largest honest update measured
-    # (L2 2.3 at the defaults, README "Robustness"); AdamW moves a parameter by at most ~3 x lr a step, so even the
+    # (L2 2.3 at the defaults, docs/results.md); AdamW moves a parameter by at most ~3 x lr a step, so even the
     # worst case, 3 x lr x steps x sqrt(adapter size), is ~9 at the defaults (460,800 parameters) and ~15 for the
     # tests' tiny model at lr 0.01 and 8 steps. Every accepted delta is then finite and small enough that the
     # float64 sums and the float32 release cannot overflow (a 3e38 update would make an Inf persona). Tighten it
@@ -223,6 +223,11 @@ class FederationConfig:
     # Long-term memory: each movie's prompt also quotes the user's this-many most similar past ratings (MiniLM
     # embeddings of the movie texts, on the device); 0 = profile (short-term memory) only, the paper's prompt.
     memory_items: int = 0
+    # Collaborative signal: before discovery every device contributes its ratings to per-movie sums
+    # (`common.item_stats`: a bounded contribution, clipped and noised with the discovery noise under user-level
+    # DP, accounted as one more discovery release); the released means and counts go into each movie's prompt
+    # ("Other users rated it 3.9/5 on average (212 ratings).") on every device.
+    item_stats: bool = False
     # Secure aggregation (off by default): every sampled device uploads its delta in its persona's slot of a
     # K-slot vector, quantised and masked (SecAgg: pairwise masks, Shamir-shared seeds), and the coordinator
     # unmasks only the K per-persona sums and counts. The delta is clipped on the device to dp-user-clip under

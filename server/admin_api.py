@@ -1,7 +1,9 @@
 """Admin API (FastAPI) for persona versions and rollouts. OpenAPI page at /docs.
 
 Scopes: `read` for GET endpoints and cold-start serving, `rollout` for canary / promote / rollback / pause /
-resume, `admin` for everything plus the audit log and setting a stable version directly. /health is open.
+resume, `admin` for everything plus the audit log and setting a stable version directly. /health is open, and so
+is /dashboard, the operator's web page (`server/dashboard.html`): it holds no data, asks for a token and calls the
+endpoints here with it, so every figure it shows and every button it has is behind the same checks.
 Nothing here is per user: personas, persona versions and pooled metrics only.
 
 Order of checks for every request: bearer token (401) and scope (403) first, from the headers alone; then the body
@@ -12,17 +14,21 @@ answer is in its OpenAPI entry.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import io
 import json
 import math
+import re
 import tarfile
 from collections.abc import Callable
+from pathlib import Path as FilePath
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request
 from fastapi.dependencies.models import Dependant
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
@@ -35,6 +41,7 @@ from server.rollouts import Rollouts
 # OverflowError from the database driver.
 MAX_ID = 2**31 - 1
 MAX_BODY = 1 << 20  # bytes; the largest legitimate body (a full /cold-start/score batch) is well under this
+DASHBOARD = FilePath(__file__).with_name("dashboard.html")
 
 
 Item = TypeVar("Item")
@@ -73,6 +80,19 @@ class StableRequest(Reason):
 class Evaluation(BaseModel):
     """Pooled held-out error of one version over the evaluation devices that were served it."""
     version: int
+    devices: int
+    ratings: float
+    rmse: float | None
+    mae: float | None
+
+
+class EvaluationPoint(BaseModel):
+    """One pooled evaluation of a version as it was recorded (several devices' sums), for RMSE over time."""
+    id: int
+    at: float
+    version: int
+    state: Literal["candidate", "canary", "stable", "retired"] | None = Field(
+        description="the version's state when the evaluation was recorded")
     devices: int
     ratings: float
     rmse: float | None
@@ -227,6 +247,22 @@ def parse_json_body(body: bytes) -> Any:
     return value
 
 
+def dashboard_page(path: FilePath = DASHBOARD) -> tuple[str, dict[str, str]]:
+    """The operator's page and its headers. The Content-Security-Policy lets the browser run only the page's own
+    inline style and script (by SHA-256: an injected element or attribute does not run) and talk only to this API;
+    the page may not be framed (its buttons cannot be clicked through another site's page)."""
+    html = path.read_text(encoding="utf-8")
+
+    def hashes(tag: str) -> str:
+        blocks = re.findall(rf"<{tag}>(.*?)</{tag}>", html, re.S)
+        return " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(b.encode()).digest()).decode()}'" for b in blocks)
+
+    policy = (f"default-src 'none'; script-src {hashes('script')}; style-src {hashes('style')}; connect-src 'self'; "
+              "img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+    return html, {"Content-Security-Policy": policy, "X-Content-Type-Options": "nosniff",
+                  "Referrer-Policy": "no-referrer", "Cache-Control": "no-cache"}
+
+
 def _scope_of(dependant: Dependant) -> str | None:
     """The scope a route's `require(scope)` dependency asks for, if any."""
     for dep in dependant.dependencies:
@@ -322,6 +358,16 @@ def create_app(registry: PersonaRegistry, tokens: TokenStore, serving=None, max_
     def health() -> dict:
         return {"status": "ok", "personas": len(registry.personas())}
 
+    page_html, page_headers = dashboard_page()
+
+    # Open: a browser cannot send a bearer header when it navigates to a page, and the page itself holds no data.
+    @app.get("/dashboard", response_class=HTMLResponse,
+             responses={200: {"description": "the operator's page; it asks for a token and calls this API"}})
+    def dashboard() -> HTMLResponse:
+        """A web page for following and steering rollouts: personas, versions, canary share, stable vs canary RMSE
+        over time and the audit trail, with promote and roll-back buttons (the rollout scope, checked here)."""
+        return HTMLResponse(page_html, headers=page_headers)
+
     @app.get("/personas", response_model=Page[PersonaView], responses=READ)
     def list_personas(limit: Limit = 50, offset: Offset = 0, _: Principal = Depends(require("read"))) -> dict:
         personas = registry.personas()
@@ -331,6 +377,13 @@ def create_app(registry: PersonaRegistry, tokens: TokenStore, serving=None, max_
     @app.get("/personas/{persona}", response_model=PersonaView, responses=READ_ONE)
     def get_persona(persona: PersonaId, _: Principal = Depends(require("read"))) -> dict:
         return persona_view(persona)
+
+    @app.get("/personas/{persona}/evaluations", response_model=Page[EvaluationPoint], responses=READ_ONE)
+    def list_evaluations(persona: PersonaId, limit: Limit = 50, offset: Offset = 0,
+                         _: Principal = Depends(require("read"))) -> dict:
+        """The persona's pooled evaluations in the order they were recorded, each with its version's state then."""
+        items, total = rollouts.evaluation_history(persona, limit, offset)
+        return {"items": items, "total": total, "limit": limit, "offset": offset}
 
     @app.get("/versions", response_model=Page[VersionView], responses=READ)
     def list_versions(persona: PersonaFilter = None, limit: Limit = 50, offset: Offset = 0,
@@ -393,7 +446,9 @@ def create_app(registry: PersonaRegistry, tokens: TokenStore, serving=None, max_
 
     @app.get("/events", response_model=Page[Event], responses=READ)
     def list_events(persona: PersonaFilter = None, limit: Limit = 50, offset: Offset = 0,
-                    _: Principal = Depends(require("admin"))) -> dict:
+                    _: Principal = Depends(require("read"))) -> dict:
+        # Read scope (issue #19: the operator page shows the audit trail to readers): actors are token names and
+        # reasons are what operators typed; neither holds user data.
         items, total = rollouts.events(persona, limit, offset)
         return {"items": items, "total": total, "limit": limit, "offset": offset}
 

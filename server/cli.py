@@ -1,6 +1,7 @@
 """Coordinator admin CLI: start the admin API, or call it for the common rollout actions.
 
     python -m server.cli serve --root results/federated/k4 --tokens tokens.json [--cold-start] [--port 8600]
+                                                        # operator's web page: http://127.0.0.1:8600/dashboard
     python -m server.cli personas                       # the calls read PERSONAFL_ADMIN_URL / PERSONAFL_ADMIN_TOKEN
     python -m server.cli versions --persona 2
     python -m server.cli canary 2 17 --percent 10 --reason "round 17 looks better offline"

@@ -55,6 +55,22 @@ evaluations = sa.Table(  # pooled held-out error sums per version, from devices'
     sa.Column("n", sa.Float, nullable=False, default=0.0),
     sa.Column("devices", sa.Integer, nullable=False, default=0),
 )
+# One row per pooled evaluation as `Rollouts.record_evaluation` receives it (each pools at least the strategy's
+# eval-min-devices devices), with the version's state then: the `evaluations` sums above only tell a version's error
+# so far, this tells how stable's and canary's errors moved over time. A new table, so an existing registry gains
+# it on open (create_all) with no migration; evaluations recorded before it existed have no history.
+evaluation_history = sa.Table(
+    "evaluation_history", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("at", sa.Float, nullable=False),
+    sa.Column("persona", sa.Integer, nullable=True, index=True),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("state", sa.String(16), nullable=True),
+    sa.Column("sse", sa.Float, nullable=False),
+    sa.Column("sae", sa.Float, nullable=False),
+    sa.Column("n", sa.Float, nullable=False),
+    sa.Column("devices", sa.Integer, nullable=False),
+)
 events = sa.Table(
     "events", metadata,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),

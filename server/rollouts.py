@@ -16,7 +16,16 @@ import time
 
 import sqlalchemy as sa
 
-from server.registry import PersonaRegistry, RegistryError, evaluations, events, page, rollouts, versions
+from server.registry import (
+    PersonaRegistry,
+    RegistryError,
+    evaluation_history,
+    evaluations,
+    events,
+    page,
+    rollouts,
+    versions,
+)
 
 
 def bucket(device: int | str, persona: int) -> float:
@@ -138,7 +147,12 @@ class Rollouts:
         return r["stable"]
 
     def record_evaluation(self, version: int, sse: float, sae: float, n: float, devices: int) -> None:
+        """Add a pooled evaluation to the version's sums, and log it with the version's state (for the history)."""
         with self.engine.begin() as conn:
+            v = conn.execute(sa.select(versions.c.persona, versions.c.state).where(versions.c.id == version)).first()
+            conn.execute(evaluation_history.insert().values(
+                at=time.time(), persona=v.persona if v else None, version=version, state=v.state if v else None,
+                sse=sse, sae=sae, n=n, devices=devices))
             row = conn.execute(sa.select(evaluations).where(evaluations.c.version == version)).first()
             if row is None:
                 conn.execute(evaluations.insert().values(version=version, sse=sse, sae=sae, n=n, devices=devices))
@@ -164,6 +178,15 @@ class Rollouts:
         except RegistryError:  # someone else changed the rollout meanwhile
             return False
         return True
+
+    def evaluation_history(self, persona: int, limit: int = 50, offset: int = 0) -> tuple[list[dict], int]:
+        """One persona's pooled evaluations in the order they were recorded: each one's own RMSE and MAE, and the
+        version's state when it was recorded (so stable's and canary's errors can be told apart over time)."""
+        self.registry.rollout(persona)  # 404 for an unknown persona, rather than an empty page
+        rows, total = page(self.engine, evaluation_history, persona, limit, offset)
+        return [{"id": r.id, "at": r.at, "version": r.version, "state": r.state, "devices": r.devices,
+                 "ratings": r.n, "rmse": math.sqrt(r.sse / r.n) if r.n > 0 and r.sse >= 0 else None,
+                 "mae": r.sae / r.n if r.n > 0 else None} for r in rows], total
 
     def events(self, persona: int | None = None, limit: int = 50, offset: int = 0) -> tuple[list[dict], int]:
         rows, total = page(self.engine, events, persona, limit, offset)

@@ -25,6 +25,7 @@ from flwr.common.secure_aggregation.crypto.shamir import combine_shares
 
 from common.secure_aggregation import (SEED_BYTES, ProtocolError, load_private, load_public, pair_mask, pair_seed,
                                        prg)
+from common.timing import phase
 
 SHARE = "query.secagg_share"
 MASK = "query.secagg_mask"
@@ -96,6 +97,7 @@ class SecureSum:
         self._need(len(self.survivors), "mask")
         return self.survivors, self.dropped
 
+    @phase("coordinator: secure aggregation unmasking")
     def unmask(self, revealed: dict[int, dict[int, bytes]]) -> np.ndarray:
         """The sum of the survivors' vectors (mod 2**32), from their masked vectors, their reconstructed
         self-mask seeds and the pairwise masks of the dropped devices (from their reconstructed mask keys)."""
@@ -154,7 +156,9 @@ def _send(grid, kind: str, contents: dict[int, RecordDict], timeout: float) -> d
     nodes that were not asked, second replies and failures are left out (those devices count as dropped)."""
     messages = [Message(content=c, message_type=kind, dst_node_id=n) for n, c in contents.items()]
     out: dict[int, RecordDict] = {}
-    for reply in grid.send_and_receive(messages, timeout=timeout):
+    with phase("coordinator: waiting for devices (secure aggregation)"):  # not the coordinator's own work
+        replies = list(grid.send_and_receive(messages, timeout=timeout))
+    for reply in replies:
         node = reply.metadata.src_node_id
         if reply.has_error():
             log(WARNING, "secure aggregation %s: node %s failed: %s", kind, node, reply.error.reason)

@@ -28,8 +28,11 @@ from flwr.serverapp import Grid, ServerApp
 
 from common.adapters import adapter_arrays, add_lora
 from common.config import FederationConfig, UserDP
+from common.data import load_movielens
+from common.item_stats import ItemStats, estimate, sensitivity
 from common.model import load_base_model
 from common.personas import EMBED_DIM, discovery_dim, elbow, onboarding_space, update_centroids
+from common.timing import phase
 from common.privacy import (Event, epsilon, events_from_json, lineage_history, poisson_rate, user_level_history,
                             user_level_noise)
 from server.registry import PersonaRegistry
@@ -43,6 +46,8 @@ EMBED_BOUND = math.sqrt(2.0)
 # With inertia: plus a squared distance of at most 4 between a unit embedding and a centroid (a mean of unit vectors).
 INERTIA_BOUND = math.sqrt(1.0 + 1.0 + 4.0**2)
 ONBOARDING_BOUND = math.sqrt(7.0)
+STATS_BOUND = 1.0  # `common.item_stats.contribution`'s per-movie bound; the whole answer's is sensitivity() of it
+ITEM_STATS_FILE = "item_stats.npz"
 
 def _query(grid: Grid, nodes: list[int], action: str, content: RecordDict, timeout: float) -> list[Message]:
     messages = [Message(content=content, message_type=f"{MessageType.QUERY}.{action}", dst_node_id=n) for n in nodes]
@@ -54,8 +59,9 @@ def _query(grid: Grid, nodes: list[int], action: str, content: RecordDict, timeo
     return ok
 
 
+@phase("coordinator: discovery sums")
 def _sum(replies: list[Message], shapes: dict[str, tuple[int, ...]], bound: float, noise: float,
-         action: str, reproducible: bool = False) -> list[np.ndarray]:
+         action: str, reproducible: bool = False, clip_always: bool = False) -> list[np.ndarray]:
     """Sum of the replies' arrays; with `noise` > 0 each reply is clipped to `bound` and the sum gets Gaussian
     noise of std noise x bound (Flower's DP helpers): a user-level Gaussian mechanism on the aggregate.
 
@@ -69,11 +75,11 @@ def _sum(replies: list[Message], shapes: dict[str, tuple[int, ...]], bound: floa
         if bad:
             log(WARNING, "query.%s: node %s sent malformed %s; left out", action, r.metadata.src_node_id, bad)
             continue
-        if noise > 0:
+        if noise > 0 or clip_always:
             clip(arrays, bound)
         total, used = [t + a for t, a in zip(total, arrays)], used + 1
     if not used:
-        raise RuntimeError(f"persona discovery: no device gave a valid answer to query.{action} "
+        raise RuntimeError(f"discovery: no device gave a valid answer to query.{action} "
                            f"({len(replies)} replies)")
     if noise > 0:
         total = add_noise(total, noise * bound, reproducible)
@@ -83,9 +89,31 @@ def _sum(replies: list[Message], shapes: dict[str, tuple[int, ...]], bound: floa
 def discovery_releases(cfg: FederationConfig) -> int:
     """Aggregates every device contributes to during discovery: the k-means iterations (for each candidate K
     when K is chosen from the data) and the onboarding tables."""
+    stats = 1 if cfg.item_stats else 0  # the per-movie statistics: one more sum over every device
     if cfg.persona_candidates:
-        return len(cfg.candidate_ks) * cfg.kmeans_iters + 1
-    return (cfg.kmeans_iters if cfg.num_personas > 1 else 0) + 1
+        return len(cfg.candidate_ks) * cfg.kmeans_iters + 1 + stats
+    return (cfg.kmeans_iters if cfg.num_personas > 1 else 0) + 1 + stats
+
+
+def release_item_stats(grid: Grid, nodes: list[int], cfg: FederationConfig, noise: float,
+                       timeout: float = 3600) -> ItemStats:
+    """Per-movie rating statistics from every device (`common.item_stats`): each answer is clipped to the
+    contribution bound always (so no device, honest or not, moves the sums by more than one user can), and under
+    user-level DP the sums get the discovery noise; the estimate after that is post-processing. The release is
+    written next to the registry (`item_stats.npz`: means, counts, global mean; no per-device data) and counted
+    in `discovery_releases`, so every persona version's (epsilon, delta) covers it."""
+    n_items = int(load_movielens(cfg.dataset).items.index.max())  # the public catalogue
+    replies = _query(grid, nodes, "itemstats", RecordDict(), timeout)
+    bound = sensitivity(STATS_BOUND)
+    sums, weights, volume = _sum(replies, {"sums": (n_items,), "weights": (n_items,), "volume": (1,)}, bound,
+                                 noise, "itemstats", cfg.reproducible, clip_always=True)
+    stats = estimate(sums, weights, float(volume[0]), noise * bound)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    np.savez(out / ITEM_STATS_FILE, **stats.to_arrays())
+    log(INFO, "item statistics released: %d movies, global mean %.3f%s", n_items, stats.mu,
+        f", noise std {noise * bound:.3f} per coordinate" if noise > 0 else " (no noise)")
+    return stats
 
 
 def privacy_plan(cfg: FederationConfig, num_nodes: int) -> tuple[UserDP | None, float, list[Event]]:
@@ -253,6 +281,10 @@ def run(grid: Grid, cfg: FederationConfig) -> None:
     if dp:
         log(INFO, "user-level DP: noise multiplier %.3f (discovery %.3f), clip %.3g, delta %g", dp.noise_multiplier,
             discovery_noise, dp.clip, dp.delta)
+    extra = {}
+    if cfg.item_stats:
+        stats = release_item_stats(grid, nodes, cfg, discovery_noise, cfg.round_timeout)
+        extra["item-stats"] = ArrayRecord({k: Array(v) for k, v in stats.to_arrays().items()})
     node_persona, eval_nodes, persona_info = discover_personas(grid, nodes, cfg, discovery_noise, cfg.round_timeout)
     cfg = replace(cfg, num_personas=persona_info["k"])  # K may have been chosen from the data
     registry = PersonaRegistry(out, lora=cfg.lora, base_model=cfg.base_model)
@@ -260,6 +292,7 @@ def run(grid: Grid, cfg: FederationConfig) -> None:
     heads, fresh = starting_versions(registry, rollouts, cfg, version_zero_privacy(dp, prior))
     histories = resumed_histories(registry, heads, fresh, prior) if dp else {}
 
+    @phase("coordinator: registry writes")
     def release(round_, persona, arrays, devices, metrics, privacy) -> int:
         version = registry.add_version(persona, round_, arrays, devices, metrics, privacy, parent=heads[persona])
         heads[persona] = version
@@ -275,7 +308,8 @@ def run(grid: Grid, cfg: FederationConfig) -> None:
                                rollback=(cfg.rollback_margin, cfg.rollback_min_devices),
                                aggregation=cfg.aggregation, trim_fraction=cfg.trim_fraction,
                                max_update_norm=cfg.max_update_norm, max_examples=cfg.max_examples,
-                               secure=cfg.secure, secure_timeout=cfg.round_timeout)
+                               extra_content=extra, secure=cfg.secure,
+                               secure_timeout=cfg.round_timeout)
     if cfg.secure:
         log(INFO, "secure aggregation: threshold %.2f of each cohort, coordinate range %g, device clip %g",
             cfg.secure.threshold, cfg.secure.coord_range, cfg.secure.clip)

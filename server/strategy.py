@@ -40,6 +40,7 @@ from flwr.supercore.differential_privacy import (add_gaussian_noise_inplace, cli
 from common import kslot, scoped_sums
 from common.scoped_sums import ACTIVITY_EDGES, activity_bucket  # noqa: F401 -- also this module's public names
 from common.config import FederationConfig, SecureAggregation, UserDP
+from common.timing import phase
 from common.privacy import Event, epsilon, poisson_rate
 from server.rollouts import Rollouts
 from server.secure_aggregation import Aborted, read_advert, run_round
@@ -197,6 +198,7 @@ class PersonaStrategy(FedAvg):
         sample_rate: float | None = None,
         reproducible: bool = False,
         eval_min_devices: int = FederationConfig.eval_min_devices,
+        extra_content: dict[str, ArrayRecord] | None = None,
         secure: SecureAggregation | None = None,
         secure_timeout: float = FederationConfig.round_timeout,
     ) -> None:
@@ -209,9 +211,10 @@ class PersonaStrategy(FedAvg):
         devices are withheld. With `rollouts`, each evaluated
         device gets the version its bucket says (stable or canary), its metrics are pooled per version, and a
         canary worse than stable by `rollback` = (RMSE margin, minimum devices) is rolled back. `aggregation`,
-        `trim_fraction`, `max_update_norm`, `max_examples`: see FederationConfig. With `secure`, each round's
-        updates arrive as masked K-slot vectors and only their per-persona sums are unmasked (`_secure_sums`);
-        `secure_timeout` bounds each of its three extra exchanges."""
+        `trim_fraction`, `max_update_norm`, `max_examples`: see FederationConfig. `extra_content`: records every
+        training and evaluation message carries besides the adapter (the released item statistics). With
+        `secure`, each round's updates arrive as masked K-slot vectors and only their per-persona sums are
+        unmasked (`_secure_sums`); `secure_timeout` bounds each of its three extra exchanges."""
         if aggregation not in ("mean", "trimmed-mean", "median"):
             raise ValueError(f"unknown aggregation {aggregation!r}")
         if secure and aggregation != "mean":
@@ -222,6 +225,7 @@ class PersonaStrategy(FedAvg):
         super().__init__(fraction_train=fraction_train, min_train_nodes=min_train_nodes, min_available_nodes=1,
                          min_evaluate_nodes=0, weighted_by_key="num-examples")
         self.node_persona = dict(node_persona)
+        self.extra_content = dict(extra_content or {})
         self.eval_nodes = [n for n in eval_nodes if n in self.node_persona]
         self.eval_every = eval_every
         self.num_rounds = num_rounds
@@ -277,7 +281,7 @@ class PersonaStrategy(FedAvg):
         for node in nodes:
             persona = self.node_persona[node]
             cfg = ConfigRecord({**dict(config), "persona": persona})
-            content = RecordDict({"arrays": records[persona], "config": cfg})
+            content = RecordDict({"arrays": records[persona], "config": cfg, **self.extra_content})
             messages.append(Message(content=content, message_type=kind, dst_node_id=node))
         return messages
 
@@ -315,6 +319,7 @@ class PersonaStrategy(FedAvg):
         config.update(self._secure_round)
         return self._messages(nodes, arrays, config, SECURE_TRAIN)
 
+    @phase("coordinator: aggregation")
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Stream the replies into one running sum per persona: no list of all updates is ever held."""
         counts = {"failed": 0, "skipped": 0, "rejected": 0, "refused": 0}
@@ -545,6 +550,7 @@ class PersonaStrategy(FedAvg):
                     message.content["config"][key] = value
         return messages
 
+    @phase("coordinator: aggregation")
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         counts = {"failed": 0, "rejected": 0}
         if self.secure:

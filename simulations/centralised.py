@@ -116,18 +116,40 @@ def paired_vs(err_a: np.ndarray, err_b: np.ndarray, users: np.ndarray) -> tuple[
     return float(d.mean()), float(d.mean() - half), float(d.mean() + half)
 
 
+def validation_split(train: pd.DataFrame, fraction: float) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Each user's latest `fraction` of training ratings (by time, ties by item) as validation, the rest to fit;
+    users with fewer than 5 training ratings keep them all. Tuning happens here, never on test ratings."""
+    if fraction <= 0:
+        return train, train.iloc[:0]
+    df = train.sort_values(["user", "ts", "item"], kind="stable").reset_index(drop=True)
+    n = df.groupby("user")["item"].transform("size").to_numpy()
+    rank = df.groupby("user").cumcount().to_numpy()
+    is_val = (n >= 5) & (rank >= n - np.maximum(1, np.floor(fraction * n).astype(int)))
+    return df[~is_val].reset_index(drop=True), df[is_val].reset_index(drop=True)
+
+
+def blend_weight(lm: np.ndarray, bias: np.ndarray, y: np.ndarray) -> float:
+    """The weight w in [0, 1] (steps of 0.05) of w * LM + (1 - w) * bias with the lowest squared error on `y`."""
+    grid = np.linspace(0, 1, 21)
+    return float(grid[np.argmin([np.mean((w * lm + (1 - w) * bias - y) ** 2) for w in grid])])
+
+
 def run(args: argparse.Namespace) -> dict:
     data = load_movielens(args.dataset)
     split = temporal_split(data.ratings, split_preset(args.split))
+    train, val = validation_split(split.train, args.val_fraction)
     users = sample_users(split.users, args.eval_users, args.eval_seed)
     test = split.test[split.test["user"].isin(users)].reset_index(drop=True)
+    val = val[val["user"].isin(users)].reset_index(drop=True)  # the evaluation users' own validation ratings
     y, who = test["rating"].to_numpy(), test["user"].to_numpy()
-    print(f"{len(split.train):,} training ratings of {split.train['user'].nunique()} users; evaluation: "
-          f"{len(users)} users, {len(test):,} test ratings", flush=True)
-    preds = {"global mean": GlobalMean().fit(split.train).predict(who, test["item"]),
-             "user+item bias": Biases().fit(split.train).predict(who, test["item"]),
-             "matrix factorisation": tune_mf(split.train, seed=0).predict(who, test["item"])}
-    stats = item_stats(split.train) if args.item_stats else None
+    print(f"{len(train):,} training ratings of {train['user'].nunique()} users; evaluation: "
+          f"{len(users)} users, {len(test):,} test ratings" + (f", {len(val):,} validation ratings" if len(val) else ""),
+          flush=True)
+    bias_model = Biases().fit(train)
+    preds = {"global mean": GlobalMean().fit(train).predict(who, test["item"]),
+             "user+item bias": bias_model.predict(who, test["item"]),
+             "matrix factorisation": tune_mf(train, seed=0).predict(who, test["item"])}
+    stats = item_stats(train) if args.item_stats else None
     tag = "slm-item-stats" if args.item_stats else "slm"
     runs = []
     for seed in args.seeds:
@@ -138,7 +160,7 @@ def run(args: argparse.Namespace) -> dict:
         builder, head = PromptBuilder(tokenizer, PromptConfig()), RatingHead(tokenizer)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         suffix = movie_prompts(data.items, builder, stats)
-        rows = user_rows(split.train, data.items, builder)
+        rows = user_rows(train, data.items, builder)
         start = time.perf_counter()
         print(f"seed {seed}: training {args.steps} steps x {args.rows_per_step} rows x {args.items_per_row} "
               f"ratings ({tag})", flush=True)
@@ -154,8 +176,16 @@ def run(args: argparse.Namespace) -> dict:
         train_s = time.perf_counter() - start
         pred = score(model, head, prefixes, test, suffix, pad)
         curve[args.steps] = rmse(pred, y)
-        runs.append({"seed": seed, "pred": pred.tolist(), "train_seconds": train_s, "rmse_by_step": curve,
-                     "eval_seconds": time.perf_counter() - start - train_s, "final_loss": float(np.mean(losses[-10:]))})
+        run_ = {"seed": seed, "pred": pred.tolist(), "train_seconds": train_s, "rmse_by_step": curve,
+                "eval_seconds": time.perf_counter() - start - train_s, "final_loss": float(np.mean(losses[-10:]))}
+        if len(val):
+            val_pred = score(model, head, prefixes, val, suffix, pad)
+            w = blend_weight(val_pred, bias_model.predict(val["user"].to_numpy(), val["item"]),
+                             val["rating"].to_numpy())
+            run_.update(val_pred=val_pred.tolist(), blend_weight=w,
+                        blend_pred=(w * pred + (1 - w) * preds["user+item bias"]).tolist())
+            print(f"seed {seed}: blend weight of the adapter, tuned on validation: {w:.2f}", flush=True)
+        runs.append(run_)
         print(f"seed {seed}: RMSE {rmse(pred, y):.4f} ({train_s:.0f} s training)", flush=True)
     bias_err = (preds["user+item bias"] - y) ** 2
     table = []
@@ -163,13 +193,21 @@ def run(args: argparse.Namespace) -> dict:
         table.append({"method": name, "rmse": rmse(p, y), "mae": mae(p, y), "rmse_sd": 0.0,
                       "diff_vs_bias": paired_vs((p - y) ** 2, bias_err, who) if name != "user+item bias" else None})
     slm = np.array([r["pred"] for r in runs])
-    per_seed = [rmse(p, y) for p in slm]
-    mean_pred = slm.mean(0)
-    table.append({"method": f"centralised SLM adapter{' + item stats' if args.item_stats else ''}",
-                  "rmse": float(np.mean(per_seed)), "mae": float(np.mean([mae(p, y) for p in slm])),
-                  "rmse_sd": float(np.std(per_seed, ddof=1)) if len(per_seed) > 1 else 0.0,
-                  "diff_vs_bias": [paired_vs((p - y) ** 2, bias_err, who) for p in slm],
-                  "rmse_of_seed_mean_prediction": rmse(mean_pred, y)})
+    name = f"centralised SLM adapter{' + item stats' if args.item_stats else ''}"
+    mf_err = (preds["matrix factorisation"] - y) ** 2
+    for label, preds_ in ((name, slm),
+                          *(((f"{name}, blended with user+item bias (weight tuned on validation)",
+                              np.array([r["blend_pred"] for r in runs])),) if len(val) else ())):
+        per_seed = [rmse(p, y) for p in preds_]
+        table.append({"method": label, "rmse": float(np.mean(per_seed)),
+                      "mae": float(np.mean([mae(p, y) for p in preds_])),
+                      "rmse_sd": float(np.std(per_seed, ddof=1)) if len(per_seed) > 1 else 0.0,
+                      "diff_vs_bias": [paired_vs((p - y) ** 2, bias_err, who) for p in preds_],
+                      "diff_vs_mf": [paired_vs((p - y) ** 2, mf_err, who) for p in preds_],
+                      # over seeds: each user's squared error averaged over the seeds, then paired across users
+                      "pooled_vs_bias": paired_vs(((preds_ - y) ** 2).mean(0), bias_err, who),
+                      "pooled_vs_mf": paired_vs(((preds_ - y) ** 2).mean(0), mf_err, who),
+                      "rmse_of_seed_mean_prediction": rmse(preds_.mean(0), y)})
     return {"tag": tag, "args": {k: v for k, v in vars(args).items()}, "users": len(users),
             "test_ratings": len(test), "table": table, "runs": runs}
 
@@ -181,17 +219,23 @@ def markdown(result: dict) -> str:
         lines.append("RMSE by training step (per seed): " + "; ".join(
             ", ".join(f"{k}: {v:.4f}" for k, v in sorted(c.items(), key=lambda kv: int(kv[0]))) for c in curves))
     lines += [
-             "", "| method | RMSE | RMSE sd (seeds) | MAE | paired MSE diff vs user+item bias [95% CI] |",
-             "|---|---:|---:|---:|---|"]
+             "", "| method | RMSE | RMSE sd (seeds) | MAE | paired MSE diff vs user+item bias [95% CI] "
+                 "| over seeds vs bias | over seeds vs MF |",
+             "|---|---:|---:|---:|---|---|---|"]
+
+    def ci(d) -> str:
+        return f"{d[0]:+.4f} [{d[1]:+.4f}, {d[2]:+.4f}]"
+
     for r in result["table"]:
         d = r["diff_vs_bias"]
         if d is None:
             cell = "-"
         elif isinstance(d[0], (list, tuple)):
-            cell = "; ".join(f"{m:+.4f} [{lo:+.4f}, {hi:+.4f}]" for m, lo, hi in d)
+            cell = "; ".join(ci(x) for x in d)
         else:
-            cell = f"{d[0]:+.4f} [{d[1]:+.4f}, {d[2]:+.4f}]"
-        lines.append(f"| {r['method']} | {r['rmse']:.4f} | {r['rmse_sd']:.4f} | {r['mae']:.4f} | {cell} |")
+            cell = ci(d)
+        pooled = f" {ci(r['pooled_vs_bias'])} | {ci(r['pooled_vs_mf'])} |" if "pooled_vs_bias" in r else " - | - |"
+        lines.append(f"| {r['method']} | {r['rmse']:.4f} | {r['rmse_sd']:.4f} | {r['mae']:.4f} | {cell} |{pooled}")
     return "\n".join(lines)
 
 
@@ -211,6 +255,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--lora-rank", type=int, default=8)
     ap.add_argument("--lora-targets", default="q_proj,v_proj")
     ap.add_argument("--item-stats", action="store_true")
+    ap.add_argument("--val-fraction", type=float, default=0.0,
+                    help="hold out each user's latest fraction of training ratings as validation (everything then "
+                         "trains on the rest) and tune a blend of the adapter with user+item bias on it")
     ap.add_argument("--eval-at", type=lambda s: [int(x) for x in s.split(",") if x], default=[],
                     help="also score the evaluation users after these steps (a learning curve; costs one pass each)")
     ap.add_argument("--out", default="results/centralised")

@@ -2,7 +2,7 @@
 
 Issue #17, goal 3. A persona release under user-level DP is the sum of its sampled devices' deltas, each clipped to
 L2 norm C, divided by the expected cohort m (sample rate q x persona size), plus Gaussian noise of std sigma C / m
-per coordinate (README "Differential privacy"). sigma is what the accountant needs for the target epsilon over the
+per coordinate (docs/privacy.md). sigma is what the accountant needs for the target epsilon over the
 discovery releases and R rounds at sample rate q. Over an adapter of d parameters:
 
 - noise norm  ~ sigma C sqrt(d) / m

@@ -21,12 +21,14 @@ import argparse
 import json
 import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from common import timing
 from common.config import FederationConfig, PromptConfig, ScoringConfig, split_preset
 from common.data import load_movielens
 from common.evaluation import predict_users
@@ -59,12 +61,31 @@ def run_federation(overrides: dict, num_nodes: int, cpus_per_node: float | None 
     overrides = {**overrides, "min-nodes": num_nodes}
     # One node at a time with every core: 2-core machines gain nothing from parallel model replicas.
     resources = {"num_cpus": cpus_per_node or float(os.cpu_count() or 1), "num_gpus": 0.0}
-    run_simulation(server_app=server_app(overrides), client_app=client_app(overrides, mods), num_supernodes=num_nodes,
-                   backend_config={"client_resources": resources})
+    # Every process (Ray's device actors inherit the variable) writes its phase totals here: the wall breakdown.
+    timing_dir = Path(tempfile.mkdtemp(prefix="personafl-timing-"))
+    previous = os.environ.get(timing.ENV)
+    os.environ[timing.ENV] = str(timing_dir)
+    timing.reset()
+    started = time.time()
+    try:
+        run_simulation(server_app=server_app(overrides), client_app=client_app(overrides, mods),
+                       num_supernodes=num_nodes, backend_config={"client_resources": resources})
+        wall = time.time() - started
+        collected = timing.collect(timing_dir)
+    finally:
+        shutil.rmtree(timing_dir, ignore_errors=True)
+        if previous is None:
+            os.environ.pop(timing.ENV, None)
+        else:
+            os.environ[timing.ENV] = previous
     history_file = out / "history.json"
     if not history_file.exists():
         raise RuntimeError(f"the simulation ended without writing {history_file}; see the log above")
-    return json.loads(history_file.read_text())
+    history = json.loads(history_file.read_text())
+    history["timing"] = {"wall_s": wall, "seconds": timing.breakdown(collected, wall, started),
+                         "calls": collected["calls"]}
+    history_file.write_text(json.dumps(history, indent=2))
+    return history
 
 
 def baseline_rows(cfg: FederationConfig, eval_users, with_slm: bool) -> list[dict]:
@@ -218,6 +239,27 @@ def activity_markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def timing_markdown(histories: dict[str, list[dict]]) -> str:
+    """Where each federation's wall went (mean over its repeats): seconds and share per phase, and the share that
+    was model forward/backward work (the `model:` phases)."""
+    names = [n for n, runs in histories.items() if all("timing" in h for h in runs)]
+    if not names:
+        return ""
+    phases = sorted({p for n in names for h in histories[n] for p in h["timing"]["seconds"]},
+                    key=lambda p: -np.mean([h["timing"]["seconds"].get(p, 0.0) for n in names for h in histories[n]]))
+    mean = {n: {p: float(np.mean([h["timing"]["seconds"].get(p, 0.0) for h in histories[n]])) for p in phases}
+            for n in names}
+    wall = {n: float(np.mean([h["timing"]["wall_s"] for h in histories[n]])) for n in names}
+    lines = ["| phase | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    lines += [f"| {p} | " + " | ".join(f"{mean[n][p]:.0f} s ({100 * mean[n][p] / wall[n]:.0f}%)" for n in names) + " |"
+              for p in phases]
+    lines.append("| **wall** | " + " | ".join(f"{wall[n]:.0f} s" for n in names) + " |")
+    model = {n: sum(v for p, v in mean[n].items() if p.startswith("model:")) for n in names}
+    lines.append("| **model forward/backward (all `model:` phases)** | "
+                 + " | ".join(f"{100 * model[n] / wall[n]:.0f}%" for n in names) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="under 10 minutes: 2 rounds, 6 evaluation users")
@@ -271,6 +313,8 @@ def main(argv: list[str] | None = None) -> None:
         rows += summarise(repeats)
 
     table = markdown(rows) + "\n\nRMSE by user activity (training ratings per user):\n\n" + activity_markdown(rows)
+    if breakdown := timing_markdown(histories):
+        table += "\n\nWhere each federation's wall went (exclusive phases, mean over repeats):\n\n" + breakdown
     print("\n" + table)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text(table + "\n")

@@ -238,3 +238,30 @@ def test_a_coordinator_cannot_make_a_deployed_device_replayable_or_weaken_its_de
     assert _ledger(SimpleNamespace(user=4), cfg, _context(node)).delta == 1e-5
     simulated = client_app._device_dp(SimpleNamespace(user=4), cfg, _context({"partition-id": 0}))
     assert simulated.seed == 7 and not simulated.secure_mode  # the simulations' labelled reproducible mode
+
+
+def test_item_statistics_answer_is_bounded_and_released_statistics_reach_every_prompt(handlers):
+    from common.item_stats import ItemStats, sensitivity
+
+    answer = handlers("query.itemstats", {}, {}).content["arrays"]
+    sums, weights, volume = (answer[k].numpy().astype(np.float64) for k in ("sums", "weights", "volume"))
+    assert np.count_nonzero(weights) > 0 and sums.shape == weights.shape and volume.shape == (1,)
+    assert np.sqrt((sums ** 2).sum() + (weights ** 2).sum() + (volume ** 2).sum()) <= sensitivity(1.0) + 1e-6
+    trained = handlers("train", {})
+    n = len(weights)
+    stats = ItemStats(np.linspace(1.5, 4.5, n), np.full(n, 30.0), 3.2)
+    record = ArrayRecord({k: Array(v) for k, v in stats.to_arrays().items()})
+    plain = {"arrays": trained.content["arrays"], "config": ConfigRecord({"server-round": 1})}
+    without = handlers("evaluate", {}, plain).content["metrics"]
+    quoted = handlers("evaluate", {}, {**plain, "item-stats": record}).content["metrics"]
+    # the same adapter scores other prompts: the statistics are in them
+    assert quoted["persona_sse"] != without["persona_sse"] and quoted["n"] == without["n"]
+    from client.device import Device, runtime
+    from client.client_app import _with_item_stats
+    from common.data import load_movielens
+    from common.config import LoraSettings
+    data = load_movielens(handlers.dataset)
+    device = Device(1, data, data.ratings[data.ratings["user"] == 1], data.ratings.iloc[:0], runtime("tiny", LoraSettings()))
+    message = Message(content=RecordDict({"item-stats": record}), dst_node_id=1, message_type="train")
+    text = device.rt.tokenizer.decode(_with_item_stats(device, message)._suffixes([2])[0])
+    assert f"Other users rated it {stats.mean[1]:.1f}/5 on average (30 ratings)." in text

@@ -82,6 +82,7 @@ def _candidate(registry, persona) -> int:
 ENDPOINTS = [  # method, path, body, scope
     ("GET", "/personas", None, "read"),
     ("GET", "/personas/0", None, "read"),
+    ("GET", "/personas/0/evaluations", None, "read"),
     ("GET", "/versions", None, "read"),
     ("GET", "/versions/1", None, "read"),
     ("GET", "/versions/1/manifest", None, "read"),
@@ -92,7 +93,7 @@ ENDPOINTS = [  # method, path, body, scope
     ("POST", "/personas/0/promote", {}, "rollout"),
     ("POST", "/personas/0/rollback", {}, "rollout"),
     ("POST", "/personas/1/stable", {"version": 5}, "admin"),
-    ("GET", "/events", None, "admin"),
+    ("GET", "/events", None, "read"),
 ]
 HOLDERS = {"read": ["reader", "operator", "root"], "rollout": ["operator", "root"], "admin": ["root"]}
 
@@ -161,6 +162,29 @@ def test_auto_rollback_when_the_canary_is_worse(live):
     assert r["canary"] is None and r["stable"] == stable
     event = rollouts.events(0)[0][-1]
     assert event["actor"] == "auto-rollback" and event["detail"]["canary_devices"] == 6
+
+
+def test_evaluation_history_keeps_each_pooled_evaluation_with_the_state_it_was_recorded_in(live):
+    server, registry, _ = live
+    rollouts, reader = Rollouts(registry), _client(server, "reader")
+    candidate, stable = _candidate(registry, 0), registry.rollout(0)["stable"]
+    rollouts.start_canary(0, candidate, 20, "test")
+    rollouts.record_evaluation(stable, sse=100.0, sae=80, n=100, devices=6)
+    rollouts.record_evaluation(candidate, sse=2 * 128.0, sae=100, n=128, devices=5)
+    rollouts.promote(0, "test")
+    rollouts.record_evaluation(candidate, sse=0.81 * 50, sae=40, n=50, devices=7)
+    page = reader.get("/personas/0/evaluations").json()
+    assert page["total"] == 3
+    assert [(p["version"], p["state"], p["devices"]) for p in page["items"]] == [
+        (stable, "stable", 6), (candidate, "canary", 5), (candidate, "stable", 7)]
+    # Each point is that evaluation's own error, not the version's running total (which /personas/0 gives).
+    assert [p["rmse"] for p in page["items"]] == pytest.approx([1.0, 2 ** 0.5, 0.9])
+    assert page["items"][0]["at"] <= page["items"][1]["at"] <= page["items"][2]["at"]
+    assert reader.get("/personas/0").json()["stable_metrics"]["rmse"] == pytest.approx(((256 + 40.5) / 178) ** 0.5)
+    newest = reader.get("/personas/0/evaluations", params={"limit": 1, "offset": 2}).json()["items"]
+    assert [p["rmse"] for p in newest] == pytest.approx([0.9])
+    assert reader.get("/personas/1/evaluations").json() == {"items": [], "total": 0, "limit": 50, "offset": 0}
+    assert reader.get("/personas/7/evaluations").status_code == 404
 
 
 def test_fifty_concurrent_rollout_requests_leave_a_consistent_state(live):

@@ -2,7 +2,7 @@
 
 Every path, query and body field gets generated hostile values (integers beyond 64 bits, NaN/Infinity/1e999, wrong
 types, non-UTF-8 bytes, lone surrogates, missing or wrong tokens). Asserted for each request: no 5xx, a status the
-operation documents in the served OpenAPI, the specific 4xx the README promises, and an unchanged registry (every
+operation documents in the served OpenAPI, the 4xx docs/coordinator.md promises, and an unchanged registry (every
 row of every table) after a rejected request.
 """
 
@@ -22,7 +22,7 @@ from tests.server.test_admin_api import TOKENS, LiveServer, _arrays, _registry, 
 
 SETTINGS = settings(max_examples=35, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
-GET_PATHS = ["/personas/{x}", "/versions/{x}", "/versions/{x}/manifest", "/versions/{x}/download"]
+GET_PATHS = ["/personas/{x}", "/personas/{x}/evaluations", "/versions/{x}", "/versions/{x}/manifest", "/versions/{x}/download"]
 POST_PATHS = ["/personas/{x}/canary", "/personas/{x}/promote", "/personas/{x}/rollback", "/personas/{x}/pause",
               "/personas/{x}/resume", "/personas/{x}/stable"]
 SCOPE = {"/personas/{x}/stable": "root"}  # the admin scope; the other POSTs need rollout, the GETs read

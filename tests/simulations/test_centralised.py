@@ -41,3 +41,27 @@ def test_centralised_run_end_to_end(ml100k_dir, tmp_path, capsys):
     # two seeds train two different adapters
     assert not np.allclose(result["runs"][0]["pred"], result["runs"][1]["pred"])
     assert "paired MSE diff vs user+item bias" in capsys.readouterr().out
+
+
+def test_validation_comes_from_training_ratings_and_tunes_the_blend(ml100k_dir, tmp_path):
+    from simulations.centralised import blend_weight, validation_split
+
+    train = pd.DataFrame({"user": [1] * 10 + [2] * 3, "item": list(range(10)) + [1, 2, 3],
+                          "rating": [3.0] * 13, "ts": list(range(10)) + [5, 6, 7]})
+    fit, val = validation_split(train, 0.2)
+    # user 1's two latest ratings validate; user 2 (fewer than 5) keeps all of its ratings for fitting
+    assert sorted(val["item"]) == [8, 9] and set(val["user"]) == {1} and len(fit) + len(val) == len(train)
+    y = np.array([1.0, 2.0, 3.0, 4.0])
+    assert blend_weight(y, np.full(4, 2.5), y) == 1.0 and blend_weight(np.full(4, 2.5), y, y) == 0.0
+    out = tmp_path / "out"
+    main(["--dataset", str(ml100k_dir), "--split", "default", "--base-model", "tiny", "--steps", "2",
+          "--eval-users", "6", "--seeds", "0", "--item-stats", "--val-fraction", "0.2", "--out", str(out)])
+    result = json.loads((out / "slm-item-stats.json").read_text())
+    blended = result["table"][-1]
+    assert "blended with user+item bias" in blended["method"] and len(blended["diff_vs_mf"]) == 1
+    for run in result["runs"]:
+        w = run["blend_weight"]
+        assert 0 <= w <= 1 and len(run["val_pred"]) > 0
+        bias = np.array(run["blend_pred"]) - w * np.array(run["pred"])  # (1 - w) x the bias prediction
+        assert np.all(np.isfinite(bias))
+    assert "over seeds vs MF" in (out / "slm-item-stats.md").read_text()

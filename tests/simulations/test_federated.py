@@ -32,6 +32,7 @@ def federation(tmp_path_factory):
                  "eval-every": 1, "eval-users": 6, "cold-start-threshold": 18,
                  "kmeans-iters": 2, "lr": 0.01, "out-dir": str(root / "out"), "device-dir": str(root / "devices"),
                  "eval-min-devices": 1,  # six test devices: release every pooled metric (the default withholds < 5)
+                 "item-stats": True,  # the collaborative signal's release, without noise here
                  }
     key = RawKey.generate()
     # The devices take their store key from the environment (a daemon's key source), so the test can open them.
@@ -65,8 +66,8 @@ def test_coordinator_output_holds_persona_artefacts_only(federation):
     for path in out.rglob("*"):
         if path.is_file():
             rel = path.relative_to(out)
-            assert rel.as_posix() in ("history.json", "onboarding.json", "registry.db", "registry.db-wal",
-                                    "registry.db-shm") or (
+            assert rel.as_posix() in ("history.json", "onboarding.json", "item_stats.npz", "registry.db",
+                                      "registry.db-wal", "registry.db-shm") or (
                 rel.parts[0] == "personas" and rel.parts[1].startswith("p") and rel.name in PERSONA_FILES), rel
     history_text = (out / "history.json").read_text()
     assert "partition" not in history_text and "user" not in json.loads(history_text)["train"]["1"]
@@ -84,6 +85,20 @@ def test_metrics_and_personal_adapters(federation):
     assert final["personal_distance"] > 0  # personal adapters moved away from their persona adapter
     train = history["train"]["1"]
     assert train["tokens_per_s"] > 0 and train["gflops_per_s"] > 0
+
+
+def test_the_wall_breakdown_adds_up_and_names_where_the_time_went(federation):
+    timing = federation[0]["timing"]
+    parts = timing["seconds"]
+    assert sum(parts.values()) == pytest.approx(timing["wall_s"], rel=1e-6)
+    for name in ("model: persona training", "model: personal training", "model: evaluation scoring",
+                 "device: encrypted store", "device: loading data and model", "device: building prompts",
+                 "device: discovery features", "coordinator: aggregation", "coordinator: discovery sums",
+                 "coordinator: registry writes"):
+        assert parts[name] > 0 and timing["calls"][name] >= 1, name
+    # Devices run one at a time and phases count exclusively: what no phase covers is never negative.
+    assert parts["rest (messaging, polling, idle, shut-down)"] >= 0
+    assert parts["start-up (Ray, Flower, until the first phase)"] > 0
 
 
 def test_device_stores_hold_personal_adapters_encrypted_only(federation):
@@ -118,7 +133,7 @@ def dp_federation(tmp_path_factory):
                  "fraction-train": 0.6, "eval-every": 2, "eval-users": 5, "kmeans-iters": 2, "lr": 0.01,
                  "persona-candidates": "1,2,3", "dp-device-noise": 0.8, "dp-device-budget": 50.0,
                  "discovery-features": "genre-deviation",  # the other discovery path, through DP clipping
-                 "dp-user-noise": 1.0, "dp-user-clip": 0.5,
+                 "dp-user-noise": 1.0, "dp-user-clip": 0.5, "item-stats": True,
                  "out-dir": str(root / "out"), "device-dir": str(root / "devices")}
     key = RawKey.generate()
     with pytest.MonkeyPatch.context() as mp:
@@ -137,9 +152,9 @@ def test_dp_simulation_reports_user_level_epsilon_in_every_persona_manifest(dp_f
     for m in trained:
         privacy = m["privacy"]
         assert privacy["dp"] and privacy["level"] == "user" and 0 < privacy["epsilon"] < 1e3
-        # discovery (2 k-means iterations for each of 3 candidate K + onboarding tables, every device), then one
-        # event per round
-        assert privacy["releases"][0] == [1.0, 1.0, 7] and len(privacy["releases"]) == 1 + m["round"]
+        # discovery (the item statistics, 2 k-means iterations for each of 3 candidate K, the onboarding tables:
+        # every device), then one event per round
+        assert privacy["releases"][0] == [1.0, 1.0, 8] and len(privacy["releases"]) == 1 + m["round"]
     for persona in {m["persona"] for m in trained}:
         eps = [m["privacy"]["epsilon"] for m in trained if m["persona"] == persona]
         assert eps == sorted(eps) and eps[0] < eps[-1]  # spending accumulates
@@ -153,6 +168,26 @@ def test_dp_simulation_reports_user_level_epsilon_in_every_persona_manifest(dp_f
                for node in devices.glob("node-*") for u in EncryptedStore(node, key).users()
                if EncryptedStore(node, key).versions(u, "privacy-ledger")]
     assert ledgers and all(ledger.history and 0 < ledger.spent <= 50.0 for ledger in ledgers)
+
+
+def test_item_statistics_are_released_from_training_ratings_and_noised_under_dp(federation, dp_federation):
+    from common.data import load_movielens
+    from common.item_stats import ItemStats
+    from common.split import temporal_split
+    from common.config import split_preset
+
+    exact, noisy = (ItemStats.from_arrays(dict(np.load(fed[1] / "item_stats.npz"))) for fed in (federation,
+                                                                                                   dp_federation))
+    cfg = federation[0]["config"]
+    data = load_movielens(cfg["dataset"])
+    train = temporal_split(data.ratings, split_preset(cfg["split"])).train
+    truth = train.groupby("item")["rating"].mean()
+    # no noise: each movie's released mean is its training mean, shrunk by the 10-rating prior (and weighted)
+    assert len(exact.mean) == int(data.items.index.max())
+    assert np.corrcoef(exact.mean[truth.index - 1], truth.to_numpy())[0, 1] > 0.9
+    assert abs(exact.mu - train["rating"].mean()) < 0.05
+    # under DP (noise multiplier 1 on 5 devices) the release is noise-dominated and shrunk to the global mean
+    assert np.std(noisy.item_bias()) < np.std(exact.item_bias())
 
 
 def test_k_is_chosen_at_the_elbow_of_the_noisy_federated_inertia(dp_federation):
@@ -213,6 +248,9 @@ def test_main_job_writes_the_table_with_rmse_per_user_activity_bucket_and_privac
         assert min(row["activity"].values()) - 1e-9 <= row["rmse"] <= max(row["activity"].values()) + 1e-9
     table = (out / "results.md").read_text()
     assert "| method | 0-19 ratings | 20-49 ratings |" in table and "RMSE sd" not in table
+    # the wall breakdown: one column per federation, and the share of the wall spent in the model
+    assert "| phase | single adapter | K at the elbow of 1,2,3 | 2 personas, user-level ε=2 |" in table
+    assert "model: persona training" in table and "**model forward/backward (all `model:` phases)**" in table
     assert (out / "results.csv").exists() and (out / "rmse_per_round.png").exists()
 
 
