@@ -215,7 +215,8 @@ class Participant:
                  "seed": self.seed, "peer-ids": [str(n) for n in sorted(self.peers)],
                  "peer-c": [self.peers[n][0] for n in sorted(self.peers)],
                  "peer-s": [self.peers[n][1] for n in sorted(self.peers)],
-                 "inbox-ids": [str(n) for n in sorted(self.inbox)], "inbox": [self.inbox[n] for n in sorted(self.inbox)]}
+                 "inbox-ids": [str(n) for n in sorted(self.inbox)],
+                 "inbox": [self.inbox[n] for n in sorted(self.inbox)]}
         if self.c_key is not None:
             state["c-key"], state["s-key"] = private_bytes(self.c_key), private_bytes(self.s_key)
         return state

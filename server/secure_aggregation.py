@@ -19,7 +19,7 @@ from __future__ import annotations
 from logging import WARNING
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.common.logger import log
 from flwr.common.secure_aggregation.crypto.shamir import combine_shares
 

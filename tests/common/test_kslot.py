@@ -22,7 +22,8 @@ def test_summed_vectors_decode_to_per_persona_sums_and_counts(personas, seed):
     assert counts.tolist() == [personas.count(p) for p in range(k)]
     for p in range(k):
         for name in SHAPES:
-            plain = sum((d[name].astype(np.float64) for d, q in zip(deltas, personas) if q == p), np.zeros(SHAPES[name]))
+            plain = sum((d[name].astype(np.float64) for d, q in zip(deltas, personas) if q == p),
+                        np.zeros(SHAPES[name]))
             # one rounding step per member; the empty slots' zeros are exact
             tol = counts[p] * kslot.step(coord_range, levels) + 1e-12
             np.testing.assert_allclose(sums[p][name], plain, atol=tol, rtol=0)
