@@ -661,7 +661,8 @@ class PersonaStrategy(FedAvg):
             log(WARNING, "evaluation round %d: secure aggregation aborted, nothing pooled: %s", server_round, e)
             return None
         counts["secagg_dropped"] = len(adverts) - len(survivors)
-        sums = {f"{scope}/{field}": value for scope, row in table.items() if row["users"]
+        # Version scopes feed the canary pools only, as in a plain evaluation; the rest the pooled metrics.
+        sums = {f"{scope}/{field}": value for scope, row in table.items() if row["users"] and not scope.startswith("v")
                 for field, value in row.items()}
         pooled = {}
         for scope, row in table.items():
