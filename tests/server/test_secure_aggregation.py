@@ -348,3 +348,24 @@ def test_evaluation_error_sums_reach_the_coordinator_only_pooled():
         assert all(len(rec) == 0 for rec in content.metric_records.values())
         for rec in content.array_records.values():
             assert all(a.dtype == "uint32" for a in rec.values())
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(junk=st.lists(st.binary(max_size=300), min_size=5, max_size=5), drop=st.booleans())
+def test_junk_shares_abort_the_round_or_unmask_correctly_never_crash(junk, drop):
+    """A device answering the unmask request with arbitrary bytes as shares: the coordinator either still
+    reconstructs the right sum or aborts; no other exception escapes."""
+    vectors = {n: np.full(6, n, np.uint32) for n in range(1, 6)}
+    parties = {n: Participant(n, v, 3) for n, v in vectors.items()}
+    state = SecureSum(3, 6)
+    keys = state.advertise({n: p.advertise() for n, p in parties.items()})
+    inbox = state.route({n: p.share(keys) for n, p in parties.items()})
+    masking = [n for n in parties if not (drop and n == 5)]
+    survivors, dropped = state.collect({n: parties[n].mask(inbox[n]) for n in masking})
+    revealed = {n: parties[n].unmask(survivors, dropped) for n in survivors}
+    revealed[1] = dict(zip(sorted(revealed[1]), junk))
+    try:
+        total = state.unmask(revealed)
+    except Aborted:
+        return
+    np.testing.assert_array_equal(total, sum(vectors[n] for n in survivors).astype(np.uint32))
