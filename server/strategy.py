@@ -510,6 +510,7 @@ class PersonaStrategy(FedAvg):
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
         last = self.num_rounds is not None and server_round == self.num_rounds
+        self._secure_eval = {}  # set below only when this round evaluates securely
         if not self.eval_nodes or (server_round % self.eval_every and not last):
             return []
         config["server-round"] = server_round
@@ -553,6 +554,8 @@ class PersonaStrategy(FedAvg):
     @phase("coordinator: aggregation")
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         counts = {"failed": 0, "rejected": 0}
+        if self.secure and not self._secure_eval:  # no evaluation this round: nothing to aggregate or abort
+            return None
         if self.secure:
             scoped = self._secure_evaluation(server_round, replies, counts)
             if scoped is None:
@@ -649,8 +652,6 @@ class PersonaStrategy(FedAvg):
                 continue
             seen.add(node)
             adverts[node] = keys
-        if not params or not asked:
-            return None
         scopes = list(params["secagg-scopes"])
         try:
             total, survivors = run_round(self._grid, adverts, params["secagg-threshold"],

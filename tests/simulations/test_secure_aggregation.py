@@ -76,6 +76,7 @@ def test_secure_run_releases_the_plain_runs_persona_versions_within_quantisation
         assert "train_loss" not in train and "max_update_norm" not in train  # single devices' figures
     # Evaluation went through secure sums too: the same pooled metrics, and the same per-version evaluations in
     # the registry (the canary machinery's input).
+    assert sorted(history["evaluate"]) == sorted(runs["plain"][0]["evaluate"]) == ["2"]  # eval-every 2
     final, plain_final = history["evaluate"]["2"], runs["plain"][0]["evaluate"]["2"]
     assert final["users"] == plain_final["users"] == 5 and final["ratings"] == pytest.approx(plain_final["ratings"])
     assert {k for k in final if not k.startswith("secagg")} == set(plain_final)  # the same pools are released
