@@ -5,6 +5,9 @@ Message types it answers:
 - query.assign  final persona from the centroids (warm users) plus onboarding answers in that persona's slot
 - query.cold    cold-start users pick their persona locally from the aggregated onboarding counts
 - train         persona adapter in -> persona delta out; the personal adapter is updated and stays here
+- train.secagg  the same training under secure aggregation: the delta goes into this persona's slot of a
+                K-slot vector held in memory, and only public keys go out; query.secagg_share, _mask and
+                _unmask then run the protocol (`client.secure_aggregation`), so the delta leaves only masked
 - evaluate      held-out error sums for the persona adapter and for the personal adapter
 
 Only sums, deltas and error sums leave the device. The personal adapter lives in the device's encrypted store
@@ -35,6 +38,7 @@ from flwr.clientapp.typing import Mod
 from client.device import Device, runtime
 from client.keys import KEY_ENV, RawKey
 from client.local_data import Owner, device_data, split_own
+from client import secure_aggregation
 from client.policy import TrainingPolicy
 from client.store import EncryptedStore
 from common.config import DeviceDP, FederationConfig, ScoringConfig, split_preset
@@ -291,8 +295,10 @@ def _guarded(handler):
     return wrapper
 
 
-def _skipped(message: Message, persona_id: int, category: str) -> Message:
-    reply = _reply(message, {"skipped": 1, "persona": persona_id, "num-examples": 1})
+def _skipped(message: Message, persona_id: int | None, category: str) -> Message:
+    """A declined round's reply; under secure aggregation (`persona_id` None) it names no persona."""
+    persona = {} if persona_id is None else {"persona": persona_id}
+    reply = _reply(message, {"skipped": 1, **persona, "num-examples": 1})
     reply.content["status"] = ConfigRecord({"reason": category})
     return reply
 
@@ -383,42 +389,72 @@ def build_app(overrides: dict | None = None, mods: Iterable[Mod] = ()) -> Client
         _save_state(device, cfg, context, persona=persona)
         return _reply(message, {**flag, "persona": persona, "eval": in_eval})
 
-    @app.train()
-    @_guarded
-    def train(message: Message, context: Context) -> Message:
+    def persona_update(message: Message, context: Context, claim: int | None):
+        """(device, cfg, delta, metrics) from this round's training, or a skipped reply naming persona `claim`
+        (None under secure aggregation: the device sends no persona id)."""
         device, cfg = _device(context, overrides)
         _with_item_stats(device, message)
         persona = from_record(message.content["arrays"])
-        persona_id = int(message.content["config"]["persona"])
         policy = TrainingPolicy.from_node_config(context.node_config)
         # A refusal's details (how many ratings, what epsilon) stay in the device's log; the reply says only which
         # kind of refusal it is.
         if (detail := policy.refusal(len(device.train_examples[1]))) is not None:
             LOG.info("round skipped: %s", detail)
-            return _skipped(message, persona_id, POLICY)
+            return _skipped(message, claim, POLICY)
         try:
             with phase("model: persona training"):
                 trained, metrics = _train(device, cfg, context, persona, policy.steps(cfg.local_steps),
                                           cfg.device_dp_enabled)
         except BudgetExhausted as e:  # the device keeps serving; it just stops contributing
             LOG.info("round skipped: %s", e)
-            return _skipped(message, persona_id, BUDGET)
+            return _skipped(message, claim, BUDGET)
         except LedgerRolledBack as e:
             LOG.warning("round skipped, privacy ledger missing or rolled back: %s", e)
-            return _skipped(message, persona_id, LEDGER_MISSING)
+            return _skipped(message, claim, LEDGER_MISSING)
         delta = {k: trained[k] - persona[k] for k in persona}
         _save_state(device, cfg, context, contributed=int(message.content["config"]["server-round"]))
         if cfg.personal_steps > 0:
             _personal(device, cfg, context, persona)
+        return device, cfg, delta, metrics
+
+    @app.train()
+    @_guarded
+    def train(message: Message, context: Context) -> Message:
+        persona_id = int(message.content["config"]["persona"])
+        outcome = persona_update(message, context, persona_id)
+        if isinstance(outcome, Message):
+            return outcome
+        device, cfg, delta, metrics = outcome
         if _private_run(cfg):
             # Under DP only the update leaves: no example count (uniform weights), no loss, no epsilon, and no speed
             # figures either (tokens per second follow how many non-empty records Poisson sampling drew).
             return _reply(message, {"num-examples": 1, "persona": persona_id}, to_record(delta))
         return _reply(message, {"num-examples": device.n_train, "persona": persona_id, **metrics}, to_record(delta))
 
-    @app.evaluate()
+    @app.train("secagg")
     @_guarded
-    def evaluate(message: Message, context: Context) -> Message:
+    def train_secagg(message: Message, context: Context) -> Message:
+        outcome = persona_update(message, context, None)
+        if isinstance(outcome, Message):
+            return outcome
+        return secure_aggregation.start(message, context, outcome[2])
+
+    @app.query("secagg_share")
+    @_guarded
+    def secagg_share(message: Message, context: Context) -> Message:
+        return secure_aggregation.share(message, context)
+
+    @app.query("secagg_mask")
+    @_guarded
+    def secagg_mask(message: Message, context: Context) -> Message:
+        return secure_aggregation.mask(message, context)
+
+    @app.query("secagg_unmask")
+    @_guarded
+    def secagg_unmask(message: Message, context: Context) -> Message:
+        return secure_aggregation.unmask(message, context)
+
+    def evaluation(message: Message, context: Context) -> tuple[dict, FederationConfig, Device]:
         device, cfg = _device(context, overrides)
         _with_item_stats(device, message)
         persona = from_record(message.content["arrays"])
@@ -430,7 +466,7 @@ def build_app(overrides: dict | None = None, mods: Iterable[Mod] = ()) -> Client
         # The personal adapter trains without noise: under DP its distance from the persona stays on the device.
         distance = {} if _private_run(cfg) else \
             {"personal_distance": float(np.sqrt(sum(((personal[k] - persona[k]) ** 2).sum() for k in persona)))}
-        return _reply(message, {
+        return {
             "num-examples": device.n_train, "cold": int(device.n_train < cfg.cold_start_threshold),
             "persona_sse": on_persona["sse"], "persona_sae": on_persona["sae"],
             "personal_sse": on_personal["sse"], "personal_sae": on_personal["sae"], "n": on_persona["n"],
@@ -438,7 +474,18 @@ def build_app(overrides: dict | None = None, mods: Iterable[Mod] = ()) -> Client
             # the version the coordinator served, echoed so its metrics are pooled per version (canaries)
             **({"version": int(message.content["config"]["version"])} if "version" in message.content["config"]
                else {}),
-        })
+        }, cfg, device
+
+    @app.evaluate()
+    @_guarded
+    def evaluate(message: Message, context: Context) -> Message:
+        return _reply(message, evaluation(message, context)[0])
+
+    @app.evaluate("secagg")
+    @_guarded
+    def evaluate_secagg(message: Message, context: Context) -> Message:
+        values, _, _ = evaluation(message, context)
+        return secure_aggregation.start_evaluation(message, context, values)
 
     return app
 

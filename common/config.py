@@ -114,6 +114,15 @@ class UserDP:
     delta: float
 
 
+@dataclass(frozen=True)
+class SecureAggregation:
+    """Secure aggregation of K-slot updates (docs/secure_aggregation.md): the coordinator unmasks only sums."""
+
+    threshold: float  # fraction of a round's cohort that must stay to the end (> 1/2): fewer and the round aborts
+    coord_range: float  # each coordinate of a delta is clipped to [-range, range] and quantised over it
+    clip: float  # L2 bound on one device's delta, clipped on the device (the coordinator sees no single delta)
+
+
 AGGREGATIONS = ("mean", "trimmed-mean", "median")
 DISCOVERY_FEATURES = ("profile-embedding", "genre-deviation")
 
@@ -219,6 +228,16 @@ class FederationConfig:
     # DP, accounted as one more discovery release); the released means and counts go into each movie's prompt
     # ("Other users rated it 3.9/5 on average (212 ratings).") on every device.
     item_stats: bool = False
+    # Secure aggregation (off by default): every sampled device uploads its delta in its persona's slot of a
+    # K-slot vector, quantised and masked (SecAgg: pairwise masks, Shamir-shared seeds), and the coordinator
+    # unmasks only the K per-persona sums and counts. The delta is clipped on the device to dp-user-clip under
+    # user-level DP, else to max-update-norm, and each coordinate to [-range, range] (AdamW moves a coordinate by
+    # at most ~3 x lr x local-steps, 0.012 at the defaults). A round aborts, releasing nothing, when fewer than
+    # threshold x its cohort devices stay to the end. Updates weigh the same (no example counts); trimmed mean
+    # and median need single updates and are refused.
+    secure_aggregation: bool = False
+    secure_aggregation_threshold: float = 0.6
+    secure_aggregation_range: float = 0.1
 
     def __post_init__(self) -> None:
         if self.persona_candidates:
@@ -251,6 +270,27 @@ class FederationConfig:
         if self.aggregation != "mean" and self.user_dp_enabled:
             # The Gaussian mechanism's sensitivity is that of a clipped sum; a trimmed mean or median has another.
             raise ValueError("robust aggregation cannot be combined with user-level DP; use aggregation='mean'")
+
+        if self.secure_aggregation:
+            if self.aggregation != "mean":
+                raise ValueError(f"aggregation {self.aggregation!r} needs single updates, which secure aggregation "
+                                 "hides from the coordinator; use aggregation='mean'")
+            if not 0.5 < self.secure_aggregation_threshold <= 1.0:
+                raise ValueError("secure-aggregation-threshold must be in (0.5, 1] (a majority, so the coordinator "
+                                 f"cannot gather both secrets of one device), got {self.secure_aggregation_threshold}")
+            if not 0 < self.secure_aggregation_range < float("inf"):
+                raise ValueError(f"secure-aggregation-range must be finite and > 0, got "
+                                 f"{self.secure_aggregation_range}")
+            if not self.user_dp_enabled and self.max_update_norm <= 0:
+                raise ValueError("secure aggregation clips deltas on the device to max-update-norm (or dp-user-clip "
+                                 "under user-level DP); it cannot be 0")
+
+    @property
+    def secure(self) -> SecureAggregation | None:
+        if not self.secure_aggregation:
+            return None
+        clip = self.dp_user_clip if self.user_dp_enabled else self.max_update_norm
+        return SecureAggregation(self.secure_aggregation_threshold, self.secure_aggregation_range, clip)
 
     @classmethod
     def from_run_config(cls, run_config: dict) -> "FederationConfig":

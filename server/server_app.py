@@ -331,7 +331,11 @@ def run(grid: Grid, cfg: FederationConfig) -> None:
                                rollback=(cfg.rollback_margin, cfg.rollback_min_devices),
                                aggregation=cfg.aggregation, trim_fraction=cfg.trim_fraction,
                                max_update_norm=cfg.max_update_norm, max_examples=cfg.max_examples,
-                               extra_content=extra)
+                               extra_content=extra, secure=cfg.secure,
+                               secure_timeout=cfg.round_timeout)
+    if cfg.secure:
+        log(INFO, "secure aggregation: threshold %.2f of each cohort, coordinate range %g, device clip %g",
+            cfg.secure.threshold, cfg.secure.coord_range, cfg.secure.clip)
     round_started = time.time()
 
     def round_done(server_round: int, _arrays) -> None:

@@ -37,14 +37,13 @@ from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
 from flwr.supercore.differential_privacy import (add_gaussian_noise_inplace, clip_inputs_inplace, compute_stdv,
                                                 get_norm)
 
-from common.config import FederationConfig, UserDP
+from common import kslot, scoped_sums
+from common.scoped_sums import ACTIVITY_EDGES, activity_bucket  # noqa: F401 -- also this module's public names
+from common.config import FederationConfig, SecureAggregation, UserDP
 from common.timing import phase
 from common.privacy import Event, epsilon, poisson_rate
 from server.rollouts import Rollouts
-
-# Evaluation is also pooled by how many training ratings a user has (cold-start users vs heavy users): that is
-# where personas should matter most.
-ACTIVITY_EDGES = (20, 50, 100, 200)
+from server.secure_aggregation import Aborted, read_advert, run_round
 
 
 def clip(arrays: list[np.ndarray], bound: float) -> None:
@@ -64,15 +63,6 @@ def add_noise(arrays: list[np.ndarray], std: float, reproducible: bool) -> list[
     rng = np.random.default_rng(secrets.randbits(128))
     return [a + rng.normal(0.0, std, np.shape(a)) for a in arrays]
 
-
-def activity_bucket(n_train: int) -> str:
-    """'ratings_0_19', ..., 'ratings_200_plus': the scope name of a user with `n_train` training ratings."""
-    lo = 0
-    for hi in ACTIVITY_EDGES:
-        if n_train < hi:
-            return f"ratings_{lo}_{hi - 1}"
-        lo = hi
-    return f"ratings_{lo}_plus"
 
 Arrays = dict[str, np.ndarray]
 # (round, persona, new adapter, contributing devices, aggregated train metrics, privacy) -> version id or None
@@ -209,6 +199,8 @@ class PersonaStrategy(FedAvg):
         reproducible: bool = False,
         eval_min_devices: int = FederationConfig.eval_min_devices,
         extra_content: dict[str, ArrayRecord] | None = None,
+        secure: SecureAggregation | None = None,
+        secure_timeout: float = FederationConfig.round_timeout,
     ) -> None:
         """`dp`: user-level DP on every persona release; `prior_releases`: user-level events the persona's users
         already took part in (its lineage from earlier runs, then this run's persona discovery; one list for every
@@ -220,9 +212,14 @@ class PersonaStrategy(FedAvg):
         device gets the version its bucket says (stable or canary), its metrics are pooled per version, and a
         canary worse than stable by `rollback` = (RMSE margin, minimum devices) is rolled back. `aggregation`,
         `trim_fraction`, `max_update_norm`, `max_examples`: see FederationConfig. `extra_content`: records every
-        training and evaluation message carries besides the adapter (the released item statistics)."""
+        training and evaluation message carries besides the adapter (the released item statistics). With
+        `secure`, each round's updates arrive as masked K-slot vectors and only their per-persona sums are
+        unmasked (`_secure_sums`); `secure_timeout` bounds each of its three extra exchanges."""
         if aggregation not in ("mean", "trimmed-mean", "median"):
             raise ValueError(f"unknown aggregation {aggregation!r}")
+        if secure and aggregation != "mean":
+            raise ValueError(f"aggregation {aggregation!r} needs single updates, which secure aggregation hides "
+                             "from the coordinator; use aggregation='mean'")
         if dp and aggregation != "mean":
             raise ValueError("robust aggregation cannot be combined with user-level DP")
         super().__init__(fraction_train=fraction_train, min_train_nodes=min_train_nodes, min_available_nodes=1,
@@ -254,6 +251,10 @@ class PersonaStrategy(FedAvg):
         self.aggregation, self.trim_fraction, self.max_update_norm = aggregation, trim_fraction, max_update_norm
         self.max_examples = max_examples
         self._sent: dict[str, set[int]] = {}  # message type -> nodes asked this round: only they may reply
+        self.secure, self.secure_timeout = secure, secure_timeout
+        self._grid: Grid | None = None  # the secure round's extra exchanges go through the round's grid
+        self._secure_round: dict = {}  # this round's public protocol parameters
+        self._secure_eval: dict = {}  # and the evaluation round's
         # Per round, the aggregated train and evaluate metrics as they come (Flower's result has them only at the
         # end): the ServerApp's one progress line per round reads them.
         self.round_metrics: dict[int, dict[str, MetricRecord | None]] = defaultdict(dict)
@@ -302,7 +303,24 @@ class PersonaStrategy(FedAvg):
             self._sample_rate = size / len(eligible) if eligible else 0.0
         log(INFO, "configure_train: %d of %d devices", len(nodes), len(eligible))
         config["server-round"] = server_round
-        return self._messages(nodes, arrays, config, MessageType.TRAIN)
+        if not self.secure:
+            return self._messages(nodes, arrays, config, MessageType.TRAIN)
+        self._grid = grid
+        if len(nodes) < 2:  # a "sum" of one device is its update: nothing can be aggregated securely
+            log(WARNING, "round %d: %d devices sampled, secure aggregation needs 2; no round", server_round, len(nodes))
+            self._secure_round = {}
+            self._current = split_personas(arrays)
+            self._sent[SECURE_TRAIN] = set()
+            return []
+        # Public parameters, the same for every device of the round: quantisation levels such that the whole
+        # cohort's sum cannot wrap around the modulus, and the threshold as a device count.
+        self._secure_round = {
+            "secagg-round": secrets.randbits(62), "secagg-k": len(split_personas(arrays)),
+            "secagg-threshold": max(2, math.ceil(self.secure.threshold * len(nodes))),
+            "secagg-levels": kslot.levels_for(len(nodes)), "secagg-range": self.secure.coord_range,
+            "secagg-clip": self.secure.clip}
+        config.update(self._secure_round)
+        return self._messages(nodes, arrays, config, SECURE_TRAIN)
 
     @phase("coordinator: aggregation")
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -313,8 +331,13 @@ class PersonaStrategy(FedAvg):
     def _aggregate_train(self, server_round: int,
                          replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Stream the replies into one running sum per persona: no list of all updates is ever held."""
-        running: dict[int, _Running] = {}
         counts = {"failed": 0, "skipped": 0, "rejected": 0, "refused": 0}
+        if self.secure:
+            running = self._secure_sums(server_round, replies, counts)
+            if running is None:  # aborted: nothing is released, every persona keeps its version
+                return None, MetricRecord({**counts, "secagg_aborted": 1})
+            return self._release(server_round, running, counts, None)
+        running: dict[int, _Running] = {}
         max_norm = 0.0  # of accepted updates, before any clipping: what an operator sets max-update-norm from
         seen: set[int] = set()
         for msg in replies:
@@ -340,7 +363,11 @@ class PersonaStrategy(FedAvg):
                 clip(arrays, self.dp.clip)
                 weight = 1.0
             acc.add(arrays, weight, metrics)
+        return self._release(server_round, running, counts, max_norm)
 
+    def _release(self, server_round: int, running: dict[int, "_Running"], counts: dict[str, int],
+                 max_norm: float | None) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Each persona's new version from its aggregate (plain or secure), through DP when that is on."""
         new = {p: dict(arrs) for p, arrs in self._current.items()}
         metrics = MetricRecord()
         # Under DP every persona is released every round (noise only without updates); otherwise only updated ones.
@@ -376,9 +403,67 @@ class PersonaStrategy(FedAvg):
         metrics.update(counts)
         if not released:  # the counts of what went wrong are still kept in the history, if anything arrived
             return None, (metrics if any(counts.values()) else None)
-        if not self.dp:  # a single device's statistic: kept out of what a DP run reports
+        if not self.dp and max_norm is not None:  # a single device's statistic: not in DP or secure runs
             metrics["max_update_norm"] = max_norm
         return join_personas(new), metrics
+
+    def _secure_sums(self, server_round: int, replies: Iterable[Message],
+                     counts: dict[str, int]) -> dict[int, "_Running"] | None:
+        """The secure round after the train replies: run the protocol's three other exchanges, unmask the sum of
+        the survivors' K-slot vectors and decode it into per-persona sums and counts (bounded: `bound_sums`).
+        None when the round aborts (too few devices at some stage, or a sum no honest devices could produce)."""
+        params, adverts, seen = self._secure_round, {}, set()
+        asked = self._sent.get(SECURE_TRAIN, set())
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            if msg.has_error():
+                log(WARNING, "node %s failed this round: %s", node, msg.error.reason)
+                counts["failed"] += 1
+                continue
+            metrics = msg.content["metrics"] if "metrics" in msg.content else None
+            keys = read_advert(msg)
+            if node not in asked or node in seen:
+                problem = "not a device asked to train this round, or a second reply"
+            elif isinstance(metrics, MetricRecord) and metrics.get("skipped"):
+                counts["skipped"] += 1
+                seen.add(node)
+                continue
+            else:
+                problem = None if keys is not None else "no public keys of the right form"
+            seen.add(node)
+            if problem:
+                log(WARNING, "rejected reply from node %s: %s", node, problem)
+                counts["rejected"] += 1
+                continue
+            adverts[node] = keys
+        if not params:
+            return None
+        shapes = {k: v.shape for k, v in next(iter(self._current.values())).items()}
+        k = params["secagg-k"]
+        length = k * kslot.layout(shapes)[1] + k
+        try:
+            total, survivors = run_round(self._grid, adverts, params["secagg-threshold"], length,
+                                         params["secagg-round"], self.secure_timeout)
+            sums, persona_counts = kslot.decode(total, len(survivors), shapes, k, params["secagg-range"],
+                                                params["secagg-levels"])
+        except (Aborted, ValueError) as e:
+            log(WARNING, "round %d: secure aggregation aborted, nothing released: %s", server_round, e)
+            return None
+        counts["secagg_dropped"] = len(adverts) - len(survivors)
+        sums, clipped = bound_sums(sums, persona_counts, params["secagg-clip"], params["secagg-range"],
+                                   kslot.step(params["secagg-range"], params["secagg-levels"]))
+        if clipped:
+            log(WARNING, "round %d: persona sums %s exceeded what their devices could send honestly; bounded",
+                server_round, clipped)
+            counts["secagg_bounded"] = len(clipped)
+        running = {}
+        for persona, count in enumerate(persona_counts):
+            if count > 0 and persona in self._current:
+                acc = _Running(self._current[persona])
+                acc.sum = [sums[persona][key] for key in acc.keys]
+                acc.weight = acc.devices = int(count)
+                running[persona] = acc
+        return running
 
     def _read_train_reply(self, msg: Message, seen: set[int]) -> str | None | tuple[int, Arrays, float, MetricRecord]:
         """(persona, delta, weight, metrics) of a usable update, None for a device that skipped the round, or why
@@ -434,12 +519,20 @@ class PersonaStrategy(FedAvg):
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
         last = self.num_rounds is not None and server_round == self.num_rounds
+        self._secure_eval = {}  # set below only when this round evaluates securely
         if not self.eval_nodes or (server_round % self.eval_every and not last):
             return []
         config["server-round"] = server_round
         online = set(grid.get_node_ids())
         nodes = [n for n in self.eval_nodes if n in online]
-        messages = self._messages(nodes, arrays, config, MessageType.EVALUATE)
+        if self.secure and len(nodes) < 2:
+            log(WARNING, "evaluation round %d: %d devices online, secure aggregation needs 2; no evaluation",
+                server_round, len(nodes))
+            self._sent[SECURE_EVALUATE] = set()
+            return []
+        kind = SECURE_EVALUATE if self.secure else MessageType.EVALUATE
+        self._grid = grid
+        messages = self._messages(nodes, arrays, config, kind)
         if self.rollouts is not None:
             self._served = {}
             payloads: dict[int, ArrayRecord] = {}
@@ -452,6 +545,19 @@ class PersonaStrategy(FedAvg):
                 message.content["arrays"] = payloads[version]
                 message.content["config"]["version"] = version
                 self._served[node] = version
+        if self.secure:
+            # Every scope the plain evaluation pools, and one per served version (canary judgement); a device
+            # writes its statistics into its own scopes and zeros into the rest.
+            personas = sorted(set(self.node_persona.values()))
+            versions = sorted(set(self._served.values())) if self.rollouts is not None else []
+            scopes = ["all", *(f"p{p}" for p in personas), "cold", "warm",
+                      *(activity_bucket(lo) for lo in (0, *ACTIVITY_EDGES)), *(f"v{v}" for v in versions)]
+            self._secure_eval = {"secagg-round": secrets.randbits(62), "secagg-scopes": scopes,
+                                 "secagg-threshold": max(2, math.ceil(self.secure.threshold * len(nodes))),
+                                 "secagg-levels": kslot.levels_for(len(nodes))}
+            for message in messages:
+                for key, value in self._secure_eval.items():
+                    message.content["config"][key] = value
         return messages
 
     @phase("coordinator: aggregation")
@@ -461,39 +567,20 @@ class PersonaStrategy(FedAvg):
         return metrics
 
     def _aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        valid, counts, seen = [], {"failed": 0, "rejected": 0}, set()
-        for msg in replies:
-            node = msg.metadata.src_node_id
-            if msg.has_error():
-                log(WARNING, "node %s failed to evaluate: %s", node, msg.error.reason)
-                counts["failed"] += 1
-                continue
-            if node not in self.node_persona or node not in self._sent.get(MessageType.EVALUATE, ()):
-                problem = "not a device asked to evaluate this round"
-            elif node in seen:
-                problem = "a second reply this round"
-            else:
-                problem = check_evaluation(msg.content["metrics"] if "metrics" in msg.content else None)
-            if problem:
-                log(WARNING, "rejected evaluation from node %s: %.300s", node, problem)
-                counts["rejected"] += 1
-                continue
-            seen.add(node)
-            valid.append(msg)
-        sums: dict[str, float] = defaultdict(float)
-        for msg in valid:
-            m = msg.content["metrics"]
-            persona = self.node_persona.get(msg.metadata.src_node_id)
-            bucket = "cold" if m.get("cold") else "warm"
-            for scope in ("all", f"p{persona}", bucket, activity_bucket(int(m["num-examples"]))):
-                for key in ("persona_sse", "persona_sae", "personal_sse", "personal_sae", "n"):
-                    sums[f"{scope}/{key}"] += float(m[key])
-                sums[f"{scope}/users"] += 1
-                sums[f"{scope}/personal_distance"] += float(m.get("personal_distance", 0.0))
-        if not valid:
+        counts = {"failed": 0, "rejected": 0}
+        if self.secure and not self._secure_eval:  # no evaluation this round: nothing to aggregate or abort
+            return None
+        if self.secure:
+            scoped = self._secure_evaluation(server_round, replies, counts)
+            if scoped is None:
+                return MetricRecord({**counts, "secagg_aborted": 1})
+            sums, pooled = scoped
+        else:
+            sums, pooled = self._plain_evaluation(replies, counts)
+        if not sums:
             return MetricRecord(counts) if any(counts.values()) else None
         if self.rollouts is not None:
-            self._record_versions(valid)
+            self._record_versions(pooled)
         out = MetricRecord(counts)
         for scope in sorted({k.split("/")[0] for k in sums}):
             n = sums[f"{scope}/n"]
@@ -513,26 +600,101 @@ class PersonaStrategy(FedAvg):
             out[f"{prefix}users"] = sums[f"{scope}/users"]
         return out
 
-
-    def _record_versions(self, replies: list[Message]) -> None:
-        """Pool persona-path error sums per served version, then let rollouts judge each running canary."""
-        pooled: dict[int, list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0, 0])
-        pooled_nodes: dict[int, set[int]] = defaultdict(set)
+    def _plain_evaluation(self, replies: Iterable[Message], counts: dict[str, int]) -> tuple[dict, dict]:
+        """Validated replies pooled per scope ("scope/field" -> sum), and per served version
+        (version -> ([sse, sae, n, devices], distinct nodes))."""
+        valid, seen = [], set()
         for msg in replies:
+            node = msg.metadata.src_node_id
+            if msg.has_error():
+                log(WARNING, "node %s failed to evaluate: %s", node, msg.error.reason)
+                counts["failed"] += 1
+                continue
+            if node not in self.node_persona or node not in self._sent.get(MessageType.EVALUATE, ()):
+                problem = "not a device asked to evaluate this round"
+            elif node in seen:
+                problem = "a second reply this round"
+            else:
+                problem = check_evaluation(msg.content["metrics"] if "metrics" in msg.content else None)
+            if problem:
+                log(WARNING, "rejected evaluation from node %s: %.300s", node, problem)
+                counts["rejected"] += 1
+                continue
+            seen.add(node)
+            valid.append(msg)
+        sums: dict[str, float] = defaultdict(float)
+        pooled: dict[int, tuple[list[float], set[int]]] = {}
+        for msg in valid:
             node, m = msg.metadata.src_node_id, msg.content["metrics"]
+            persona = self.node_persona.get(node)
+            bucket = "cold" if m.get("cold") else "warm"
+            for scope in ("all", f"p{persona}", bucket, activity_bucket(int(m["num-examples"]))):
+                for key in ("persona_sse", "persona_sae", "personal_sse", "personal_sae", "n"):
+                    sums[f"{scope}/{key}"] += float(m[key])
+                sums[f"{scope}/users"] += 1
+                sums[f"{scope}/personal_distance"] += float(m.get("personal_distance", 0.0))
+            if self.rollouts is None:
+                continue
             version = self._served.get(node)
             if version is None or m.get("version") != version:
                 log(WARNING, "evaluation from node %s is not tagged with the version it was sent (%s); not pooled",
                     node, version)
                 continue
-            p = pooled[version]
-            p[0], p[1], p[2], p[3] = p[0] + m["persona_sse"], p[1] + m["persona_sae"], p[2] + m["n"], p[3] + 1
-            pooled_nodes[version].add(node)
-        for version, (sse, sae, n, devices) in pooled.items():
+            held, nodes = pooled.setdefault(version, ([0.0, 0.0, 0.0, 0], set()))
+            for i, key in enumerate(("persona_sse", "persona_sae", "n")):
+                held[i] += float(m[key])
+            held[3] += 1
+            nodes.add(node)
+        return sums, pooled
+
+    def _secure_evaluation(self, server_round: int, replies: Iterable[Message],
+                           counts: dict[str, int]) -> tuple[dict, dict] | None:
+        """The evaluation round's statistics through secure aggregation: only every scope's pooled sums are
+        unmasked (`common.scoped_sums`). None when the round aborts."""
+        params, adverts, seen = self._secure_eval, {}, set()
+        asked = self._sent.get(SECURE_EVALUATE, set())
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            if msg.has_error():
+                log(WARNING, "node %s failed to evaluate: %s", node, msg.error.reason)
+                counts["failed"] += 1
+                continue
+            keys = read_advert(msg)
+            if node not in asked or node in seen or keys is None:
+                log(WARNING, "rejected evaluation from node %s: unasked, a second reply, or no public keys", node)
+                counts["rejected"] += 1
+                continue
+            seen.add(node)
+            adverts[node] = keys
+        scopes = list(params["secagg-scopes"])
+        try:
+            total, survivors = run_round(self._grid, adverts, params["secagg-threshold"],
+                                         len(scopes) * len(scoped_sums.FIELDS), params["secagg-round"],
+                                         self.secure_timeout)
+            table = scoped_sums.decode(total, len(survivors), scopes, params["secagg-levels"])
+        except (Aborted, ValueError) as e:
+            log(WARNING, "evaluation round %d: secure aggregation aborted, nothing pooled: %s", server_round, e)
+            return None
+        counts["secagg_dropped"] = len(adverts) - len(survivors)
+        # Version scopes feed the canary pools only, as in a plain evaluation; the rest the pooled metrics.
+        sums = {f"{scope}/{field}": value for scope, row in table.items() if row["users"] and not scope.startswith("v")
+                for field, value in row.items()}
+        pooled = {}
+        for scope, row in table.items():
+            if scope.startswith("v") and row["users"]:
+                version = int(scope[1:])
+                # Which survivors were served this version is the coordinator's own routing, not device data.
+                nodes = {n for n in survivors if self._served.get(n) == version}
+                pooled[version] = ([row["persona_sse"], row["persona_sae"], row["n"], row["users"]], nodes)
+        return sums, pooled
+
+    def _record_versions(self, pooled: dict[int, tuple[list[float], set[int]]]) -> None:
+        """Add this round's per-version pools to those held back, then let rollouts judge each running canary."""
+        for version, (sums, nodes) in pooled.items():
             # The registry (and the admin API reading it) only ever gets sums pooling eval_min_devices distinct
             # devices: smaller pools wait for later evaluation rounds of the same version.
             held, seen = self._pending.get(version, ([0.0, 0.0, 0.0, 0], set()))
-            held, seen = [a + b for a, b in zip(held, (sse, sae, n, devices))], seen | pooled_nodes[version]
+            held, seen = [a + b for a, b in zip(held, sums)], seen | nodes
             if len(seen) < self.eval_min_devices:
                 self._pending[version] = (held, seen)
                 log(INFO, "version %d: evaluation by %d devices withheld (below eval-min-devices %d)", version,
@@ -546,6 +708,28 @@ class PersonaStrategy(FedAvg):
 
 
 TRAIN_METRICS = ("train_loss", "tokens_per_s", "gflops_per_s")
+SECURE_TRAIN = f"{MessageType.TRAIN}.secagg"  # train, then answer with the first secure-aggregation message
+SECURE_EVALUATE = f"{MessageType.EVALUATE}.secagg"  # evaluate, likewise
+
+
+def bound_sums(sums: dict[int, Arrays], counts, clip: float, coord_range: float,
+               step: float) -> tuple[dict[int, Arrays], list[int]]:
+    """Each persona's decoded sum limited to what its `counts[p]` devices could have sent honestly: every
+    coordinate within count x range, the L2 norm within count x clip (devices clip to clip minus the worst
+    rounding, `kslot.encode`). Masking hides single vectors, so a device could have sent anything modulo
+    2**32; this is what bounds its influence (docs/secure_aggregation.md). Returns the sums and the personas
+    that had to be bounded."""
+    out, bounded = {}, []
+    for p, arrays in sums.items():
+        n = int(counts[p])
+        limited = {k: np.clip(v, -n * coord_range, n * coord_range) for k, v in arrays.items()}
+        norm = update_norm(limited)
+        if norm > n * clip:
+            limited = {k: v * (n * clip / norm) for k, v in limited.items()}
+        if norm > n * clip or any(not np.array_equal(limited[k], arrays[k]) for k in arrays):
+            bounded.append(p)
+        out[p] = limited
+    return out, bounded
 
 
 class _Running:

@@ -61,6 +61,20 @@ class Biases:
 
 
 @dataclass
+class ItemBias(Biases):
+    """mu + b_item only (Koren's item bias, regularised as in `Biases`): what a recommender can say to a user it
+    knows nothing about, the cold-start baseline a persona adapter must beat."""
+
+    reg_user: float = 0.0
+
+    def fit(self, train: pd.DataFrame) -> "ItemBias":
+        self.mu = float(train["rating"].mean())
+        g = (train["rating"] - self.mu).groupby(train["item"])
+        self.bu, self.bi = {}, (g.sum() / (g.size() + self.reg_item)).to_dict()
+        return self
+
+
+@dataclass
 class MatrixFactorization:
     """r ~ mu + b_u + b_i + p_u . q_i, full-batch Adam with L2 on the factors used by each rating."""
 

@@ -265,3 +265,34 @@ def test_item_statistics_answer_is_bounded_and_released_statistics_reach_every_p
     message = Message(content=RecordDict({"item-stats": record}), dst_node_id=1, message_type="train")
     text = device.rt.tokenizer.decode(_with_item_stats(device, message)._suffixes([2])[0])
     assert f"Other users rated it {stats.mean[1]:.1f}/5 on average (30 ratings)." in text
+
+
+def _secagg_content() -> dict:
+    from client.device import runtime
+    from common.adapters import adapter_arrays
+    from common.kslot import levels_for
+    cfg = FederationConfig.from_run_config({"base-model": "tiny"})
+    persona = adapter_arrays(runtime(cfg.base_model, cfg.lora).model)
+    config = {"persona": 1, "server-round": 1, "secagg-round": 7, "secagg-threshold": 2,
+              "secagg-levels": levels_for(3), "secagg-k": 2, "secagg-range": 0.1, "secagg-clip": 1.0,
+              "secagg-scopes": ["all", "p0", "p1", "cold", "warm", "ratings_0_19", "ratings_20_49"]}
+    return {"arrays": to_record(persona), "config": ConfigRecord(config)}
+
+
+def test_under_secure_aggregation_training_and_evaluation_replies_carry_public_keys_only(handlers):
+    reply = handlers("train.secagg", {}, _secagg_content())
+    assert not reply.has_error()
+    assert set(reply.content) == {"metrics", "secagg"} and len(reply.content["metrics"]) == 0  # no persona, no count
+    keys = reply.content["secagg"]
+    assert set(keys) == {"c", "s"} and all(isinstance(v, bytes) for v in keys.values())
+    evaluated = handlers("evaluate.secagg", {}, _secagg_content())
+    assert set(evaluated.content) == {"metrics", "secagg"} and len(evaluated.content["metrics"]) == 0
+    # A skipped device names no persona either.
+    skipped = handlers("train.secagg", {}, _secagg_content(), node={"min-ratings": 10_000})
+    assert _reason(skipped) == "policy" and "persona" not in skipped.content["metrics"]
+    # Protocol messages out of order or malformed are error replies with a category, not crashes or secrets.
+    for kind, content in (("query.secagg_unmask", {"config": ConfigRecord({"round": 7})}),
+                          ("query.secagg_share", {"config": ConfigRecord({"round": 7}),
+                                                  "keys": ConfigRecord({"c/x": b"1"})})):
+        out = handlers(kind, {}, content)
+        assert out.has_error() and out.error.reason == "error", kind

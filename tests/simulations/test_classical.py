@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 
 from common.metrics import rmse
 from common.split import temporal_split
@@ -36,3 +37,16 @@ def test_mf_is_deterministic_given_a_seed():
     a = MatrixFactorization(epochs=20, seed=3).fit(split.train).predict(split.test["user"], split.test["item"])
     b = MatrixFactorization(epochs=20, seed=3).fit(split.train).predict(split.test["user"], split.test["item"])
     np.testing.assert_array_equal(a, b)
+
+
+def test_item_bias_ignores_who_is_asking_and_shrinks_rare_movies():
+    import pandas as pd
+    from simulations.classical import ItemBias
+
+    train = pd.DataFrame({"user": [1, 2, 3, 1, 2], "item": [10, 10, 10, 11, 11], "rating": [5.0, 5.0, 5.0, 1.0, 2.0]})
+    model = ItemBias().fit(train)
+    a, b = model.predict([1, 99], [10, 10])
+    assert a == b  # the same for a known and an unknown user
+    mu = train["rating"].mean()
+    assert a == pytest.approx(mu + 3 * (5 - mu) / (3 + 10))  # regularised towards the global mean
+    assert model.predict([1], [12])[0] == pytest.approx(mu)  # an unseen movie: the global mean

@@ -1,0 +1,87 @@
+"""Evaluation statistics as an integer vector whose sum over devices is every scope's pooled statistics.
+
+The coordinator names the scopes of a round (all devices, each persona, cold/warm, each activity bucket, each
+served version); a device writes its bounded statistics (error sums, held-out count, 1 for "users") into every
+scope it belongs to and zeros into the others, so under secure aggregation the masked vector says nothing about
+which scopes are its own, and the unmasked sum is exactly what the plain evaluation pools per scope.
+
+Each field has a public bound: a device's value is clipped to [0, bound] and quantised over [-bound, bound] with
+Flower's stochastic quantisation (as `common.kslot`), so one device moves a scope's field by at most its bound.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from flwr.common.secure_aggregation.quantization import dequantize, quantize
+
+# Ratings are 1-5, so one held-out rating's error is at most 4 (absolute) or 16 (squared).
+MAX_HELD_OUT = 10_000  # held-out ratings one device may report (ML-100K's heaviest user has 737 ratings)
+MAX_DISTANCE = 1_000.0  # L2 distance of a personal adapter from its persona's (~0.1-10 in real runs)
+FIELDS = {"persona_sse": 16.0 * MAX_HELD_OUT, "persona_sae": 4.0 * MAX_HELD_OUT,
+          "personal_sse": 16.0 * MAX_HELD_OUT, "personal_sae": 4.0 * MAX_HELD_OUT,
+          "n": float(MAX_HELD_OUT), "users": 1.0, "personal_distance": MAX_DISTANCE}
+MAX_SCOPES = 256
+# Evaluation is also pooled by how many training ratings a user has (cold-start users vs heavy users): that is
+# where personas should matter most.
+ACTIVITY_EDGES = (20, 50, 100, 200)
+
+
+def activity_bucket(n_train: int) -> str:
+    """'ratings_0_19', ..., 'ratings_200_plus': the scope name of a user with `n_train` training ratings."""
+    lo = 0
+    for hi in ACTIVITY_EDGES:
+        if n_train < hi:
+            return f"ratings_{lo}_{hi - 1}"
+        lo = hi
+    return f"ratings_{lo}_plus"
+
+
+def clip_values(values: dict[str, float]) -> dict[str, float]:
+    """A device's statistics within their bounds: n first, then error sums within what n ratings allow."""
+    n = float(np.clip(values["n"], 0, MAX_HELD_OUT))
+    out = {"n": n, "users": 1.0,
+           "personal_distance": float(np.clip(values.get("personal_distance", 0.0), 0, MAX_DISTANCE))}
+    for path in ("persona", "personal"):
+        out[f"{path}_sse"] = float(np.clip(values[f"{path}_sse"], 0, 16.0 * n))
+        out[f"{path}_sae"] = float(np.clip(values[f"{path}_sae"], 0, 4.0 * n))
+    return out
+
+
+def encode(values: dict[str, float], own: list[str], scopes: list[str], levels: int) -> np.ndarray:
+    """[scope 0: one value per FIELDS | scope 1 | ...], uint32: `values` in the `own` scopes, zeros elsewhere."""
+    if not 1 <= len(scopes) <= MAX_SCOPES or len(set(scopes)) != len(scopes):
+        raise ValueError(f"{len(scopes)} scopes (distinct, at most {MAX_SCOPES})")
+    if levels < 2 or levels % 2 or levels > 1 << 30:
+        raise ValueError(f"levels must be even and in [2, 2**30], got {levels}")
+    clipped = clip_values(values)
+    mine = np.array([s in own for s in scopes])
+    columns = []
+    for field, bound in FIELDS.items():
+        column = np.where(mine, clipped[field], 0.0)
+        columns.append(quantize([column], bound, levels)[0].astype(np.uint32))
+    return np.stack(columns, axis=1).ravel()
+
+
+def decode(total: np.ndarray, devices: int, scopes: list[str], levels: int) -> dict[str, dict[str, float]]:
+    """Per scope, the pooled statistics of the `devices` whose vectors were summed. Raises ValueError for a sum
+    no honest devices could produce (a wrong length, user counts that are not integers in [0, devices], or not
+    `devices` in the first scope, which every device belongs to)."""
+    if total.shape != (len(scopes) * len(FIELDS),):
+        raise ValueError(f"the sum has shape {total.shape}, expected ({len(scopes) * len(FIELDS)},)")
+    table = total.reshape(len(scopes), len(FIELDS)).astype(np.int64)
+    out = {}
+    for i, scope in enumerate(scopes):
+        row = {}
+        for j, (field, bound) in enumerate(FIELDS.items()):
+            row[field] = float(dequantize([table[i, j:j + 1]], bound, levels)[0][0] - (devices - 1) * bound)
+        users = round(row["users"])
+        if abs(row["users"] - users) > 0.01 or not 0 <= users <= devices:
+            raise ValueError(f"scope {scope!r} pools {row['users']:.3f} devices of {devices}")
+        row["users"] = users
+        # Rounding can leave a small negative where the true sum is zero.
+        tolerance = devices * 2.0 / levels
+        row = {k: (max(v, 0.0) if v > -tolerance * FIELDS[k] else v) for k, v in row.items()}
+        out[scope] = row
+    if out[scopes[0]]["users"] != devices:
+        raise ValueError(f"the first scope pools {out[scopes[0]]['users']} devices, not {devices}")
+    return out
