@@ -111,7 +111,12 @@ def estimate(sums: np.ndarray, weights: np.ndarray, volume: float, noise_std: fl
     total_weight = float(np.sum(weights))
     ratings = max(volume * VOLUME_CAP, 1.0)
     per_rating = max(total_weight, 1e-12) / ratings  # a rating's mean weight: weights back to counts
-    mu = CENTRE + (float(np.sum(sums)) / total_weight if total_weight > 0 else 0.0)
+    # The global mean gets the same posterior treatment as a movie (prior N(CENTRE, 0.5^2)): with few devices the
+    # total weight is itself mostly noise (std noise_std x sqrt(movies)), and a ratio of two noises would pin mu at
+    # 1 or 5.
+    total_noise = noise_std * math.sqrt(len(sums))
+    w_total = max(total_weight, 0.0)
+    mu = CENTRE + w_total * float(np.sum(sums)) / (w_total ** 2 + (total_noise / 0.5) ** 2 + 1e-12)
     mu = float(np.clip(mu, 1.0, 5.0))
     w = np.maximum(weights, 0.0)
     deviation = sums - w * (mu - CENTRE)

@@ -191,8 +191,9 @@ def test_item_statistics_are_released_from_training_ratings_and_noised_under_dp(
     assert len(exact.mean) == int(data.items.index.max())
     assert np.corrcoef(exact.mean[truth.index - 1], truth.to_numpy())[0, 1] > 0.9
     assert abs(exact.mu - train["rating"].mean()) < 0.05
-    # under DP (noise multiplier 1 on 5 devices) the release is noise-dominated and shrunk to the global mean
-    assert np.std(noisy.item_bias()) < np.std(exact.item_bias())
+    # under DP (noise multiplier 1 on 5 devices) the release is noise-dominated: shrunk towards the prior, never a
+    # ratio of two noises (tests/common/test_item_stats.py checks this over many draws)
+    assert len(noisy.mean) == len(exact.mean) and 1.5 < noisy.mu < 4.5 and np.all(np.abs(noisy.item_bias()) < 1.0)
 
 
 def test_k_is_chosen_at_the_elbow_of_the_noisy_federated_inertia(dp_federation):
