@@ -78,7 +78,9 @@ def test_secure_run_releases_the_plain_runs_persona_versions_within_quantisation
     # the registry (the canary machinery's input).
     assert sorted(history["evaluate"]) == sorted(runs["plain"][0]["evaluate"]) == ["2"]  # eval-every 2
     final, plain_final = history["evaluate"]["2"], runs["plain"][0]["evaluate"]["2"]
-    assert final["users"] == plain_final["users"] == 5 and final["ratings"] == pytest.approx(plain_final["ratings"])
+    # counts go through the same quantised sums as the errors: equal within the quantisation, not exactly
+    assert final["users"] == plain_final["users"] == 5
+    assert final["ratings"] == pytest.approx(plain_final["ratings"], abs=1e-3)
     assert {k for k in final if not k.startswith("secagg")} == set(plain_final)  # the same pools are released
     for key in ("persona_rmse", "personal_rmse", "p0_persona_rmse", "warm_persona_mae"):
         assert final[key] == pytest.approx(plain_final[key], abs=1e-3), key
