@@ -47,7 +47,7 @@ from common.item_stats import ItemStats, contribution
 from common.personas import (cold_start_persona, discovery_dim, embed_profiles, embedding_sse, genre_deviation,
                              initial_slot, nearest, onboarding_space, slot_sums)
 from common.privacy import BudgetExhausted, PrivacyLedger, noise_for_target
-from common.split import sample_users, temporal_split
+from common.split import sample_users, temporal_split, validation_split
 from common.timing import phase
 from common.training import dp_sample_rate
 
@@ -95,17 +95,19 @@ def _device(context: Context, overrides: dict) -> tuple[Device, FederationConfig
     if partition >= len(users):
         raise ValueError(f"partition-id {partition} but the '{cfg.split}' split has only {len(users)} users")
     user = int(users[partition])
-    train = split.train[split.train["user"] == user]
+    # With `validation-fraction`, the user's latest training ratings are held out of every training (persona,
+    # personal, item statistics, discovery): blend weights are fitted on them (`common.blend`).
+    train, val = validation_split(split.train[split.train["user"] == user], cfg.validation_fraction)
     test = split.test[split.test["user"] == user]
     return Device(user, data, train, test, runtime(cfg.base_model, cfg.lora), ScoringConfig(),
-                  cfg.memory_items), cfg
+                  cfg.memory_items, val=val), cfg
 
 
 def _with_item_stats(device: Device, message: Message) -> Device:
     """Quote the coordinator's released per-movie statistics in the prompts, when the round carries them."""
     if "item-stats" in message.content:
         record = message.content["item-stats"]
-        device.item_stats = ItemStats.from_arrays({k: record[k].numpy() for k in ("mean", "count", "mu")}).frame()
+        device.use_item_stats(ItemStats.from_arrays({k: record[k].numpy() for k in ("mean", "count", "mu")}))
     return device
 
 
@@ -462,14 +464,12 @@ def build_app(overrides: dict | None = None, mods: Iterable[Mod] = ()) -> Client
         if personal is None:
             personal = _personal(device, cfg, context, persona)[0] if cfg.personal_steps > 0 else persona
         with phase("model: evaluation scoring"):
-            on_persona, on_personal = device.errors(persona), device.errors(personal)
+            sums = device.evaluation_sums({"persona": persona, "personal": personal})
         # The personal adapter trains without noise: under DP its distance from the persona stays on the device.
         distance = {} if _private_run(cfg) else \
             {"personal_distance": float(np.sqrt(sum(((personal[k] - persona[k]) ** 2).sum() for k in persona)))}
         return {
-            "num-examples": device.n_train, "cold": int(device.n_train < cfg.cold_start_threshold),
-            "persona_sse": on_persona["sse"], "persona_sae": on_persona["sae"],
-            "personal_sse": on_personal["sse"], "personal_sae": on_personal["sae"], "n": on_persona["n"],
+            "num-examples": device.n_train, "cold": int(device.n_train < cfg.cold_start_threshold), **sums,
             **distance,
             # the version the coordinator served, echoed so its metrics are pooled per version (canaries)
             **({"version": int(message.content["config"]["version"])} if "version" in message.content["config"]

@@ -13,9 +13,11 @@ import numpy as np
 import pandas as pd
 import torch
 
+from common import blend
 from common.adapters import adapter_arrays, add_lora, load_adapter_arrays
 from common.config import DeviceDP, LoraSettings, PromptConfig, ScoringConfig, TrainConfig
 from common.data import MovieLens
+from common.item_stats import ItemStats, predict as bias_predict, user_bias
 from common.memory import catalogue_embeddings, recalled_text
 from common.model import load_base_model
 from common.personas import Onboarding
@@ -56,6 +58,15 @@ class Device:
     memory_items: int = 0  # long-term memory: similar past ratings recalled into each movie's prompt
     # released per-movie statistics (`common.item_stats`), quoted in each movie's prompt; None: not quoted
     item_stats: pd.DataFrame | None = None
+    # the same release as numbers: the item half of the private user+item bias model the blend leans on
+    released: ItemStats | None = None
+    # this user's latest training ratings held out of all training (`validation-fraction`): blend weights are
+    # fitted on them, never on test ratings
+    val: pd.DataFrame | None = None
+
+    def use_item_stats(self, stats: ItemStats) -> "Device":
+        self.released, self.item_stats = stats, stats.frame()
+        return self
 
     @cached_property
     def profile(self) -> str:
@@ -101,6 +112,12 @@ class Device:
         with phase("device: building prompts"):
             return self._suffixes(self.test["item"]), self.test["rating"].to_numpy(np.float64)
 
+    @cached_property
+    def val_examples(self) -> tuple[list[list[int]], np.ndarray]:
+        val = self.test.iloc[:0] if self.val is None else self.val
+        with phase("device: building prompts"):
+            return self._suffixes(val["item"]), val["rating"].to_numpy(np.float64)
+
     @property
     def n_train(self) -> int:
         return len(self.train)
@@ -130,9 +147,12 @@ class Device:
                                      record_key=str(self.user).encode())
         return adapter_arrays(self.rt.model), metrics
 
-    def predict(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
+    def predict(self, arrays: dict[str, np.ndarray], held_out: str = "test") -> np.ndarray:
+        """Expected ratings of the `held_out` ("test" or "val") ratings under `arrays`."""
         load_adapter_arrays(self.rt.model, arrays)
-        suffixes, _ = self.test_examples
+        suffixes, _ = self.test_examples if held_out == "test" else self.val_examples
+        if not suffixes:
+            return np.empty(0)
         return predict_with_prefix(self.rt.model, self.rt.head, self.prefix, suffixes,
                                    batch_size=self.scoring.batch_size, pad_id=self.rt.pad_id)
 
@@ -149,6 +169,41 @@ class Device:
 
     def errors(self, arrays: dict[str, np.ndarray]) -> dict[str, float]:
         """Sums of squared and absolute errors on the held-out ratings (sums aggregate exactly)."""
-        pred = self.predict(arrays)
-        _, true = self.test_examples
-        return {"sse": float(((pred - true) ** 2).sum()), "sae": float(np.abs(pred - true).sum()), "n": float(len(true))}
+        return _error_sums(self.predict(arrays), self.test_examples[1])
+
+    @property
+    def can_blend(self) -> bool:
+        return self.released is not None and self.val is not None and len(self.val) > 0
+
+    def bias(self, held_out: str = "test") -> np.ndarray:
+        """The private user+item bias model's predictions: released item statistics, this device's own user bias
+        (fitted on its training ratings, on the device)."""
+        rows = self.test if held_out == "test" else self.val
+        b_user = user_bias(self.train["item"].to_numpy(), self.train["rating"].to_numpy(), self.released)
+        return bias_predict(b_user, rows["item"].to_numpy(), self.released)
+
+    def evaluation_sums(self, adapters: dict[str, dict[str, np.ndarray]]) -> dict[str, float]:
+        """Error sums of each named adapter on the test ratings ("<name>_sse", "<name>_sae", "n"); with released
+        item statistics and validation ratings also the private bias model's ("bias_sse", "bias_sae") and each
+        adapter's blend sums on validation and test ("<name>_val_rd", ..., `common.blend`), "n_val"."""
+        true = self.test_examples[1]
+        out: dict[str, float] = {"n": float(len(true))}
+        blend_ = self.can_blend
+        if blend_:
+            b_test, b_val, y_val = self.bias("test"), self.bias("val"), self.val_examples[1]
+            out.update(bias_sse=float(((b_test - true) ** 2).sum()), bias_sae=float(np.abs(b_test - true).sum()),
+                       n_val=float(len(y_val)))
+        for name, arrays in adapters.items():
+            pred = self.predict(arrays)
+            errors = _error_sums(pred, true)
+            out.update({f"{name}_sse": errors["sse"], f"{name}_sae": errors["sae"]})
+            if blend_:
+                for held_out, p, b, y in (("test", pred, b_test, true),
+                                          ("val", self.predict(arrays, "val"), b_val, y_val)):
+                    sums = blend.residual_sums(p, b, y)
+                    out.update({f"{name}_{held_out}_{k}": sums[k] for k in ("rd", "dd")})
+        return out
+
+
+def _error_sums(pred: np.ndarray, true: np.ndarray) -> dict[str, float]:
+    return {"sse": float(((pred - true) ** 2).sum()), "sae": float(np.abs(pred - true).sum()), "n": float(len(true))}

@@ -228,6 +228,11 @@ class FederationConfig:
     # DP, accounted as one more discovery release); the released means and counts go into each movie's prompt
     # ("Other users rated it 3.9/5 on average (212 ratings).") on every device.
     item_stats: bool = False
+    # Each device's latest fraction of training ratings held out of all training as validation (0 = none). With
+    # item-stats on, evaluation then also reports the private user+item bias model (released item statistics +
+    # the device's own user bias) and each adapter blended with it, b + w (adapter - b), w fitted by least squares
+    # on the pooled validation sums (`common.blend`); the simulation's baselines fit on the same remaining ratings.
+    validation_fraction: float = 0.0
     # Secure aggregation (off by default): every sampled device uploads its delta in its persona's slot of a
     # K-slot vector, quantised and masked (SecAgg: pairwise masks, Shamir-shared seeds), and the coordinator
     # unmasks only the K per-persona sums and counts. The delta is clipped on the device to dp-user-clip under
@@ -247,6 +252,8 @@ class FederationConfig:
             if self.kmeans_iters < 2:
                 raise ValueError("persona-candidates needs kmeans-iters >= 2 (inertia is measured against the "
                                  "previous iteration's centroids)")
+        if not 0.0 <= self.validation_fraction <= 0.5:
+            raise ValueError(f"validation-fraction must be in [0, 0.5], got {self.validation_fraction}")
         if self.memory_items < 0:
             raise ValueError(f"memory-items must be >= 0, got {self.memory_items}")
         if self.discovery_features not in DISCOVERY_FEATURES:

@@ -19,7 +19,13 @@ MAX_HELD_OUT = 10_000  # held-out ratings one device may report (ML-100K's heavi
 MAX_DISTANCE = 1_000.0  # L2 distance of a personal adapter from its persona's (~0.1-10 in real runs)
 FIELDS = {"persona_sse": 16.0 * MAX_HELD_OUT, "persona_sae": 4.0 * MAX_HELD_OUT,
           "personal_sse": 16.0 * MAX_HELD_OUT, "personal_sae": 4.0 * MAX_HELD_OUT,
-          "n": float(MAX_HELD_OUT), "users": 1.0, "personal_distance": MAX_DISTANCE}
+          "n": float(MAX_HELD_OUT), "users": 1.0, "personal_distance": MAX_DISTANCE,
+          # the private bias model and the adapters' blend sums (`common.blend`), zeros from a device without them
+          "blend_users": 1.0, "bias_sse": 16.0 * MAX_HELD_OUT, "bias_sae": 4.0 * MAX_HELD_OUT,
+          "n_val": float(MAX_HELD_OUT),
+          **{f"{path}_{held_out}_{k}": 16.0 * MAX_HELD_OUT for path in ("persona", "personal")
+             for held_out in ("test", "val") for k in ("rd", "dd")}}
+SIGNED = {f"{path}_{held_out}_rd" for path in ("persona", "personal") for held_out in ("test", "val")}
 MAX_SCOPES = 256
 # Evaluation is also pooled by how many training ratings a user has (cold-start users vs heavy users): that is
 # where personas should matter most.
@@ -44,6 +50,16 @@ def clip_values(values: dict[str, float]) -> dict[str, float]:
     for path in ("persona", "personal"):
         out[f"{path}_sse"] = float(np.clip(values[f"{path}_sse"], 0, 16.0 * n))
         out[f"{path}_sae"] = float(np.clip(values[f"{path}_sae"], 0, 4.0 * n))
+    blend_fields = [f for f in FIELDS if f not in out and f != "blend_users"]
+    if all(f in values for f in blend_fields):
+        n_val = float(np.clip(values["n_val"], 0, MAX_HELD_OUT))
+        out.update(blend_users=1.0, n_val=n_val, bias_sse=float(np.clip(values["bias_sse"], 0, 16.0 * n)),
+                   bias_sae=float(np.clip(values["bias_sae"], 0, 4.0 * n)))
+        for f in blend_fields[3:]:
+            count = n if "_test_" in f else n_val
+            out[f] = float(np.clip(values[f], -16.0 * count if f in SIGNED else 0.0, 16.0 * count))
+    else:
+        out.update({f: 0.0 for f in (*blend_fields, "blend_users")})
     return out
 
 
@@ -80,7 +96,7 @@ def decode(total: np.ndarray, devices: int, scopes: list[str], levels: int) -> d
         row["users"] = users
         # Rounding can leave a small negative where the true sum is zero.
         tolerance = devices * 2.0 / levels
-        row = {k: (max(v, 0.0) if v > -tolerance * FIELDS[k] else v) for k, v in row.items()}
+        row = {k: (max(v, 0.0) if k not in SIGNED and v > -tolerance * FIELDS[k] else v) for k, v in row.items()}
         out[scope] = row
     if out[scopes[0]]["users"] != devices:
         raise ValueError(f"the first scope pools {out[scopes[0]]['users']} devices, not {devices}")

@@ -51,3 +51,15 @@ def sample_users(users: np.ndarray, n: int | None, seed: int) -> np.ndarray:
     if n is None or n >= len(users):
         return np.sort(users)
     return np.sort(np.random.default_rng(seed).choice(np.sort(users), size=n, replace=False))
+
+
+def validation_split(train: pd.DataFrame, fraction: float) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Each user's latest `fraction` of training ratings (by time, ties by item) as validation, the rest to fit;
+    users with fewer than 5 training ratings keep them all. Tuning happens here, never on test ratings."""
+    if fraction <= 0:
+        return train, train.iloc[:0]
+    df = train.sort_values(["user", "ts", "item"], kind="stable").reset_index(drop=True)
+    n = df.groupby("user")["item"].transform("size").to_numpy()
+    rank = df.groupby("user").cumcount().to_numpy()
+    is_val = (n >= 5) & (rank >= n - np.maximum(1, np.floor(fraction * n).astype(int)))
+    return df[~is_val].reset_index(drop=True), df[is_val].reset_index(drop=True)

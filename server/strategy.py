@@ -37,7 +37,7 @@ from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
 from flwr.supercore.differential_privacy import (add_gaussian_noise_inplace, clip_inputs_inplace, compute_stdv,
                                                 get_norm)
 
-from common import kslot, scoped_sums
+from common import blend, kslot, scoped_sums
 from common.scoped_sums import ACTIVITY_EDGES, activity_bucket  # noqa: F401 -- also this module's public names
 from common.config import FederationConfig, SecureAggregation, UserDP
 from common.timing import phase
@@ -151,6 +151,12 @@ EVAL_SUMS = ("persona_sse", "persona_sae", "personal_sse", "personal_sae")
 # The L2 distance between a device's personal adapter and its persona's (persona adapters' own norm is ~10):
 # far below this in any real run; the bound only keeps a device from overflowing the pooled sums.
 MAX_PERSONAL_DISTANCE = 1e6
+# With item statistics and a validation hold-out, devices also send the private bias model's test error sums and
+# each adapter's blend sums (`common.blend`: r = y - b and d = p - b both lie in [-4, 4], so every sum of squares
+# or products is within 16 per rating in absolute value). All or none of them.
+BLEND_SUMS = ("bias_sse", "bias_sae", "n_val",
+              *(f"{path}_{held_out}_{k}" for path in ("persona", "personal") for held_out in ("test", "val")
+                for k in ("rd", "dd")))
 
 
 def check_evaluation(metrics) -> str | None:
@@ -167,6 +173,8 @@ def check_evaluation(metrics) -> str | None:
         if values[f"{path}_sae"] > MAX_RATING_ERROR * n + tolerance or \
                 values[f"{path}_sse"] > MAX_RATING_ERROR ** 2 * n + MAX_RATING_ERROR * tolerance:
             return f"{path} error sums exceed {MAX_RATING_ERROR:g} per rating over {n:g} ratings"
+    if problem := _check_blend(metrics, n, tolerance):
+        return problem
     for key, bound in (("cold", 1.0), ("personal_distance", MAX_PERSONAL_DISTANCE)):
         if key not in metrics:
             continue
@@ -174,6 +182,45 @@ def check_evaluation(metrics) -> str | None:
         if value is None or not 0 <= value <= bound:
             return f"{key} must be a number in [0, {bound:g}], got {metrics[key]!r}"
     return None
+
+
+def _check_blend(metrics: MetricRecord, n: float, tolerance: float) -> str | None:
+    present = [k for k in BLEND_SUMS if k in metrics]
+    if not present:
+        return None
+    if len(present) != len(BLEND_SUMS):
+        return f"blend sums must come all together: missing {sorted(set(BLEND_SUMS) - set(present))}"
+    values = {k: real(metrics[k]) for k in BLEND_SUMS}
+    if bad := [k for k, v in values.items() if v is None]:
+        return f"{bad} not finite numbers"
+    n_val = values["n_val"]
+    if not 0 <= n_val <= scoped_sums.MAX_HELD_OUT:
+        return f"n_val must be in [0, {scoped_sums.MAX_HELD_OUT}], got {n_val:g}"
+    square = MAX_RATING_ERROR ** 2
+    limits = {"bias_sse": (0.0, square * n), "bias_sae": (0.0, MAX_RATING_ERROR * n)}
+    for k in BLEND_SUMS[3:]:
+        count = n if "_test_" in k else n_val
+        limits[k] = (0.0 if k.endswith("_dd") else -square * count, square * count)
+    for k, (lo, hi) in limits.items():
+        slack = MAX_RATING_ERROR * tolerance
+        if not lo - slack <= values[k] <= hi + slack:
+            return f"{k} = {values[k]:g} is outside [{lo:g}, {hi:g}] for its ratings"
+    return None
+
+
+def blend_metrics(sums: dict[str, float], scope: str, prefix: str = "") -> dict[str, float]:
+    """The private bias model's and each adapter's blend metrics of one scope, when every device in it sent blend
+    sums: the weight from the pooled validation sums, the RMSE from the pooled test sums at that weight."""
+    users, n = sums.get(f"{scope}/users", 0), sums.get(f"{scope}/n", 0)
+    if not n or sums.get(f"{scope}/blend_users", 0) != users:
+        return {}
+    out = {f"{prefix}bias_rmse": math.sqrt(sums[f"{scope}/bias_sse"] / n),
+           f"{prefix}bias_mae": sums[f"{scope}/bias_sae"] / n}
+    for path in ("persona", "personal"):
+        w = blend.weight(sums[f"{scope}/{path}_val_rd"], sums[f"{scope}/{path}_val_dd"])
+        sse = blend.sse(sums[f"{scope}/bias_sse"], sums[f"{scope}/{path}_test_rd"], sums[f"{scope}/{path}_test_dd"], w)
+        out.update({f"{prefix}{path}_blend_rmse": math.sqrt(sse / n), f"{prefix}{path}_blend_weight": w})
+    return out
 
 
 class PersonaStrategy(FedAvg):
@@ -598,6 +645,7 @@ class PersonaStrategy(FedAvg):
             out[f"{prefix}personal_distance"] = sums[f"{scope}/personal_distance"] / sums[f"{scope}/users"]
             out[f"{prefix}ratings"] = n
             out[f"{prefix}users"] = sums[f"{scope}/users"]
+            out.update(blend_metrics(sums, scope, prefix))
         return out
 
     def _plain_evaluation(self, replies: Iterable[Message], counts: dict[str, int]) -> tuple[dict, dict]:
@@ -633,6 +681,10 @@ class PersonaStrategy(FedAvg):
                     sums[f"{scope}/{key}"] += float(m[key])
                 sums[f"{scope}/users"] += 1
                 sums[f"{scope}/personal_distance"] += float(m.get("personal_distance", 0.0))
+                if "bias_sse" in m:  # checked: all blend sums or none
+                    sums[f"{scope}/blend_users"] += 1
+                    for key in BLEND_SUMS:
+                        sums[f"{scope}/{key}"] += float(m[key])
             if self.rollouts is None:
                 continue
             version = self._served.get(node)

@@ -10,9 +10,12 @@ measure what that signal is worth before building its private federated release.
 Per user: the profile prefix (short-term memory, as on a device), then packed movie suffixes, exactly the
 federation's training rows (`common.training.pack`); movies quoted in the profile are not training targets. Each
 step draws `rows-per-step` users uniformly and `items-per-row` of their training ratings. Hyper-parameters are the
-federation's defaults and were not tuned (no validation split is used, and nothing is chosen on test ratings).
+federation's defaults and were not tuned. With `--val-fraction` each user's latest training ratings are held out of
+everything as validation, and only the weight of the adapter's blend with user+item bias is fitted on them
+(`common.blend`'s least squares, as the federation pools it); nothing is ever chosen on test ratings.
 
-`python -m simulations.centralised [--item-stats] [--steps 100] [--eval-at 50] [--seeds 0] [--eval-users 40]`
+`python -m simulations.centralised [--item-stats] [--steps 100] [--eval-at 50] [--seeds 0] [--eval-users 40]
+[--val-fraction 0.1] [--with-runs earlier.json ...]`
 prints progress (and, with `--eval-at`, the evaluation users' RMSE at those steps),
 the table (RMSE, MAE, and the paired per-user difference of MSE against user+item bias with a 95% interval), and
 writes `results/centralised/<tag>.{md,json}`.
@@ -29,6 +32,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from common import blend
 from common.adapters import add_lora
 from common.config import LoraSettings, PromptConfig, split_preset
 from common.data import load_movielens
@@ -36,7 +40,7 @@ from common.metrics import mae, rmse
 from common.model import load_base_model
 from common.prompt import PromptBuilder, item_stats, item_stats_text, movie_text, user_profile
 from common.scoring import RatingHead, predict_with_prefix, rating_loss
-from common.split import sample_users, temporal_split
+from common.split import sample_users, temporal_split, validation_split
 from common.training import PackedRow, pack, packed_rating_logits
 from simulations.classical import Biases, GlobalMean, tune_mf
 
@@ -116,22 +120,26 @@ def paired_vs(err_a: np.ndarray, err_b: np.ndarray, users: np.ndarray) -> tuple[
     return float(d.mean()), float(d.mean() - half), float(d.mean() + half)
 
 
-def validation_split(train: pd.DataFrame, fraction: float) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Each user's latest `fraction` of training ratings (by time, ties by item) as validation, the rest to fit;
-    users with fewer than 5 training ratings keep them all. Tuning happens here, never on test ratings."""
-    if fraction <= 0:
-        return train, train.iloc[:0]
-    df = train.sort_values(["user", "ts", "item"], kind="stable").reset_index(drop=True)
-    n = df.groupby("user")["item"].transform("size").to_numpy()
-    rank = df.groupby("user").cumcount().to_numpy()
-    is_val = (n >= 5) & (rank >= n - np.maximum(1, np.floor(fraction * n).astype(int)))
-    return df[~is_val].reset_index(drop=True), df[is_val].reset_index(drop=True)
-
-
 def blend_weight(lm: np.ndarray, bias: np.ndarray, y: np.ndarray) -> float:
-    """The weight w in [0, 1] (steps of 0.05) of w * LM + (1 - w) * bias with the lowest squared error on `y`."""
-    grid = np.linspace(0, 1, 21)
-    return float(grid[np.argmin([np.mean((w * lm + (1 - w) * bias - y) ** 2) for w in grid])])
+    """The weight w in [0, 1] of w * LM + (1 - w) * bias with the lowest squared error on `y`: the least-squares
+    weight the federation pools from its devices' validation sums (`common.blend`), here over all of them at once."""
+    sums = blend.residual_sums(lm, bias, y)
+    return blend.weight(sums["rd"], sums["dd"])
+
+
+def previous_runs(paths: list[str], args: argparse.Namespace) -> list[dict]:
+    """Runs of earlier invocations with the same settings (other seeds) to pool with this one's: a long measurement
+    can be taken one seed at a time. Their blends are refitted here from their saved validation predictions."""
+    same = ("dataset", "split", "base_model", "eval_users", "eval_seed", "steps", "rows_per_step", "items_per_row",
+            "lr", "lora_rank", "lora_targets", "item_stats", "val_fraction")
+    runs = []
+    for path in paths:
+        earlier = json.loads(Path(path).read_text())
+        differ = [k for k in same if earlier["args"].get(k) != getattr(args, k)]
+        if differ:
+            raise SystemExit(f"{path} was run with other settings: {differ}")
+        runs += earlier["runs"]
+    return runs
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -151,6 +159,7 @@ def run(args: argparse.Namespace) -> dict:
              "matrix factorisation": tune_mf(train, seed=0).predict(who, test["item"])}
     stats = item_stats(train) if args.item_stats else None
     tag = "slm-item-stats" if args.item_stats else "slm"
+    earlier = previous_runs(args.with_runs, args)  # checked before training: a mismatch costs nothing
     runs = []
     for seed in args.seeds:
         model, tokenizer = load_base_model(args.base_model, device=args.device)
@@ -187,6 +196,15 @@ def run(args: argparse.Namespace) -> dict:
             print(f"seed {seed}: blend weight of the adapter, tuned on validation: {w:.2f}", flush=True)
         runs.append(run_)
         print(f"seed {seed}: RMSE {rmse(pred, y):.4f} ({train_s:.0f} s training)", flush=True)
+    if len(val):  # every run's blend fitted alike (earlier files may predate the least-squares weight)
+        bias_val = bias_model.predict(val["user"].to_numpy(), val["item"])
+        for run_ in earlier:
+            w = blend_weight(np.array(run_["val_pred"]), bias_val, val["rating"].to_numpy())
+            run_.update(blend_weight=w, blend_pred=(w * np.array(run_["pred"])
+                                                    + (1 - w) * preds["user+item bias"]).tolist())
+    runs = sorted(earlier + runs, key=lambda r: r["seed"])
+    if len({r["seed"] for r in runs}) != len(runs):
+        raise SystemExit(f"a seed appears twice: {[r['seed'] for r in runs]}")
     bias_err = (preds["user+item bias"] - y) ** 2
     table = []
     for name, p in preds.items():
@@ -260,6 +278,8 @@ def main(argv: list[str] | None = None) -> None:
                          "trains on the rest) and tune a blend of the adapter with user+item bias on it")
     ap.add_argument("--eval-at", type=lambda s: [int(x) for x in s.split(",") if x], default=[],
                     help="also score the evaluation users after these steps (a learning curve; costs one pass each)")
+    ap.add_argument("--with-runs", nargs="*", default=[], metavar="JSON",
+                    help="pool this run's seeds with those of earlier result files of the same settings")
     ap.add_argument("--out", default="results/centralised")
     args = ap.parse_args(argv)
     result = run(args)

@@ -36,7 +36,7 @@ from common.data import load_movielens
 from common.evaluation import predict_users
 from common.metrics import mae, rmse
 from common.model import load_base_model
-from common.split import sample_users, temporal_split
+from common.split import sample_users, temporal_split, validation_split
 from server.strategy import ACTIVITY_EDGES, activity_bucket
 from simulations import console
 from simulations.classical import Biases, GlobalMean, ItemBias, tune_mf
@@ -93,18 +93,20 @@ def baseline_rows(cfg: FederationConfig, eval_users, with_slm: bool) -> list[dic
     """Rows of the results table; each also carries its RMSE per user-activity bucket under "activity"."""
     data = load_movielens(cfg.dataset)
     split = temporal_split(data.ratings, split_preset(cfg.split))
+    # the devices' validation hold-out is held out of the baselines too: every method fits on the same ratings
+    train, _ = validation_split(split.train, cfg.validation_fraction)
     test = split.test[split.test["user"].isin(eval_users)]
-    counts = split.train["user"].value_counts()
+    counts = train["user"].value_counts()
 
     def buckets(users: pd.Series) -> pd.Series:
         return users.map(counts).fillna(0).astype(int).map(activity_bucket)
 
     rows = []
-    for name, fit in [("global mean", lambda: GlobalMean().fit(split.train)),
+    for name, fit in [("global mean", lambda: GlobalMean().fit(train)),
                       # what a recommender says to a user it knows nothing about: the cold-start bar (#17)
-                      ("item bias only", lambda: ItemBias().fit(split.train)),
-                      ("user+item bias", lambda: Biases().fit(split.train)),
-                      ("matrix factorisation", lambda: tune_mf(split.train, seed=cfg.seed))]:
+                      ("item bias only", lambda: ItemBias().fit(train)),
+                      ("user+item bias", lambda: Biases().fit(train)),
+                      ("matrix factorisation", lambda: tune_mf(train, seed=cfg.seed))]:
         start = time.perf_counter()
         pred = fit().predict(test["user"], test["item"])
         rows.append(_row(name, "-", test["rating"], pred, len(eval_users), time.perf_counter() - start,
@@ -113,7 +115,7 @@ def baseline_rows(cfg: FederationConfig, eval_users, with_slm: bool) -> list[dic
     if with_slm:
         start = time.perf_counter()
         model, tok = load_base_model(cfg.base_model)
-        pred = predict_users(model, tok, data.items, split.train, test, eval_users, PromptConfig(), ScoringConfig(),
+        pred = predict_users(model, tok, data.items, train, test, eval_users, PromptConfig(), ScoringConfig(),
                              memory_items=cfg.memory_items)
         rows.append(_row("SLM vanilla prompting" + _memory(cfg), "-", pred["rating"], pred["pred"], len(eval_users),
                          time.perf_counter() - start, buckets(pred["user"])))
@@ -140,14 +142,22 @@ def dp_level(epsilon: float, device_noise: float) -> dict:
 
 
 def federated_rows(name: str, k: int, history: dict) -> list[dict]:
+    """The persona and personal adapters' rows; with blend sums (item-stats and validation-fraction on) also the
+    private bias model's row and each adapter blended with it (weight fitted on validation; no MAE: the pooled sums
+    give the blend's squared error at any weight, not its absolute error)."""
     evals = history["evaluate"]
     last = evals[max(evals, key=int)]
-    return [{"method": f"{name}: {path} adapter", "K": k, "users": int(last["users"]),
-             "test_ratings": int(last["ratings"]), "rmse": last[f"{path}_rmse"], "mae": last[f"{path}_mae"],
+    paths = [("persona", "persona adapter"), ("personal", "personal adapter")]
+    if "bias_rmse" in last:
+        paths += [("bias", "private user+item bias (released item statistics)")]
+        paths += [(f"{p}_blend", f"{label} + private bias, w={last[f'{p}_blend_weight']:.2f} on validation")
+                  for p, label in paths[:2]]
+    return [{"method": f"{name}: {label}", "K": k, "users": int(last["users"]),
+             "test_ratings": int(last["ratings"]), "rmse": last[f"{path}_rmse"], "mae": last.get(f"{path}_mae"),
              "wall_s": round(history["seconds"], 1),
              "activity": {key[: -len(f"_{path}_rmse")]: v for key, v in last.items()
                           if key.startswith("ratings_") and key.endswith(f"_{path}_rmse")}}
-            for path in ("persona", "personal")]
+            for path, label in paths]
 
 
 def _mean_rmse(runs: list[dict], rnd: int, path_name: str) -> float | None:
@@ -224,8 +234,9 @@ def markdown(rows: list[dict]) -> str:
         cell = ""
         if repeated:
             cell = f" {r['rmse_sd']:.4f} ({r['repeats']}) |" if r.get("rmse_sd") is not None else " - |"
+        mae_ = "-" if r.get("mae") is None else f"{r['mae']:.4f}"
         lines.append(f"| {r['method']} | {r['K']} | {r['users']} | {r['test_ratings']:,} | {r['rmse']:.4f} |{cell} "
-                     f"{r['mae']:.4f} | {r['wall_s']:.1f} |")
+                     f"{mae_} | {r['wall_s']:.1f} |")
     return "\n".join(lines)
 
 
@@ -264,7 +275,9 @@ def summarise(repeats: list[list[dict]]) -> list[dict]:
         rmses = [r["rmse"] for r in path_rows]
         buckets = sorted({b for r in path_rows for b in r["activity"]})
         rows.append({**first, "K": ks[0] if len(ks) == 1 else "/".join(map(str, ks)),
-                     "rmse": float(np.mean(rmses)), "mae": float(np.mean([r["mae"] for r in path_rows])),
+                     "rmse": float(np.mean(rmses)),
+                     "mae": None if any(r["mae"] is None for r in path_rows) else
+                     float(np.mean([r["mae"] for r in path_rows])),
                      "rmse_sd": float(np.std(rmses, ddof=1)) if len(rmses) > 1 else None,
                      "rmse_runs": rmses, "repeats": len(path_rows),
                      "wall_s": round(float(np.mean([r["wall_s"] for r in path_rows])), 1),

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 
 from client.device import Device, runtime
 from common.personas import FeatureSpace
@@ -77,3 +78,32 @@ def test_dp_records_are_keyed_by_the_devices_own_item_ids(ml100k_dir):
     new_item = next(i for i in device.data.items.index if i not in set(items))
     grown = hashed_records(list(items) + [new_item], 16, str(device.user).encode())
     assert sum(a != b for a, b in zip(records, grown)) == 1
+
+
+def test_evaluation_sums_add_the_private_bias_and_blend_sums_only_with_statistics_and_validation(ml100k_dir):
+    from common import blend
+    from common.item_stats import ItemStats, predict, user_bias
+    from common.split import validation_split
+
+    data = load_movielens(ml100k_dir)
+    split = temporal_split(data.ratings)
+    fit, val = validation_split(split.train[split.train["user"] == 1], 0.2)
+    rt = runtime("tiny", LoraSettings(rank=4))
+    device = Device(1, data, fit, split.test[split.test["user"] == 1], rt, val=val)
+    arrays = adapter_arrays(rt.model)
+    plain = device.evaluation_sums({"persona": arrays})
+    assert set(plain) == {"n", "persona_sse", "persona_sae"}  # no release yet: nothing to blend with
+    n_items = int(data.items.index.max())
+    rng = np.random.default_rng(0)
+    stats = ItemStats(rng.uniform(2, 4.5, n_items), rng.integers(0, 50, n_items).astype(float), 3.4)
+    sums = device.use_item_stats(stats).evaluation_sums({"persona": arrays})
+    b_user = user_bias(fit["item"].to_numpy(), fit["rating"].to_numpy(), stats)
+    for held_out, rows in (("test", device.test), ("val", val)):
+        bias = predict(b_user, rows["item"].to_numpy(), stats)
+        expect = blend.residual_sums(device.predict(arrays, held_out), bias, rows["rating"].to_numpy())
+        assert sums[f"persona_{held_out}_rd"] == pytest.approx(expect["rd"])
+        assert sums[f"persona_{held_out}_dd"] == pytest.approx(expect["dd"])
+        if held_out == "test":
+            assert sums["bias_sse"] == pytest.approx(expect["rr"])
+    assert sums["n_val"] == len(val) > 0 and sums["n"] == len(device.test)
+    assert not set(val["item"]) & set(device.train["item"])  # validation ratings never train

@@ -44,3 +44,41 @@ def test_sums_no_honest_devices_could_produce_are_refused():
         scoped_sums.decode(one, 2, SCOPES, levels)
     with pytest.raises(ValueError):
         scoped_sums.encode(_values(5, 1, 1), ["all"], ["all", "all"], levels)  # scopes must be distinct
+
+
+@settings(max_examples=30, deadline=None)
+@given(devices=st.lists(st.tuples(st.booleans(), st.integers(1, 50), st.floats(-1, 1), st.floats(0, 1)),
+                        min_size=1, max_size=8))
+def test_blend_sums_pool_through_the_masked_vector_with_their_sign(devices):
+    """Validation/test blend sums (`common.blend`) may be negative (sum r d): they decode with their sign; devices
+    without blend sums add zeros and are not counted as blending."""
+    levels = kslot.levels_for(len(devices))
+    total = np.zeros(len(SCOPES) * len(scoped_sums.FIELDS), np.uint32)
+    expected = {"blend_users": 0, "personal_val_rd": 0.0, "persona_test_dd": 0.0}
+    for blends, n, rd, dd in devices:
+        values = _values(n, 2.0 * n, 1.0 * n)
+        if blends:
+            values.update({f: 0.0 for f in scoped_sums.FIELDS if f not in values and f not in ("users", "blend_users",
+                                                                                               "personal_distance")})
+            values.update(n_val=n, personal_val_rd=16 * rd * n, persona_test_dd=16 * dd * n, bias_sse=n)
+            expected["blend_users"] += 1
+            expected["personal_val_rd"] += 16 * rd * n
+            expected["persona_test_dd"] += 16 * dd * n
+        total += scoped_sums.encode(values, ["all"], SCOPES, levels)
+    row = scoped_sums.decode(total, len(devices), SCOPES, levels)["all"]
+    step = len(devices) * 2 * 16.0 * scoped_sums.MAX_HELD_OUT / levels
+    assert row["blend_users"] == pytest.approx(expected["blend_users"], abs=0.01)
+    assert row["personal_val_rd"] == pytest.approx(expected["personal_val_rd"], abs=step)
+    assert row["persona_test_dd"] == pytest.approx(expected["persona_test_dd"], abs=step)
+
+
+def test_a_device_cannot_report_blend_sums_beyond_what_its_ratings_allow():
+    values = {**_values(10, 1.0, 1.0), "bias_sse": 1e9, "bias_sae": -1.0, "n_val": 2.0,
+              **{f: -1e9 for f in scoped_sums.SIGNED}, "persona_test_dd": 1e9, "persona_val_dd": -3.0,
+              "personal_test_dd": 1.0, "personal_val_dd": 1.0}
+    clipped = scoped_sums.clip_values(values)
+    assert clipped["blend_users"] == 1.0 and clipped["bias_sse"] == 160.0 and clipped["bias_sae"] == 0.0
+    assert clipped["persona_test_rd"] == -160.0 and clipped["persona_val_rd"] == -32.0  # 16 per rating: 10 and 2
+    assert clipped["persona_test_dd"] == 160.0 and clipped["persona_val_dd"] == 0.0
+    partial = scoped_sums.clip_values({**_values(10, 1.0, 1.0), "bias_sse": 3.0})
+    assert partial["blend_users"] == 0.0 and partial["bias_sse"] == 0.0  # all or nothing, like the plain check

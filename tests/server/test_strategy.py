@@ -148,6 +148,87 @@ def test_evaluation_sums_errors_exactly_per_persona_and_bucket():
     assert out["warm_persona_mae"] == pytest.approx(1.0)
 
 
+def _blend_metrics(device_rows):
+    """Two devices' real blend sums (`common.blend`) from (pred, bias, true) triples of test and validation."""
+    from common import blend
+
+    out = {}
+    for held_out, (pred, bias, true) in device_rows.items():
+        for path, shift in (("persona", 0.0), ("personal", 0.5)):
+            s = blend.residual_sums(np.asarray(pred) + shift, bias, true)
+            out.update({f"{path}_{held_out}_rd": s["rd"], f"{path}_{held_out}_dd": s["dd"]})
+    pred, bias, true = (np.asarray(x, float) for x in device_rows["test"])
+    return {**out, "bias_sse": float(((bias - true) ** 2).sum()), "bias_sae": float(np.abs(bias - true).sum()),
+            "n_val": float(len(device_rows["val"][2]))}
+
+
+def _evaluate(strategy, nodes, metric_rows):
+    messages = list(strategy.configure_evaluate(1, join_personas({0: _persona(0.0)}), ConfigRecord(),
+                                                FakeGrid(nodes)))
+    replies = [Message(content=RecordDict({"metrics": MetricRecord(m)}), reply_to=msg)
+               for msg, m in zip(messages, metric_rows)]
+    return strategy.aggregate_evaluate(1, replies)
+
+
+def _device_metrics(test, val):
+    pred, bias, true = (np.asarray(x, float) for x in test)
+    errors = {"persona_sse": float(((pred - true) ** 2).sum()), "persona_sae": float(np.abs(pred - true).sum()),
+              "personal_sse": float(((pred + 0.5 - true) ** 2).sum()),
+              "personal_sae": float(np.abs(pred + 0.5 - true).sum())}
+    return {**errors, **_blend_metrics({"test": test, "val": val}), "n": float(len(true)), "cold": 0,
+            "num-examples": 30}
+
+
+def test_the_blend_weight_comes_from_pooled_validation_sums_and_its_rmse_from_test_sums():
+    devices = [(([3.0, 4.0, 2.0], [3.5, 3.5, 3.0], [3.0, 5.0, 1.0]), ([4.0, 2.0], [3.4, 3.1], [5.0, 2.0])),
+               (([2.5, 4.5], [3.0, 4.0], [2.0, 5.0]), ([3.0, 1.5, 4.0], [3.2, 2.0, 3.6], [3.0, 1.0, 4.0]))]
+    strategy, _ = _strategy({1: 0, 2: 0}, eval_nodes=[1, 2], eval_every=1, eval_min_devices=1)
+    out = _evaluate(strategy, [1, 2], [_device_metrics(t, v) for t, v in devices])
+    # The same computed directly on every device's predictions, pooled.
+    cat = lambda i, held: np.concatenate([np.asarray(d[held][i], float) for d in devices])  # noqa: E731
+    for path, shift in (("persona", 0.0), ("personal", 0.5)):
+        (pv, bv, yv), (pt, bt, yt) = ((cat(i, h) + (shift if i == 0 else 0) for i in range(3)) for h in (1, 0))
+        w = float(np.clip(((yv - bv) * (pv - bv)).sum() / ((pv - bv) ** 2).sum(), 0, 1))
+        assert out[f"{path}_blend_weight"] == pytest.approx(w)
+        assert out[f"{path}_blend_rmse"] == pytest.approx(np.sqrt(np.mean((bt + w * (pt - bt) - yt) ** 2)))
+    assert out["bias_rmse"] == pytest.approx(np.sqrt(np.mean((cat(1, 0) - cat(2, 0)) ** 2)))
+    # Test ratings never move the weight: other test sums, the same validation sums, the same weight.
+    again, _ = _strategy({1: 0, 2: 0}, eval_nodes=[1, 2], eval_every=1, eval_min_devices=1)
+    flipped = [(([5.0, 1.0, 5.0], t[1], t[2]) if i == 0 else t, v) for i, (t, v) in enumerate(devices)]
+    out2 = _evaluate(again, [1, 2], [_device_metrics(t, v) for t, v in flipped])
+    assert out2["persona_blend_weight"] == out["persona_blend_weight"]
+    assert out2["persona_blend_rmse"] != out["persona_blend_rmse"]
+
+
+@pytest.mark.parametrize("change", [
+    {"persona_val_dd": -1.0}, {"bias_sse": float("nan")}, {"personal_test_rd": float("inf")},
+    {"personal_test_rd": 1e9}, {"n_val": -1.0}, {"n_val": 1e12}, {"bias_sae": 1e6}, {"persona_val_rd": "x"},
+    {"drop": "personal_val_dd"}])
+def test_impossible_or_partial_blend_sums_are_rejected_and_the_rest_still_pools(change):
+    good = _device_metrics(([3.0, 4.0], [3.5, 3.5], [3.0, 5.0]), ([4.0], [3.4], [5.0]))
+    bad = dict(good)
+    if "drop" in change:
+        del bad[change["drop"]]
+    else:
+        bad.update(change)
+    strategy, _ = _strategy({1: 0, 2: 0}, eval_nodes=[1, 2], eval_every=1, eval_min_devices=1)
+    try:
+        out = _evaluate(strategy, [1, 2], [good, bad])
+    except (TypeError, ValueError):  # MetricRecord itself refuses a string: never reaches the coordinator
+        assert change.get("persona_val_rd") == "x"
+        return
+    assert out["users"] == 1 and "bias_rmse" in out  # the bad reply rejected, the good one pooled
+
+
+def test_without_blend_sums_from_every_device_no_blend_is_reported():
+    good = _device_metrics(([3.0, 4.0], [3.5, 3.5], [3.0, 5.0]), ([4.0], [3.4], [5.0]))
+    plain = {k: v for k, v in good.items() if k in ("persona_sse", "persona_sae", "personal_sse", "personal_sae",
+                                                    "n", "cold", "num-examples")}
+    strategy, _ = _strategy({1: 0, 2: 0}, eval_nodes=[1, 2], eval_every=1, eval_min_devices=1)
+    out = _evaluate(strategy, [1, 2], [good, plain])
+    assert out["users"] == 2 and "bias_rmse" not in out and "personal_blend_rmse" not in out
+
+
 def test_evaluation_is_also_pooled_by_user_activity():
     assert [activity_bucket(n) for n in (0, 19, 20, 99, 100, 199, 200, 5000)] == [
         "ratings_0_19", "ratings_0_19", "ratings_20_49", "ratings_50_99", "ratings_100_199", "ratings_100_199",

@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 import pandas as pd
 
 from common.model import tiny_tokenizer
@@ -44,7 +45,8 @@ def test_centralised_run_end_to_end(ml100k_dir, tmp_path, capsys):
 
 
 def test_validation_comes_from_training_ratings_and_tunes_the_blend(ml100k_dir, tmp_path):
-    from simulations.centralised import blend_weight, validation_split
+    from common.split import validation_split
+    from simulations.centralised import blend_weight
 
     train = pd.DataFrame({"user": [1] * 10 + [2] * 3, "item": list(range(10)) + [1, 2, 3],
                           "rating": [3.0] * 13, "ts": list(range(10)) + [5, 6, 7]})
@@ -65,3 +67,14 @@ def test_validation_comes_from_training_ratings_and_tunes_the_blend(ml100k_dir, 
         bias = np.array(run["blend_pred"]) - w * np.array(run["pred"])  # (1 - w) x the bias prediction
         assert np.all(np.isfinite(bias))
     assert "over seeds vs MF" in (out / "slm-item-stats.md").read_text()
+    # a second seed later, pooled with the first: two runs, each blend refitted from its validation predictions
+    main(["--dataset", str(ml100k_dir), "--split", "default", "--base-model", "tiny", "--steps", "2",
+          "--eval-users", "6", "--seeds", "1", "--item-stats", "--val-fraction", "0.2", "--out", str(tmp_path / "o2"),
+          "--with-runs", str(out / "slm-item-stats.json")])
+    pooled = json.loads((tmp_path / "o2" / "slm-item-stats.json").read_text())
+    assert [r["seed"] for r in pooled["runs"]] == [0, 1] and pooled["runs"][0]["pred"] == result["runs"][0]["pred"]
+    assert len(pooled["table"][-1]["diff_vs_mf"]) == 2
+    with pytest.raises(SystemExit, match="other settings"):
+        main(["--dataset", str(ml100k_dir), "--split", "default", "--base-model", "tiny", "--steps", "3",
+              "--eval-users", "6", "--seeds", "2", "--item-stats", "--val-fraction", "0.2",
+              "--out", str(tmp_path / "o3"), "--with-runs", str(out / "slm-item-stats.json")])

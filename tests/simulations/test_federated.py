@@ -29,15 +29,17 @@ PERSONA_FILES = {"adapter_config.json", "adapter_model.safetensors", "manifest.j
 def federation(tmp_path_factory):
     root = tmp_path_factory.mktemp("fed")
     ratings, items, users = make_data(n_users=6, n_items=40, per_user=25, seed=2)
-    # Two users with a short history: the cold-start path (threshold below is 18 training ratings).
+    # Two users with a short history: the cold-start path (threshold below is 15 training ratings: 16 for the
+    # others, 13 for these two, once validation-fraction holds out their latest 4 and 3).
     ratings = ratings[~((ratings["user"] >= 5) & (ratings.groupby("user").cumcount() >= 20))]
     data_dir = write_grouplens_100k(root / "ml", ratings, items, users)
     overrides = {"base-model": "tiny", "dataset": str(data_dir), "split": "default", "num-personas": 2, "num-rounds": 2,
                  "fraction-train": 1.0,  # every device trains: the registry test needs every persona trained
-                 "eval-every": 1, "eval-users": 6, "cold-start-threshold": 18,
+                 "eval-every": 1, "eval-users": 6, "cold-start-threshold": 15,
                  "kmeans-iters": 2, "lr": 0.01, "out-dir": str(root / "out"), "device-dir": str(root / "devices"),
                  "eval-min-devices": 1,  # six test devices: release every pooled metric (the default withholds < 5)
                  "item-stats": True,  # the collaborative signal's release, without noise here
+                 "validation-fraction": 0.2,  # and the blend of each adapter with the private bias model
                  }
     key = RawKey.generate()
     # The devices take their store key from the environment (a daemon's key source), so the test can open them.
@@ -90,6 +92,43 @@ def test_metrics_and_personal_adapters(federation):
     assert final["personal_distance"] > 0  # personal adapters moved away from their persona adapter
     train = history["train"]["1"]
     assert train["tokens_per_s"] > 0 and train["gflops_per_s"] > 0
+
+
+def test_private_bias_and_blends_are_pooled_from_the_released_statistics_and_validation_sums(federation):
+    from common.config import split_preset
+    from common.data import load_movielens
+    from common.item_stats import ItemStats, predict, user_bias
+    from common.split import temporal_split, validation_split
+    from simulations.federated import federated_rows, markdown
+
+    history, out = federation[0], federation[1]
+    final = history["evaluate"][str(max(map(int, history["evaluate"])))]
+    # Recomputed outside the federation: the released statistics, each user's bias on the ratings left after the
+    # validation hold-out, scored on the test ratings. The devices must have done exactly this.
+    cfg = history["config"]
+    data = load_movielens(cfg["dataset"])
+    split = temporal_split(data.ratings, split_preset(cfg["split"]))
+    fit, val = validation_split(split.train, 0.2)
+    stats = ItemStats.from_arrays(dict(np.load(out / "item_stats.npz")))
+    sse = n = 0.0
+    for user, test in split.test.groupby("user"):
+        mine = fit[fit["user"] == user]
+        pred = predict(user_bias(mine["item"].to_numpy(), mine["rating"].to_numpy(), stats), test["item"], stats)
+        sse, n = sse + float(((pred - test["rating"].to_numpy()) ** 2).sum()), n + len(test)
+    assert final["ratings"] == n
+    np.testing.assert_allclose(final["bias_rmse"], np.sqrt(sse / n), rtol=1e-6)
+    for path in ("persona", "personal"):
+        assert 0.0 <= final[f"{path}_blend_weight"] <= 1.0
+        assert 0.0 < final[f"{path}_blend_rmse"] < 4.0
+        # per scope too (cold and warm users each pool their own weight)
+        assert {f"cold_{path}_blend_rmse", f"warm_{path}_blend_rmse"} <= set(final)
+    # training held the validation ratings out: the devices reported the smaller training counts
+    assert history["personas"]["cold_start_devices"] == 2
+    rows = {r["method"]: r for r in federated_rows("run", 2, {**history, "seconds": 1.0})}
+    blend_row = [m for m in rows if m.startswith("run: personal adapter + private bias, w=")]
+    assert len(blend_row) == 1 and rows[blend_row[0]]["mae"] is None
+    assert rows["run: private user+item bias (released item statistics)"]["rmse"] == final["bias_rmse"]
+    assert f"| {blend_row[0]} | 2 |" in markdown(list(rows.values())) and "| - |" in markdown(list(rows.values()))
 
 
 def test_the_wall_breakdown_adds_up_and_names_where_the_time_went(federation):
@@ -185,7 +224,11 @@ def test_item_statistics_are_released_from_training_ratings_and_noised_under_dp(
                                                                                                    dp_federation))
     cfg = federation[0]["config"]
     data = load_movielens(cfg["dataset"])
-    train = temporal_split(data.ratings, split_preset(cfg["split"])).train
+    from common.split import validation_split
+
+    # the ratings left after the devices' validation hold-out (the dp federation holds none out)
+    train = validation_split(temporal_split(data.ratings, split_preset(cfg["split"])).train,
+                             cfg["validation_fraction"])[0]
     truth = train.groupby("item")["rating"].mean()
     # no noise: each movie's released mean is its training mean, shrunk by the 10-rating prior (and weighted)
     assert len(exact.mean) == int(data.items.index.max())
