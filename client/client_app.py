@@ -346,6 +346,9 @@ def build_app(overrides: dict | None = None, mods: Iterable[Mod] = ()) -> Client
         device, _ = _device(context, overrides)
         sums, weights, volume = contribution(device.train["item"].to_numpy(), device.train["rating"].to_numpy(),
                                              int(device.data.items.index.max()))
+        config = message.content["config"] if "config" in message.content else {}
+        if "secagg-round" in config:  # the coordinator sees only the sum over every device
+            return secure_aggregation.start_item_stats(message, context, sums, weights, volume)
         return _reply(message, {}, {"sums": _array(sums.astype(np.float32)),
                                     "weights": _array(weights.astype(np.float32)),
                                     "volume": _array(np.array([volume], np.float32))})

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import secrets
 import time
 from dataclasses import replace
 from logging import INFO, WARNING
@@ -29,7 +30,8 @@ from flwr.serverapp import Grid, ServerApp
 from common.adapters import adapter_arrays, add_lora
 from common.config import FederationConfig, UserDP
 from common.data import load_movielens
-from common.item_stats import ItemStats, estimate, sensitivity
+from common import kslot
+from common.item_stats import ItemStats, decode_secure, estimate, sensitivity
 from common.model import load_base_model
 from common.personas import EMBED_DIM, discovery_dim, elbow, onboarding_space, update_centroids
 from common.timing import phase
@@ -38,6 +40,7 @@ from common.privacy import (Event, epsilon, events_from_json, lineage_history, p
 from server.registry import PersonaRegistry
 from server.rollouts import Rollouts
 from server.serving import ONBOARDING_FILE, save_onboarding
+from server.secure_aggregation import Aborted, read_advert, run_round
 from server.strategy import PersonaStrategy, add_noise, clip, join_personas
 
 # L2 bounds on one device's discovery contribution: a unit embedding plus a count of 1 in one slot; onboarding
@@ -105,10 +108,15 @@ def release_item_stats(grid: Grid, nodes: list[int], cfg: FederationConfig, nois
     written next to the registry (`item_stats.npz`: means, counts, global mean; no per-device data) and counted
     in `discovery_releases`, so every persona version's (epsilon, delta) covers it."""
     n_items = int(load_movielens(cfg.dataset).items.index.max())  # the public catalogue
-    replies = _query(grid, nodes, "itemstats", RecordDict(), timeout)
     bound = sensitivity(STATS_BOUND)
-    sums, weights, volume = _sum(replies, {"sums": (n_items,), "weights": (n_items,), "volume": (1,)}, bound,
-                                 noise, "itemstats", cfg.reproducible, clip_always=True)
+    if cfg.secure_aggregation:
+        sums, weights, volume = _secure_item_stats(grid, nodes, cfg, n_items, timeout)
+        if noise > 0:  # the trusted-noise model of docs/secure_aggregation.md: added once, after unmasking
+            sums, weights, volume = add_noise([sums, weights, volume], noise * bound, cfg.reproducible)
+    else:
+        replies = _query(grid, nodes, "itemstats", RecordDict(), timeout)
+        sums, weights, volume = _sum(replies, {"sums": (n_items,), "weights": (n_items,), "volume": (1,)}, bound,
+                                     noise, "itemstats", cfg.reproducible, clip_always=True)
     stats = estimate(sums, weights, float(volume[0]), noise * bound)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -116,6 +124,33 @@ def release_item_stats(grid: Grid, nodes: list[int], cfg: FederationConfig, nois
     log(INFO, "item statistics released: %d movies, global mean %.3f%s", n_items, stats.mu,
         f", noise std {noise * bound:.3f} per coordinate" if noise > 0 else " (no noise)")
     return stats
+
+
+def _secure_item_stats(grid: Grid, nodes: list[int], cfg: FederationConfig, n_items: int,
+                       timeout: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The item-statistics sums through secure aggregation: each device masks its quantised contribution
+    (`common.item_stats.encode_secure`) and only the sum over the devices that stayed is unmasked. The coordinator
+    cannot clip single contributions any more: an honest device's is within its bound by construction, and a
+    dishonest one moves each coordinate by at most the quantisation range (1, against the 1 an honest one may
+    use: one rating's worth of weight per movie). Raises RuntimeError when the round aborts (too few devices stay):
+    the run stops rather than release statistics in the clear."""
+    levels = kslot.levels_for(len(nodes))
+    config = {"secagg-round": secrets.randbits(62), "secagg-levels": levels,
+              "secagg-threshold": max(2, math.ceil(cfg.secure_aggregation_threshold * len(nodes)))}
+    replies = _query(grid, nodes, "itemstats", RecordDict({"config": ConfigRecord(config)}), timeout)
+    adverts = {}
+    for msg in replies:
+        if (keys := read_advert(msg)) is not None and msg.metadata.src_node_id in nodes:
+            adverts.setdefault(msg.metadata.src_node_id, keys)
+    try:
+        total, survivors = run_round(grid, adverts, config["secagg-threshold"], 2 * n_items + 2,
+                                     config["secagg-round"], timeout)
+        sums, weights, volume = decode_secure(total, len(survivors), n_items, levels)
+    except (Aborted, ValueError) as e:
+        raise RuntimeError(f"item statistics: secure aggregation aborted, nothing released: {e}") from e
+    log(INFO, "item statistics: %d of %d devices' contributions summed under secure aggregation",
+        len(survivors), len(nodes))
+    return sums, weights, np.array([volume])
 
 
 def privacy_plan(cfg: FederationConfig, num_nodes: int) -> tuple[UserDP | None, float, list[Event]]:

@@ -265,7 +265,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default=None)
     ap.add_argument("--eval-users", type=int, default=40)
     ap.add_argument("--eval-seed", type=int, default=0)
-    ap.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0])
+    ap.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",") if x.strip()], default=[0],
+                    help="training seeds (\"\" with --with-runs: only pool earlier runs)")
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--rows-per-step", type=int, default=2)
     ap.add_argument("--items-per-row", type=int, default=8)

@@ -43,6 +43,9 @@ def runs(tmp_path_factory):
                      "num-rounds": 2, "fraction-train": 1.0, "eval-every": 2, "eval-users": 5,
                      "kmeans-iters": 2, "lr": 0.01, "personal-steps": 0, "eval-min-devices": 1,
                      "discovery-features": "genre-deviation", "secure-aggregation": secure,
+                     # the item statistics and the blend sums go through secure sums too (16 training ratings
+                     # left per device: all below the cold-start threshold, so they pool as "cold")
+                     "item-stats": True, "validation-fraction": 0.2,
                      "out-dir": str(root / name / "out"), "device-dir": str(root / name / "devices")}
         log = root / f"{name}.jsonl"
         with pytest.MonkeyPatch.context() as mp:
@@ -82,12 +85,29 @@ def test_secure_run_releases_the_plain_runs_persona_versions_within_quantisation
     assert final["users"] == plain_final["users"] == 5
     assert final["ratings"] == pytest.approx(plain_final["ratings"], abs=1e-3)
     assert {k for k in final if not k.startswith("secagg")} == set(plain_final)  # the same pools are released
-    for key in ("persona_rmse", "personal_rmse", "p0_persona_rmse", "warm_persona_mae"):
+    for key in ("persona_rmse", "personal_rmse", "p0_persona_rmse", "cold_persona_mae", "bias_rmse",
+                "personal_blend_rmse", "persona_blend_weight"):
         assert final[key] == pytest.approx(plain_final[key], abs=1e-3), key
     evaluations = {name: [PersonaRegistry(runs[name][1]).evaluation(v["id"]) for v in
                           PersonaRegistry(runs[name][1]).versions()[0]] for name in ("plain", "secure")}
     assert [e["devices"] for e in evaluations["secure"]] == [e["devices"] for e in evaluations["plain"]]
     assert sum(e["devices"] for e in evaluations["secure"]) == 5
+
+
+def test_secure_item_statistics_equal_the_plain_release_within_quantisation(runs):
+    from common.item_stats import ItemStats
+
+    plain, secure = (ItemStats.from_arrays(dict(np.load(runs[name][1] / "item_stats.npz")))
+                     for name in ("plain", "secure"))
+    # 5 devices, each coordinate rounded by at most 2 / levels (~1e-9), then the float32 file
+    np.testing.assert_allclose(secure.mean, plain.mean, atol=1e-5)
+    np.testing.assert_allclose(secure.count, plain.count, atol=0.5)
+    assert secure.mu == pytest.approx(plain.mu, abs=1e-5)
+    assert np.abs(plain.mean - plain.mu).max() > 0.05  # real statistics, not the prior alone
+    queries = [r for r in runs["secure"][2] if r["type"] == "query.itemstats"]
+    assert len(queries) == 5 and all(set(r["records"]) == {"metrics", "secagg"} for r in queries), queries
+    plain_queries = [r for r in runs["plain"][2] if r["type"] == "query.itemstats"]
+    assert plain_queries and all(r["records"]["arrays"]["sums"] == "float32" for r in plain_queries)
 
 
 def test_what_devices_send_in_a_secure_round_is_keys_ciphertexts_and_masked_integers(runs):
