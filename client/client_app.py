@@ -324,9 +324,8 @@ def build_app(overrides: dict | None = None, mods: Iterable[Mod] = ()) -> Client
             # No "cold" flag: it would tell the coordinator, un-noised, that this user has few ratings; the zero
             # contribution is clipped and noised inside the sum like any other.
             dim = discovery_dim(cfg.discovery_features, onboarding_space(cfg.dataset))
-            return _reply(message, {}, {"sums": _array(np.zeros((k, dim), np.float32)),
-                                                 "counts": _array(np.zeros(k, np.float32)),
-                                                 "sse": _array(np.zeros(k, np.float32))})
+            return _embed_reply(message, context, np.zeros((k, dim), np.float32), np.zeros(k, np.float32),
+                                np.zeros(k, np.float32))
         e = _embedding(device, context, cfg)
         sse = np.zeros(k, np.float32)
         if "centroids" in message.content:
@@ -336,6 +335,13 @@ def build_app(overrides: dict | None = None, mods: Iterable[Mod] = ()) -> Client
         else:
             slot = initial_slot(device.user, k, cfg.seed)
         sums, counts = slot_sums(e, slot, k)
+        return _embed_reply(message, context, sums, counts, sse)
+
+    def _embed_reply(message: Message, context: Context, sums, counts, sse) -> Message:
+        config = message.content["config"] if "config" in message.content else {}
+        if "secagg-round" in config:  # only the sums over every device reach the coordinator
+            inertia = [sse] if bool(config.get("inertia", False)) else []
+            return secure_aggregation.start_sums(message, context, [sums, counts, *inertia])
         return _reply(message, {}, {"sums": _array(sums), "counts": _array(counts), "sse": _array(sse)})
 
     @app.query("itemstats")
@@ -348,7 +354,7 @@ def build_app(overrides: dict | None = None, mods: Iterable[Mod] = ()) -> Client
                                              int(device.data.items.index.max()))
         config = message.content["config"] if "config" in message.content else {}
         if "secagg-round" in config:  # the coordinator sees only the sum over every device
-            return secure_aggregation.start_item_stats(message, context, sums, weights, volume)
+            return secure_aggregation.start_sums(message, context, [sums, weights, np.array([volume])])
         return _reply(message, {}, {"sums": _array(sums.astype(np.float32)),
                                     "weights": _array(weights.astype(np.float32)),
                                     "volume": _array(np.array([volume], np.float32))})

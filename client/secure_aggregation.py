@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from common import item_stats, kslot, scoped_sums
+from common import kslot, scoped_sums, secure_vector
 from common.secure_aggregation import Participant, ProtocolError
 from common.timing import phase
 
@@ -103,12 +103,12 @@ def start_evaluation(message: Message, context: Context, values: dict) -> Messag
 
 
 @phase("device: secure aggregation")
-def start_item_stats(message: Message, context: Context, sums: np.ndarray, weights: np.ndarray,
-                     volume: float) -> Message:
-    """The query.itemstats reply under secure aggregation: the contribution goes into a quantised vector held in
-    memory for the round, and only two public keys leave."""
+def start_sums(message: Message, context: Context, arrays: list[np.ndarray]) -> Message:
+    """A discovery query's reply under secure aggregation (k-means slot sums, per-movie statistics): the arrays,
+    clipped to the coordinator's public bound on this device, go into a quantised vector held in memory for the
+    round (`common.secure_vector`), and only two public keys leave."""
     config = message.content["config"]
-    vector = item_stats.encode_secure(sums, weights, volume, int(config["secagg-levels"]))
+    vector = secure_vector.encode(arrays, float(config["secagg-bound"]), int(config["secagg-levels"]))
     keys = begin(context, message.metadata.dst_node_id, vector, int(config["secagg-threshold"]),
                  config["secagg-round"])
     return Message(content=RecordDict({"metrics": MetricRecord({}), "secagg": keys}), reply_to=message)

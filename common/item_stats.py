@@ -30,7 +30,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from flwr.common.secure_aggregation.quantization import dequantize, quantize
 
 CENTRE = 3.0  # the middle of the 1..5 scale: deviations lie in [-2, 2]
 VOLUME_CAP = 1000  # ratings per device counted in the volume slot (MovieLens' heaviest user has 737)
@@ -66,35 +65,6 @@ def clip_contribution(sums: np.ndarray, weights: np.ndarray, volume: float, boun
     limit = sensitivity(bound)
     scale = 1.0 if total <= limit else limit / total
     return sums * scale, weights * scale, volume * scale
-
-
-# Under secure aggregation a contribution travels as one quantised vector [sums | weights | volume | 1]: every
-# coordinate of an honest one lies in [-1, 1] (|w (r - 3)| <= bound |r - 3| / norm <= bound = 1, w <= 1, volume <= 1),
-# so that is the quantisation range, and the last coordinate counts the devices the sum holds.
-SECURE_RANGE = 1.0
-
-
-def encode_secure(sums: np.ndarray, weights: np.ndarray, volume: float, levels: int) -> np.ndarray:
-    """One device's contribution (already within its bound) as the uint32 vector secure aggregation adds up."""
-    flat = np.clip(np.concatenate([sums, weights, [volume]]).astype(np.float64), -SECURE_RANGE, SECURE_RANGE)
-    if not np.isfinite(flat).all():
-        raise ValueError("the contribution has NaN or Inf values")
-    vector = np.empty(len(flat) + 1, np.uint32)
-    vector[:-1] = quantize([flat], SECURE_RANGE, levels)[0].astype(np.uint32)
-    vector[-1] = 1
-    return vector
-
-
-def decode_secure(total: np.ndarray, devices: int, n_items: int, levels: int
-                  ) -> tuple[np.ndarray, np.ndarray, float]:
-    """(sums, weights, volume) of `devices` contributions from their unmasked sum; ValueError for a sum no such
-    devices could produce (the wrong length or device count: also what a wrongly reconstructed mask gives)."""
-    if total.shape != (2 * n_items + 2,):
-        raise ValueError(f"the sum has shape {total.shape}, expected ({2 * n_items + 2},)")
-    if int(total[-1]) != devices:
-        raise ValueError(f"the sum counts {int(total[-1])} devices, not {devices}")
-    flat = dequantize([total[:-1].astype(np.int64)], SECURE_RANGE, levels)[0] - (devices - 1) * SECURE_RANGE
-    return flat[:n_items], flat[n_items:2 * n_items], float(flat[-1])
 
 
 @dataclass

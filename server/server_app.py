@@ -30,8 +30,8 @@ from flwr.serverapp import Grid, ServerApp
 from common.adapters import adapter_arrays, add_lora
 from common.config import FederationConfig, UserDP
 from common.data import load_movielens
-from common import kslot
-from common.item_stats import ItemStats, decode_secure, estimate, sensitivity
+from common import secure_vector
+from common.item_stats import ItemStats, estimate, sensitivity
 from common.model import load_base_model
 from common.personas import EMBED_DIM, discovery_dim, elbow, onboarding_space, update_centroids
 from common.timing import phase
@@ -110,7 +110,9 @@ def release_item_stats(grid: Grid, nodes: list[int], cfg: FederationConfig, nois
     n_items = int(load_movielens(cfg.dataset).items.index.max())  # the public catalogue
     bound = sensitivity(STATS_BOUND)
     if cfg.secure_aggregation:
-        sums, weights, volume = _secure_item_stats(grid, nodes, cfg, n_items, timeout)
+        sums, weights, volume = _secure_sum(grid, nodes, "itemstats", RecordDict(),
+                                            {"sums": (n_items,), "weights": (n_items,), "volume": (1,)}, bound, cfg,
+                                            timeout)
         if noise > 0:  # the trusted-noise model of docs/secure_aggregation.md: added once, after unmasking
             sums, weights, volume = add_noise([sums, weights, volume], noise * bound, cfg.reproducible)
     else:
@@ -126,31 +128,37 @@ def release_item_stats(grid: Grid, nodes: list[int], cfg: FederationConfig, nois
     return stats
 
 
-def _secure_item_stats(grid: Grid, nodes: list[int], cfg: FederationConfig, n_items: int,
-                       timeout: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The item-statistics sums through secure aggregation: each device masks its quantised contribution
-    (`common.item_stats.encode_secure`) and only the sum over the devices that stayed is unmasked. The coordinator
-    cannot clip single contributions any more: an honest device's is within its bound by construction, and a
-    dishonest one moves each coordinate by at most the quantisation range (1, against the 1 an honest one may
-    use: one rating's worth of weight per movie). Raises RuntimeError when the round aborts (too few devices stay):
-    the run stops rather than release statistics in the clear."""
-    levels = kslot.levels_for(len(nodes))
-    config = {"secagg-round": secrets.randbits(62), "secagg-levels": levels,
+def _secure_sum(grid: Grid, nodes: list[int], action: str, content: RecordDict,
+                shapes: dict[str, tuple[int, ...]], bound: float, cfg: FederationConfig,
+                timeout: float) -> list[np.ndarray]:
+    """A discovery query answered through secure aggregation: each device clips its arrays to `bound` itself and
+    masks them (`common.secure_vector`), and only their sum over the devices that stayed is unmasked.
+
+    The coordinator cannot clip single contributions any more, so the bound is the device's to keep: an honest
+    device's contribution is within it by construction, and a dishonest one moves each coordinate of the sum by at
+    most the quantisation range, `bound` (docs/secure_aggregation.md). Raises RuntimeError when the round aborts
+    (fewer than the threshold stay, or the sum does not decode): the run stops rather than fall back to sums in
+    the clear."""
+    levels = secure_vector.levels_for(len(nodes))
+    config = {"secagg-round": secrets.randbits(62), "secagg-levels": levels, "secagg-bound": float(bound),
               "secagg-threshold": max(2, math.ceil(cfg.secure_aggregation_threshold * len(nodes)))}
-    replies = _query(grid, nodes, "itemstats", RecordDict({"config": ConfigRecord(config)}), timeout)
+    content = RecordDict(dict(content.items()))
+    previous = dict(content["config"].items()) if "config" in content else {}
+    content["config"] = ConfigRecord({**previous, **config})
+    replies = _query(grid, nodes, action, content, timeout)
     adverts = {}
     for msg in replies:
         if (keys := read_advert(msg)) is not None and msg.metadata.src_node_id in nodes:
             adverts.setdefault(msg.metadata.src_node_id, keys)
     try:
-        total, survivors = run_round(grid, adverts, config["secagg-threshold"], 2 * n_items + 2,
-                                     config["secagg-round"], timeout)
-        sums, weights, volume = decode_secure(total, len(survivors), n_items, levels)
+        total, survivors = run_round(grid, adverts, config["secagg-threshold"],
+                                     secure_vector.length(list(shapes.values())), config["secagg-round"], timeout)
+        arrays = secure_vector.decode(total, len(survivors), list(shapes.values()), bound, levels)
     except (Aborted, ValueError) as e:
-        raise RuntimeError(f"item statistics: secure aggregation aborted, nothing released: {e}") from e
-    log(INFO, "item statistics: %d of %d devices' contributions summed under secure aggregation",
-        len(survivors), len(nodes))
-    return sums, weights, np.array([volume])
+        raise RuntimeError(f"query.{action}: secure aggregation aborted, nothing released: {e}") from e
+    log(INFO, "query.%s: %d of %d devices' contributions summed under secure aggregation", action, len(survivors),
+        len(nodes))
+    return arrays
 
 
 def privacy_plan(cfg: FederationConfig, num_nodes: int) -> tuple[UserDP | None, float, list[Event]]:
@@ -168,10 +176,11 @@ def privacy_plan(cfg: FederationConfig, num_nodes: int) -> tuple[UserDP | None, 
 
 
 def federated_kmeans(grid: Grid, nodes: list[int], k: int, iters: int, noise: float, timeout: float,
-                     inertia: bool = False, dim: int = EMBED_DIM,
-                     reproducible: bool = False) -> tuple[np.ndarray | None, float | None]:
+                     inertia: bool = False, dim: int = EMBED_DIM, reproducible: bool = False,
+                     secure: FederationConfig | None = None) -> tuple[np.ndarray | None, float | None]:
     """Lloyd iterations from per-slot sums and counts only; with `inertia`, the devices' summed squared distances
-    to the previous iteration's centroids come back too (clipped and noised with the sums)."""
+    to the previous iteration's centroids come back too (clipped and noised with the sums). With `secure` (the
+    run's config, secure aggregation on) every iteration's sums go through secure aggregation."""
     centroids, sse = None, None
     shapes = {"sums": (k, dim), "counts": (k,), **({"sse": (k,)} if inertia else {})}
     bound = INERTIA_BOUND if inertia else EMBED_BOUND
@@ -179,8 +188,14 @@ def federated_kmeans(grid: Grid, nodes: list[int], k: int, iters: int, noise: fl
         content = RecordDict({"config": ConfigRecord({"iteration": iteration, "k": k})})
         if centroids is not None:
             content["centroids"] = ArrayRecord({"c": Array(centroids.astype(np.float32))})
-        replies = _query(grid, nodes, "embed", content, timeout)
-        sums, counts, *rest = _sum(replies, shapes, bound, noise, "embed", reproducible)
+        if secure is not None:
+            content["config"] = ConfigRecord({"iteration": iteration, "k": k, "inertia": inertia})
+            sums, counts, *rest = _secure_sum(grid, nodes, "embed", content, shapes, bound, secure, timeout)
+            if noise > 0:  # added once, after unmasking (trusted-noise model)
+                sums, counts, *rest = add_noise([sums, counts, *rest], noise * bound, reproducible)
+        else:
+            replies = _query(grid, nodes, "embed", content, timeout)
+            sums, counts, *rest = _sum(replies, shapes, bound, noise, "embed", reproducible)
         if rest and centroids is not None:
             sse = float(max(rest[0].sum(), 0.0))
         centroids = update_centroids(sums, counts, centroids)
@@ -197,11 +212,12 @@ def discover_personas(grid: Grid, nodes: list[int], cfg: FederationConfig, noise
     Returns node -> persona, the evaluation devices, and persona info (K, sizes, the inertia per candidate K).
     """
     info: dict = {"features": cfg.discovery_features}
+    secure = cfg if cfg.secure_aggregation else None
     space = onboarding_space(cfg.dataset)
     dim = discovery_dim(cfg.discovery_features, space)
     if cfg.persona_candidates:
         runs = {k: federated_kmeans(grid, nodes, k, cfg.kmeans_iters, noise, timeout, inertia=True, dim=dim,
-                                    reproducible=cfg.reproducible) for k in cfg.candidate_ks}
+                                    reproducible=cfg.reproducible, secure=secure) for k in cfg.candidate_ks}
         info["inertia"] = {k: sse for k, (_, sse) in runs.items()}
         k = elbow(info["inertia"])
         centroids = runs[k][0]
@@ -210,7 +226,7 @@ def discover_personas(grid: Grid, nodes: list[int], cfg: FederationConfig, noise
     else:
         k = cfg.num_personas
         centroids, _ = federated_kmeans(grid, nodes, k, cfg.kmeans_iters if k > 1 else 0, noise, timeout, dim=dim,
-                                        reproducible=cfg.reproducible)
+                                        reproducible=cfg.reproducible, secure=secure)
     if centroids is None:
         centroids = np.zeros((k, dim))
     content = RecordDict({"centroids": ArrayRecord({"c": Array(centroids.astype(np.float32))}),

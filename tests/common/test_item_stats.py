@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
@@ -141,40 +141,3 @@ def test_a_release_from_a_handful_of_devices_under_heavy_noise_stays_near_the_pr
     assert np.mean(off) < 0.5
     assert np.mean(spread) < np.std(exact.item_bias())  # noise is shrunk away, on average below the signal
 
-
-@settings(max_examples=25, deadline=None)
-@given(st.lists(st.lists(st.tuples(st.integers(1, 30), st.integers(1, 5)), max_size=30), min_size=1, max_size=6))
-def test_secure_contributions_sum_to_the_plain_sums_within_quantisation(devices):
-    from common.item_stats import decode_secure, encode_secure
-    from common.kslot import levels_for
-
-    n_items, levels = 30, levels_for(len(devices))
-    plain = [np.zeros(n_items), np.zeros(n_items), 0.0]
-    total = np.zeros(2 * n_items + 2, np.uint32)
-    for rated in devices:
-        items = np.array([i for i, _ in rated], np.int64)
-        ratings = np.array([r for _, r in rated], np.float64)
-        sums, weights, volume = contribution(items, ratings, n_items)
-        plain = [plain[0] + sums, plain[1] + weights, plain[2] + volume]
-        total += encode_secure(sums, weights, volume, levels)
-    sums, weights, volume = decode_secure(total, len(devices), n_items, levels)
-    step = len(devices) * 2.0 / levels
-    np.testing.assert_allclose(sums, plain[0], atol=step)
-    np.testing.assert_allclose(weights, plain[1], atol=step)
-    assert abs(volume - plain[2]) <= step
-    with pytest.raises(ValueError, match="devices"):
-        decode_secure(total, len(devices) + 1, n_items, levels)
-    with pytest.raises(ValueError, match="shape"):
-        decode_secure(total[:-1], len(devices), n_items, levels)
-
-
-def test_a_contribution_outside_the_range_cannot_reach_the_secure_sum_unclipped():
-    from common.item_stats import SECURE_RANGE, decode_secure, encode_secure
-
-    levels = 1 << 20
-    vector = encode_secure(np.array([50.0, -50.0]), np.array([9.0, 0.5]), 3.0, levels)
-    sums, weights, volume = decode_secure(vector, 1, 2, levels)
-    assert np.all(np.abs(sums) <= SECURE_RANGE + 1e-6) and weights.max() <= SECURE_RANGE + 1e-6
-    assert volume <= SECURE_RANGE + 1e-6
-    with pytest.raises(ValueError, match="NaN"):
-        encode_secure(np.array([np.nan]), np.array([1.0]), 0.1, levels)
