@@ -366,13 +366,15 @@ def build_app(overrides: dict | None = None, mods: Iterable[Mod] = ()) -> Client
         k = _k(message, cfg)
         space = onboarding_space(cfg.dataset)
         onboarding = np.zeros((k, space.size), np.float32)
-        if device.n_train < cfg.cold_start_threshold:
-            return _reply(message, {}, {"features": _array(onboarding), "counts": _array(np.zeros(k, np.float32))})
-        persona = nearest(_embedding(device, context, cfg), message.content["centroids"]["c"].numpy()) if k > 1 else 0
-        _state(context)["persona"] = persona
-        onboarding[persona] = space.encode(device.onboarding())
         counts = np.zeros(k, np.float32)
-        counts[persona] = 1
+        if device.n_train >= cfg.cold_start_threshold:
+            persona = nearest(_embedding(device, context, cfg), message.content["centroids"]["c"].numpy()) \
+                if k > 1 else 0
+            _state(context)["persona"] = persona
+            onboarding[persona] = space.encode(device.onboarding())
+            counts[persona] = 1
+        if "secagg-round" in message.content["config"]:  # only the tables summed over every device leave masked
+            return secure_aggregation.start_sums(message, context, [onboarding, counts])
         return _reply(message, {}, {"features": _array(onboarding), "counts": _array(counts)})
 
     @app.query("cold")

@@ -231,9 +231,14 @@ def discover_personas(grid: Grid, nodes: list[int], cfg: FederationConfig, noise
         centroids = np.zeros((k, dim))
     content = RecordDict({"centroids": ArrayRecord({"c": Array(centroids.astype(np.float32))}),
                           "config": ConfigRecord({"k": k})})
-    assigned = _query(grid, nodes, "assign", content, timeout)
-    features, counts = _sum(assigned, {"features": (k, space.size), "counts": (k,)}, ONBOARDING_BOUND, noise,
-                            "assign", cfg.reproducible)
+    shapes = {"features": (k, space.size), "counts": (k,)}
+    if secure is not None:
+        features, counts = _secure_sum(grid, nodes, "assign", content, shapes, ONBOARDING_BOUND, cfg, timeout)
+        if noise > 0:  # added once, after unmasking (trusted-noise model)
+            features, counts = add_noise([features, counts], noise * ONBOARDING_BOUND, cfg.reproducible)
+    else:
+        assigned = _query(grid, nodes, "assign", content, timeout)
+        features, counts = _sum(assigned, shapes, ONBOARDING_BOUND, noise, "assign", cfg.reproducible)
     counts = np.maximum(counts, 0.0)  # post-processing keeps the noisy tables valid counts
     features = np.clip(features, 0.0, counts[:, None])
     tables = ArrayRecord({"features": Array(features.astype(np.float32)),
