@@ -1,6 +1,7 @@
 """A real Flower deployment on this machine: TLS SuperLink with SuperNode authentication, N device daemons.
 
     python -m simulations.deployment --devices 3 --rounds 2          # tiny model, small MovieLens-like data
+    python -m simulations.deployment --set secure-aggregation=true   # the same with secure aggregation
 
 Steps (each a real process): make a self-signed CA and a SuperLink certificate for 127.0.0.1; start
 `flower-superlink` with TLS and `--enable-supernode-auth`; enrol N devices (`client.daemon enrol`: SuperNode
@@ -187,7 +188,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--dataset", default="ml-100k", help="catalogue and the users whose ratings the devices hold")
     p.add_argument("--work", default="results/deployment")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="run-config override, e.g. --set secure-aggregation=true (repeatable)")
     args = p.parse_args(argv)
+    overrides = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        overrides[key] = value
 
     work = Path(args.work).resolve()
     deployment = Deployment(work)
@@ -209,7 +216,7 @@ def main(argv: list[str] | None = None) -> None:
         out = work / "coordinator"
         deployment.submit({"base-model": "tiny", "dataset": args.dataset, "num-rounds": args.rounds,
                            "num-personas": 2, "kmeans-iters": 1, "fraction-train": 1.0, "eval-every": 1,
-                           "min-nodes": args.devices, "out-dir": str(out)})
+                           "min-nodes": args.devices, "out-dir": str(out), **overrides})
         deadline = time.time() + 1800
         while not (out / "history.json").exists() and time.time() < deadline:
             time.sleep(2)
