@@ -179,7 +179,10 @@ def plot(histories: dict[str, list[dict]], baselines: list[dict], path: Path | N
     rmse_label = "held-out RMSE (lower is better)"
     who = f"{'/'.join(map(str, sorted(users)))} evaluation users' test ratings"
     paths = (("persona", "shared persona adapter", "-o", "tab:blue"),
-             ("personal", "on-device personal adapter", "--s", "tab:orange"))
+             ("personal", "on-device personal adapter", "--s", "tab:orange"),
+             # with item-stats and validation-fraction on (absent otherwise, and then not drawn)
+             ("bias", "private user+item bias", ":d", "tab:purple"),
+             ("personal_blend", "personal adapter + private bias", "-.^", "tab:green"))
     fig = Figure(figsize=(8, 4.8))
     ax = fig.subplots()
     if len(rounds) > 1:
@@ -187,6 +190,8 @@ def plot(histories: dict[str, list[dict]], baselines: list[dict], path: Path | N
             for path_name, label, style, _ in paths:
                 points = [(r, _mean_rmse(runs, r, path_name)) for r in rounds]
                 points = [(r, v) for r, v in points if v is not None]
+                if not points:  # a path this run does not report (e.g. no blend without item statistics)
+                    continue
                 ax.plot([r for r, _ in points], [v for _, v in points], style, label=f"{name}: {label}")
         for row, colour in zip(baselines, ("grey", "tab:cyan", "tab:brown", "tab:olive", "black")):
             ax.axhline(row["rmse"], color=colour, linestyle=":", label=f"{row['method']} (baseline)")
