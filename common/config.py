@@ -141,6 +141,10 @@ class FederationConfig:
     rows_per_step: int = 1
     items_per_row: int = 8
     lr: float = 2e-3
+    # The coordinator's step on each persona's mean delta (FedAvg's server learning rate, Reddi et al. 2021):
+    # 1 is plain FedAvg. Averaging 13 devices' few Adam steps moves a persona about as far as one device's steps,
+    # so each round is a few steps of progress; a larger server step takes more of it per round.
+    server_lr: float = 1.0
     lora_rank: int = 8
     lora_alpha: int = 16
     lora_targets: str = "q_proj,v_proj"
@@ -252,6 +256,8 @@ class FederationConfig:
             if self.kmeans_iters < 2:
                 raise ValueError("persona-candidates needs kmeans-iters >= 2 (inertia is measured against the "
                                  "previous iteration's centroids)")
+        if not 0.0 < self.server_lr <= 100.0:
+            raise ValueError(f"server-lr must be in (0, 100], got {self.server_lr}")
         if not 0.0 <= self.validation_fraction <= 0.5:
             raise ValueError(f"validation-fraction must be in [0, 0.5], got {self.validation_fraction}")
         if self.memory_items < 0:

@@ -248,6 +248,7 @@ class PersonaStrategy(FedAvg):
         extra_content: dict[str, ArrayRecord] | None = None,
         secure: SecureAggregation | None = None,
         secure_timeout: float = FederationConfig.round_timeout,
+        server_lr: float = FederationConfig.server_lr,
     ) -> None:
         """`dp`: user-level DP on every persona release; `prior_releases`: user-level events the persona's users
         already took part in (its lineage from earlier runs, then this run's persona discovery; one list for every
@@ -261,7 +262,11 @@ class PersonaStrategy(FedAvg):
         `trim_fraction`, `max_update_norm`, `max_examples`: see FederationConfig. `extra_content`: records every
         training and evaluation message carries besides the adapter (the released item statistics). With
         `secure`, each round's updates arrive as masked K-slot vectors and only their per-persona sums are
-        unmasked (`_secure_sums`); `secure_timeout` bounds each of its three extra exchanges."""
+        unmasked (`_secure_sums`); `secure_timeout` bounds each of its three extra exchanges. `server_lr` scales
+        each persona's aggregate delta before it is added (FedAvg's server step size; 1 = plain FedAvg)."""
+        if not 0 < server_lr < float("inf"):
+            raise ValueError(f"server_lr must be finite and > 0, got {server_lr}")
+        self.server_lr = float(server_lr)
         if aggregation not in ("mean", "trimmed-mean", "median"):
             raise ValueError(f"unknown aggregation {aggregation!r}")
         if secure and aggregation != "mean":
@@ -427,7 +432,9 @@ class PersonaStrategy(FedAvg):
             else:
                 mean_delta, privacy = acc.combine(self.aggregation, self.trim_fraction), {"dp": False}
             with np.errstate(over="ignore", invalid="ignore"):  # an overflow is caught just below
-                candidate = {k: (v + mean_delta[k]).astype(np.float32) for k, v in self._current[persona].items()}
+                # The server step: post-processing of the (noised, under DP) aggregate, so it costs no privacy.
+                candidate = {k: (v + self.server_lr * mean_delta[k]).astype(np.float32)
+                             for k, v in self._current[persona].items()}
             if not all(np.isfinite(v).all() for v in candidate.values()):
                 # Never stored, served or promoted: a NaN/Inf version would be refused by every device, and
                 # training from it would stop for good. The persona keeps its version this round.

@@ -74,6 +74,23 @@ def test_each_device_gets_its_own_persona_and_deltas_average_per_persona():
     assert metrics["p0_devices"] == 2 and "p2_devices" not in metrics
 
 
+@pytest.mark.parametrize("server_lr", [0.5, 3.0])
+def test_the_server_step_scales_each_personas_mean_delta(server_lr):
+    node_persona = {11: 0, 12: 0, 13: 1}
+    strategy, _ = _strategy(node_persona, server_lr=server_lr)
+    arrays = join_personas({0: _persona(0.0), 1: _persona(10.0)})
+    by_node = {m.metadata.dst_node_id: m for m in strategy.configure_train(1, arrays, ConfigRecord(),
+                                                                            FakeGrid(node_persona))}
+    new, _ = strategy.aggregate_train(1, [_reply(by_node[11], _persona(1.0), 10), _reply(by_node[12], _persona(3.0), 10),
+                                          _reply(by_node[13], _persona(-2.0), 5)])
+    out = split_personas(new)
+    np.testing.assert_allclose(out[0]["a.lora_A.weight"], server_lr * 2.0)
+    np.testing.assert_allclose(out[1]["a.lora_A.weight"], 10.0 - server_lr * 2.0)
+    for bad in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="server_lr"):
+            _strategy(node_persona, server_lr=bad)
+
+
 @pytest.mark.parametrize("bad", [
     {"a.lora_A.weight": np.full((2, 3), np.nan, np.float32), "a.lora_B.weight": np.zeros((3, 2), np.float32)},
     {"a.lora_A.weight": np.zeros((3, 3), np.float32), "a.lora_B.weight": np.zeros((3, 2), np.float32)},
