@@ -247,6 +247,9 @@ class FederationConfig:
     secure_aggregation: bool = False
     secure_aggregation_threshold: float = 0.6
     secure_aggregation_range: float = 0.1
+    # Discovery's secure sums ask every device; SecAgg's secret sharing grows with n x threshold per device, so they
+    # run in random groups of about this many devices (the coordinator learns each group's sum, not single answers).
+    secure_aggregation_group: int = 32
 
     def __post_init__(self) -> None:
         if self.persona_candidates:
@@ -256,6 +259,8 @@ class FederationConfig:
             if self.kmeans_iters < 2:
                 raise ValueError("persona-candidates needs kmeans-iters >= 2 (inertia is measured against the "
                                  "previous iteration's centroids)")
+        if self.secure_aggregation_group < 3:
+            raise ValueError(f"secure-aggregation-group must be >= 3, got {self.secure_aggregation_group}")
         if not 0.0 < self.server_lr <= 100.0:
             raise ValueError(f"server-lr must be in (0, 100], got {self.server_lr}")
         if not 0.0 <= self.validation_fraction <= 0.5:

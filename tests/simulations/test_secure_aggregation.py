@@ -46,6 +46,7 @@ def runs(tmp_path_factory):
                      # the item statistics and the blend sums go through secure sums too (16 training ratings
                      # left per device: all below the cold-start threshold, so they pool as "cold")
                      "item-stats": True, "validation-fraction": 0.2,
+                     "secure-aggregation-group": 3,  # discovery's secure sums in two groups (3 + 2 devices)
                      "out-dir": str(root / name / "out"), "device-dir": str(root / name / "devices")}
         log = root / f"{name}.jsonl"
         with pytest.MonkeyPatch.context() as mp:
