@@ -391,6 +391,10 @@ def build_app(overrides: dict | None = None, mods: Iterable[Mod] = ()) -> Client
             in_eval = int(device.user in _eval_sample(cfg.dataset, cfg.split, cfg.eval_users, cfg.eval_seed))
         # Under DP the cold-start flag stays here: un-noised, it would say this user has few ratings.
         flag = {} if _private_run(cfg) else {"cold": int(device.n_train < cfg.cold_start_threshold)}
+        if cfg.reproducible and "partition-id" in context.node_config and "data-path" not in context.node_config:
+            # A replayable simulation only: Flower draws node ids at random each run, so the coordinator orders
+            # its cohort draws by this simulation artefact (the partition), not by node id. Never deployed.
+            flag["order"] = int(context.node_config["partition-id"])
         if device.n_train >= cfg.cold_start_threshold:
             _save_state(device, cfg, context, persona=int(state["persona"]))
             return _reply(message, {**flag, "persona": int(state["persona"]), "eval": in_eval})

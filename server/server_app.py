@@ -270,6 +270,11 @@ def discover_personas(grid: Grid, nodes: list[int], cfg: FederationConfig, noise
             continue
         node_persona[r.metadata.src_node_id] = int(persona)
     replies = [r for r in replies if r.metadata.src_node_id in node_persona]
+    # The order cohorts are drawn in: by node id, or, in a replayable simulation, by the devices' partition (Flower
+    # draws node ids at random each run, so the same seed would otherwise sample other users).
+    order = {r.metadata.src_node_id: r.content["metrics"]["order"] for r in replies
+             if cfg.reproducible and isinstance(r.content["metrics"].get("order"), int)}
+    node_persona = dict(sorted(node_persona.items(), key=lambda kv: (order.get(kv[0], -1), kv[0])))
     # Membership of the evaluation sample is a seeded coin the device reports; it says nothing about its data.
     eval_nodes = sorted(r.metadata.src_node_id for r in replies if r.content["metrics"].get("eval"))
     cold = sum(int(r.content["metrics"].get("cold", 0)) for r in replies)  # under DP devices keep this flag

@@ -343,7 +343,8 @@ class PersonaStrategy(FedAvg):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         online = set(grid.get_node_ids())
-        eligible = sorted(n for n in self.node_persona if n in online)
+        # Drawn in `node_persona`'s order (the coordinator's stable device order), so a seed replays the cohorts.
+        eligible = [n for n in self.node_persona if n in online]
         if self.dp:
             # Poisson sampling, as the accountant's subsampled Gaussian assumes (a fixed-size draw without
             # replacement is not bounded by it): each online device independently with the public rate q.

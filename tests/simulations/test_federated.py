@@ -327,6 +327,29 @@ def test_main_job_writes_the_table_with_rmse_per_user_activity_bucket_and_privac
     assert (out / "results.csv").exists() and (out / "rmse_per_round.png").exists()
 
 
+def test_a_seed_replays_the_same_cohorts_although_flower_draws_new_node_ids(tmp_path):
+    """Two runs, same seed, half of the devices sampled a round: the same users train, so the same versions come
+    out (Flower's simulation gives nodes random ids each run; the cohort is drawn in partition order)."""
+    ratings, items, users = make_data(n_users=8, n_items=40, per_user=25, seed=6)
+    data_dir = write_grouplens_100k(tmp_path / "ml", ratings, items, users)
+    versions = []
+    for run in ("a", "b"):
+        overrides = {"base-model": "tiny", "dataset": str(data_dir), "split": "default", "num-personas": 1,
+                     "num-rounds": 2, "fraction-train": 0.4, "eval-every": 5, "kmeans-iters": 2, "lr": 0.01,
+                     "personal-steps": 0, "out-dir": str(tmp_path / run / "out"),
+                     "device-dir": str(tmp_path / run / "devices")}
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv(KEY_ENV, RawKey.generate().raw.hex())
+            run_federation(overrides, num_nodes=8)
+        versions.append({p.parent.name + "/" + p.name: load_file(str(p / "adapter_model.safetensors"))
+                         for p in sorted((tmp_path / run / "out").glob("personas/p*/r*"))})
+    assert sorted(versions[0]) == sorted(versions[1]) and "p0/r0002" in versions[0]
+    for name, arrays in versions[0].items():
+        for key, value in arrays.items():
+            np.testing.assert_allclose(versions[1][name][key], value, atol=1e-6, err_msg=name)
+    assert any(np.abs(v).max() > 1e-4 for v in versions[0]["p0/r0002"].values())  # trained, not just the start
+
+
 def test_repeated_runs_use_other_training_seeds_on_the_same_evaluation_users(tmp_path):
     from simulations.federated import main
 
