@@ -56,17 +56,21 @@ class Device:
     rt: Runtime
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     memory_items: int = 0  # long-term memory: similar past ratings recalled into each movie's prompt
-    # released per-movie statistics (`common.item_stats`), quoted in each movie's prompt; None: not quoted
-    item_stats: pd.DataFrame | None = None
-    # the same release as numbers: the item half of the private user+item bias model the blend leans on
+    # released per-movie statistics (`common.item_stats`): quoted in each movie's prompt, and the item half of the
+    # private user+item bias model the blend leans on; None: neither
     released: ItemStats | None = None
     # this user's latest training ratings held out of all training (`validation-fraction`): blend weights are
     # fitted on them, never on test ratings
     val: pd.DataFrame | None = None
 
     def use_item_stats(self, stats: ItemStats) -> "Device":
-        self.released, self.item_stats = stats, stats.frame()
+        self.released = stats
+        self.__dict__.pop("_stats_frame", None)  # the prompts' view of the previous release, if any
         return self
+
+    @cached_property
+    def _stats_frame(self) -> pd.DataFrame:
+        return self.released.frame()
 
     @cached_property
     def profile(self) -> str:
@@ -78,7 +82,7 @@ class Device:
 
     def _movie(self, item) -> str:
         text = movie_text(self.data.items.loc[item])
-        return text if self.item_stats is None else f"{text}\n{item_stats_text(item, self.item_stats)}"
+        return text if self.released is None else f"{text}\n{item_stats_text(item, self._stats_frame)}"
 
     def _suffixes(self, items) -> list[list[int]]:
         catalogue = self.data.items
