@@ -88,7 +88,7 @@ def _device(context: Context, overrides: dict) -> tuple[Device, FederationConfig
         # Every rating trains unless the owner asked for an evaluation hold-out (not the simulation's 60/40 split).
         train, test = split_own(data.ratings, float(node.get("eval-holdout", 0)))
         return Device(owner.user, data, train, test, runtime(cfg.base_model, cfg.lora), ScoringConfig(),
-                      cfg.memory_items), cfg
+                      cfg.memory_items, residual=cfg.residual_to_bias), cfg
     data, split = _dataset(cfg.dataset, cfg.split)
     users = split.users
     partition = int(context.node_config["partition-id"])
@@ -100,7 +100,7 @@ def _device(context: Context, overrides: dict) -> tuple[Device, FederationConfig
     train, val = validation_split(split.train[split.train["user"] == user], cfg.validation_fraction)
     test = split.test[split.test["user"] == user]
     return Device(user, data, train, test, runtime(cfg.base_model, cfg.lora), ScoringConfig(),
-                  cfg.memory_items, val=val), cfg
+                  cfg.memory_items, val=val, residual=cfg.residual_to_bias), cfg
 
 
 def _with_item_stats(device: Device, message: Message) -> Device:

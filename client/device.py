@@ -62,10 +62,14 @@ class Device:
     # this user's latest training ratings held out of all training (`validation-fraction`): blend weights are
     # fitted on them, never on test ratings
     val: pd.DataFrame | None = None
+    # the adapter learns a correction to the private user+item bias model (`residual-to-bias`): its logits are
+    # added to a prior whose expected rating is that model's prediction, in training and in every prediction
+    residual: bool = False
 
     def use_item_stats(self, stats: ItemStats) -> "Device":
         self.released = stats
-        self.__dict__.pop("_stats_frame", None)  # the prompts' view of the previous release, if any
+        for derived in ("_stats_frame", "_user_bias"):  # views of the previous release, if any
+            self.__dict__.pop(derived, None)
         return self
 
     @cached_property
@@ -139,16 +143,17 @@ class Device:
         weights and metrics. Raises `BudgetExhausted` (nothing trained) when the ledger cannot afford it."""
         load_adapter_arrays(self.rt.model, arrays)
         suffixes, ratings = self.train_examples
+        bases = self.bases(self._target_rows["item"])
         if dp is None:  # non-private training: reproducible per user from the run's seed
             cfg = replace(cfg, seed=cfg.seed * 1_000_003 + self.user)
             metrics = train_local(self.rt.model, self.rt.head, self.prefix, suffixes, ratings, cfg,
-                                  pad_id=self.rt.pad_id)
+                                  pad_id=self.rt.pad_id, bases=bases)
         else:  # DP-SGD draws secret randomness unless the simulation's reproducible mode gave a seed
             if dp.seed is not None:
                 dp = replace(dp, seed=dp.seed * 1_000_003 + self.user)
             metrics = train_local_dp(self.rt.model, self.rt.head, self.prefix, suffixes, ratings, cfg, dp, ledger,
                                      pad_id=self.rt.pad_id, items=self.train_items,
-                                     record_key=str(self.user).encode())
+                                     record_key=str(self.user).encode(), bases=bases)
         return adapter_arrays(self.rt.model), metrics
 
     def predict(self, arrays: dict[str, np.ndarray], held_out: str = "test") -> np.ndarray:
@@ -158,14 +163,17 @@ class Device:
         if not suffixes:
             return np.empty(0)
         return predict_with_prefix(self.rt.model, self.rt.head, self.prefix, suffixes,
-                                   batch_size=self.scoring.batch_size, pad_id=self.rt.pad_id)
+                                   batch_size=self.scoring.batch_size, pad_id=self.rt.pad_id,
+                                   base=self.bases(self._held_out(held_out)["item"]))
 
     @torch.no_grad()
     def train_losses(self, arrays: dict[str, np.ndarray], limit: int, items_per_row: int = 8) -> np.ndarray:
         """Cross-entropy of up to `limit` of this user's training ratings under `arrays` (membership tests)."""
         load_adapter_arrays(self.rt.model, arrays)
         suffixes, ratings = self.train_examples
-        rows = [PackedRow(self.prefix, suffixes[i:i + items_per_row], list(ratings[i:i + items_per_row]))
+        bases = self.bases(self._target_rows["item"])
+        rows = [PackedRow(self.prefix, suffixes[i:i + items_per_row], list(ratings[i:i + items_per_row]),
+                          None if bases is None else list(bases[i:i + items_per_row]))
                 for i in range(0, min(limit, len(suffixes)), items_per_row)]
         batch = pack(rows, self.rt.pad_id)
         logits = packed_rating_logits(self.rt.model, self.rt.head, batch)
@@ -180,11 +188,26 @@ class Device:
         return self.released is not None and self.val is not None and len(self.val) > 0
 
     def bias(self, held_out: str = "test") -> np.ndarray:
-        """The private user+item bias model's predictions: released item statistics, this device's own user bias
-        (fitted on its training ratings, on the device)."""
-        rows = self.test if held_out == "test" else self.val
-        b_user = user_bias(self.train["item"].to_numpy(), self.train["rating"].to_numpy(), self.released)
-        return bias_predict(b_user, rows["item"].to_numpy(), self.released)
+        """The private user+item bias model's predictions of the `held_out` ratings."""
+        return self.bias_of(self._held_out(held_out)["item"])
+
+    def bias_of(self, items) -> np.ndarray:
+        """The private user+item bias model's predictions for `items`: released item statistics, this device's own
+        user bias (fitted on its training ratings, on the device)."""
+        if self.released is None:
+            raise ValueError("the private bias model needs released item statistics (item-stats)")
+        return bias_predict(self._user_bias, np.asarray(items), self.released)
+
+    @cached_property
+    def _user_bias(self) -> float:
+        return user_bias(self.train["item"].to_numpy(), self.train["rating"].to_numpy(), self.released)
+
+    def bases(self, items) -> np.ndarray | None:
+        """What the adapter corrects for `items`: the private bias model's predictions with `residual`, else None."""
+        return self.bias_of(items) if self.residual else None
+
+    def _held_out(self, held_out: str) -> pd.DataFrame:
+        return self.test if held_out == "test" else self.test.iloc[:0] if self.val is None else self.val
 
     def evaluation_sums(self, adapters: dict[str, dict[str, np.ndarray]]) -> dict[str, float]:
         """Error sums of each named adapter on the test ratings ("<name>_sse", "<name>_sae", "n"); with released

@@ -237,6 +237,11 @@ class FederationConfig:
     # the device's own user bias) and each adapter blended with it, b + w (adapter - b), w fitted by least squares
     # on the pooled validation sums (`common.blend`); the simulation's baselines fit on the same remaining ratings.
     validation_fraction: float = 0.0
+    # Boosting from the private bias model: every adapter (persona and personal) learns a correction to the private
+    # user+item bias model (released item statistics + the device's own user bias) instead of the whole rating; its
+    # five logits are added to a prior whose expected rating is that model's (`common.scoring.base_prior_logits`),
+    # in training, evaluation and serving. A flat adapter then predicts exactly the bias model. Needs item-stats.
+    residual_to_bias: bool = False
     # Secure aggregation (off by default): every sampled device uploads its delta in its persona's slot of a
     # K-slot vector, quantised and masked (SecAgg: pairwise masks, Shamir-shared seeds), and the coordinator
     # unmasks only the K per-persona sums and counts. The delta is clipped on the device to dp-user-clip under
@@ -265,6 +270,8 @@ class FederationConfig:
             raise ValueError(f"server-lr must be in (0, 100], got {self.server_lr}")
         if not 0.0 <= self.validation_fraction <= 0.5:
             raise ValueError(f"validation-fraction must be in [0, 0.5], got {self.validation_fraction}")
+        if self.residual_to_bias and not self.item_stats:
+            raise ValueError("residual-to-bias corrects the private bias model, which needs item-stats = true")
         if self.memory_items < 0:
             raise ValueError(f"memory-items must be >= 0, got {self.memory_items}")
         if self.discovery_features not in DISCOVERY_FEATURES:

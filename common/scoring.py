@@ -59,6 +59,27 @@ def expected_rating(logits: torch.Tensor) -> torch.Tensor:
     return torch.softmax(logits.float(), dim=-1) @ _RATING_VALUES.to(logits.device)
 
 
+def base_prior_logits(base: torch.Tensor, sd: float = 1.0, iterations: int = 40) -> torch.Tensor:
+    """Log-probabilities [N, 5] of a discretised normal over 1..5 whose *expected rating equals* `base` [N].
+
+    Added to the LM's five logits, they make the adapter learn a correction to a base predictor (the user+item bias
+    model) instead of the whole rating, as boosting starts from a base margin: where the LM's logits are flat the
+    prediction is exactly the base, so the adapter's capacity goes to what the base misses. The normal's centre is
+    found by bisection (the expected value grows monotonically with it); bases are clipped into (1, 5), where a
+    centre exists.
+    """
+    values = _RATING_VALUES.to(base.device)
+    target = base.float().clamp(1.01, 4.99)[:, None]
+    # the centre that reaches an expected rating of 1.01 (or 4.99) lies within 10 sd^2 of the end of the scale
+    low, high = torch.full_like(target, 1.0 - 10 * sd * sd), torch.full_like(target, 5.0 + 10 * sd * sd)
+    for _ in range(iterations):
+        mid = (low + high) / 2
+        mean = torch.softmax(-((values - mid) ** 2) / (2 * sd * sd), dim=-1) @ values
+        above = mean[:, None] > target
+        high, low = torch.where(above, mid, high), torch.where(above, low, mid)
+    return torch.log_softmax(-((values - (low + high) / 2) ** 2) / (2 * sd * sd), dim=-1)
+
+
 def rating_nll(logits: torch.Tensor, ratings: torch.Tensor) -> torch.Tensor:
     """Per-rating cross-entropy over the five digit logits against the true (rounded) rating."""
     return F.cross_entropy(logits.float(), (ratings.round().long() - 1).clamp(0, 4), reduction="none")
@@ -88,13 +109,15 @@ def predict_with_prefix(
     batch_size: int = 32,
     pad_id: int = 0,
     cache=None,
+    base: Sequence[float] | None = None,
 ) -> np.ndarray:
     """Expected ratings for several items that share one prompt prefix.
 
     The prefix runs once (or not at all when its `cache` from `encode_prefix` is given); its key/value cache is
     reused for every batch of suffixes. Suffixes are sorted by length and right-padded only to their batch's
     longest, and the causal mask keeps padding from affecting the real tokens before it, so the hidden state at
-    each suffix's last token is exact.
+    each suffix's last token is exact. With `base` (one base prediction per suffix) the adapter's logits are a
+    correction to it (`base_prior_logits`), as it was trained.
     """
     device = next(model.parameters()).device
     body = decoder(model)
@@ -111,5 +134,8 @@ def predict_with_prefix(
         batch_cache.batch_repeat_interleave(len(idx))
         hidden = body(input_ids=batch, cache=batch_cache, use_cache=True).last_hidden_state
         last = hidden[torch.arange(len(idx), device=device), lengths - 1]
-        out[idx] = expected_rating(head.logits(model, last)).cpu().numpy()
+        logits = head.logits(model, last)
+        if base is not None:
+            logits = logits + base_prior_logits(torch.tensor([base[i] for i in idx], device=device))
+        out[idx] = expected_rating(logits).cpu().numpy()
     return out

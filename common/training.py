@@ -21,7 +21,7 @@ import torch
 
 from common.config import DeviceDP, TrainConfig
 from common.privacy import PrivacyLedger
-from common.scoring import RatingHead, decoder, rating_loss
+from common.scoring import RatingHead, base_prior_logits, decoder, rating_loss
 
 
 @dataclass
@@ -29,6 +29,7 @@ class PackedRow:
     prefix: list[int]
     suffixes: list[list[int]]
     ratings: list[float]
+    bases: list[float] | None = None  # each movie's base prediction when the adapter learns a correction to it
 
     def __len__(self) -> int:
         return len(self.prefix) + sum(map(len, self.suffixes))
@@ -43,10 +44,13 @@ class PackedBatch:
     positions: torch.Tensor  # [N] position whose hidden state predicts each rating
     ratings: torch.Tensor  # [N]
     tokens: int  # real (unpadded) tokens
+    bases: torch.Tensor | None = None  # [N] base predictions the logits correct (`common.scoring.base_prior_logits`)
 
 
 def pack(rows: list[PackedRow], pad_id: int = 0) -> PackedBatch:
     """Rows padded on the right to the longest row only; padding is masked out of every real token."""
+    if len({r.bases is None for r in rows}) > 1:
+        raise ValueError("either every row carries base predictions or none does")
     length = max(len(r) for r in rows)
     ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), 1, length, length), dtype=torch.bool)
@@ -69,8 +73,9 @@ def pack(rows: list[PackedRow], pad_id: int = 0) -> PackedBatch:
             start = end
         # Padding attends to itself so no softmax row is empty; nothing real attends to it.
         mask[b, 0, start:, start:] = causal[: length - start, : length - start]
+    bases = None if rows[0].bases is None else torch.tensor([b for r in rows for b in r.bases], dtype=torch.float32)
     return PackedBatch(ids, mask, pos, torch.tensor(which), torch.tensor(where),
-                       torch.tensor(target, dtype=torch.float32), sum(len(r) for r in rows))
+                       torch.tensor(target, dtype=torch.float32), sum(len(r) for r in rows), bases)
 
 
 def packed_rating_logits(model: torch.nn.Module, head: RatingHead, batch: PackedBatch) -> torch.Tensor:
@@ -80,17 +85,23 @@ def packed_rating_logits(model: torch.nn.Module, head: RatingHead, batch: Packed
         attention_mask=batch.attention_mask.to(device),
         position_ids=batch.position_ids.to(device),
     ).last_hidden_state
-    return head.logits(model, hidden[batch.rows.to(device), batch.positions.to(device)])
+    logits = head.logits(model, hidden[batch.rows.to(device), batch.positions.to(device)])
+    return logits if batch.bases is None else logits + base_prior_logits(batch.bases.to(device))
 
 
 def make_rows(prefix: list[int], suffixes: list[list[int]], ratings: np.ndarray, cfg: TrainConfig,
-              rng: np.random.Generator) -> list[PackedRow]:
+              rng: np.random.Generator, bases: np.ndarray | None = None) -> list[PackedRow]:
     """`cfg.rows_per_step` rows of `cfg.items_per_row` movies drawn without replacement within a row."""
     rows = []
     for _ in range(cfg.rows_per_step):
         pick = rng.choice(len(suffixes), size=min(cfg.items_per_row, len(suffixes)), replace=False)
-        rows.append(PackedRow(prefix, [suffixes[i] for i in pick], [float(ratings[i]) for i in pick]))
+        rows.append(_row(prefix, suffixes, ratings, bases, pick))
     return rows
+
+
+def _row(prefix, suffixes, ratings, bases, pick) -> PackedRow:
+    return PackedRow(prefix, [suffixes[i] for i in pick], [float(ratings[i]) for i in pick],
+                     None if bases is None else [float(bases[i]) for i in pick])
 
 
 def flops_per_token(model: torch.nn.Module, training: bool) -> float:
@@ -111,8 +122,10 @@ def train_local(
     cfg: TrainConfig,
     optimizer: torch.optim.Optimizer | None = None,
     pad_id: int = 0,
+    bases: np.ndarray | None = None,
 ) -> dict[str, float]:
-    """Run `cfg.steps` optimiser steps on the trainable (LoRA) parameters; returns training metrics."""
+    """Run `cfg.steps` optimiser steps on the trainable (LoRA) parameters; returns training metrics. With `bases`
+    (one base prediction per example) the adapter learns a correction to them (`base_prior_logits`)."""
     if len(suffixes) == 0:
         raise ValueError("no training ratings")
     rng = np.random.default_rng(cfg.seed)
@@ -122,7 +135,7 @@ def train_local(
     model.train()
     losses, tokens, start = [], 0, time.perf_counter()
     for _ in range(cfg.steps):
-        batch = pack(make_rows(prefix, suffixes, ratings, cfg, rng), pad_id)
+        batch = pack(make_rows(prefix, suffixes, ratings, cfg, rng, bases), pad_id)
         logits = packed_rating_logits(model, head, batch)
         loss = rating_loss(logits, batch.ratings.to(logits.device), cfg.mse_weight)
         optimizer.zero_grad(set_to_none=True)
@@ -190,13 +203,14 @@ def train_local_dp(
     pad_id: int = 0,
     items=None,
     record_key: bytes = b"",
+    bases: np.ndarray | None = None,
 ) -> dict[str, float]:
     """DP-SGD (Opacus, hooks mode on the LoRA layers) over the device's `dp.records` hashed records.
 
     `items` are the examples' item ids (default: their positions), hashed with `record_key` into records. Each step
     Poisson-samples records at rate `cfg.rows_per_step / dp.records`, packs up to `cfg.items_per_row` of a sampled
     record's ratings (drawn at random when it holds more) into one row, clips every row's gradient to
-    `dp.max_grad_norm` and adds Gaussian noise (`dp.noise_multiplier` x that norm). The ledger is checked before
+    `dp.max_grad_norm` and adds Gaussian noise (`dp.noise_multiplier` x that norm); `bases` as in `train_local`. The ledger is checked before
     anything runs (raises `BudgetExhausted`) and charged with Opacus' accountant history afterwards.
 
     Sampling, noise and the draw within a record come from one generator: seeded from `secrets` (never from the
@@ -251,8 +265,7 @@ def train_local_dp(
                     for p in params:
                         p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
                 else:
-                    rows = [PackedRow(prefix, [suffixes[i] for i in rec], [float(ratings[i]) for i in rec])
-                            for rec in picked]
+                    rows = [_row(prefix, suffixes, ratings, bases, rec) for rec in picked]
                     batch = pack(rows, pad_id)
                     loss = _row_mean_loss(packed_rating_logits(model, head, batch), batch, len(rows), cfg.mse_weight)
                     loss.backward()

@@ -54,8 +54,9 @@ def movie_prompts(items: pd.DataFrame, builder: PromptBuilder, stats: pd.DataFra
     return {int(i): builder.suffix_ids(text(i)) for i in items.index}
 
 
-def user_rows(train: pd.DataFrame, items: pd.DataFrame, builder: PromptBuilder) -> dict[int, tuple]:
-    """Per user: (prefix ids, training item ids, ratings), without the movies the profile quotes."""
+def user_rows(train: pd.DataFrame, items: pd.DataFrame, builder: PromptBuilder, base=None) -> dict[int, tuple]:
+    """Per user: (prefix ids, training item ids, ratings, base predictions or None), without the movies the
+    profile quotes. `base` (a fitted user+item bias model) gives each rating's base for `--residual`."""
     out = {}
     recent = PromptConfig().recent_items
     for user, rows in train.groupby("user"):
@@ -63,7 +64,8 @@ def user_rows(train: pd.DataFrame, items: pd.DataFrame, builder: PromptBuilder) 
         targets = rows[~rows["item"].isin(quoted)]
         targets = rows if targets.empty else targets
         out[int(user)] = (builder.prefix_ids(user_profile(rows, items)), targets["item"].to_numpy(),
-                          targets["rating"].to_numpy(np.float64))
+                          targets["rating"].to_numpy(np.float64),
+                          None if base is None else base.predict(targets["user"].to_numpy(), targets["item"]))
     return out
 
 
@@ -80,9 +82,10 @@ def train_centralised(model, head: RatingHead, rows: dict[int, tuple], suffix: d
     for step in range(steps):
         packed = []
         for u in rng.choice(users, size=rows_per_step, replace=False):
-            prefix, its, rs = rows[int(u)]
+            prefix, its, rs, bs = rows[int(u)]
             pick = rng.choice(len(its), size=min(items_per_row, len(its)), replace=False)
-            packed.append(PackedRow(prefix, [suffix[int(its[i])] for i in pick], [float(rs[i]) for i in pick]))
+            packed.append(PackedRow(prefix, [suffix[int(its[i])] for i in pick], [float(rs[i]) for i in pick],
+                                    None if bs is None else [float(bs[i]) for i in pick]))
         batch = pack(packed, pad_id)
         logits = packed_rating_logits(model, head, batch)
         loss = rating_loss(logits, batch.ratings.to(logits.device))
@@ -104,12 +107,13 @@ def train_centralised(model, head: RatingHead, rows: dict[int, tuple], suffix: d
 
 
 def score(model, head: RatingHead, rows_prefix: dict[int, list[int]], test: pd.DataFrame,
-          suffix: dict[int, list[int]], pad_id: int) -> np.ndarray:
+          suffix: dict[int, list[int]], pad_id: int, base: np.ndarray | None = None) -> np.ndarray:
+    """`base`: each row's base prediction when the adapter was trained as a correction to it (`--residual`)."""
     pred = np.empty(len(test))
     for user, idx in test.groupby("user").indices.items():
         items = test["item"].to_numpy()[idx]
         pred[idx] = predict_with_prefix(model, head, rows_prefix[int(user)], [suffix[int(i)] for i in items],
-                                        pad_id=pad_id)
+                                        pad_id=pad_id, base=None if base is None else base[idx])
     return pred
 
 
@@ -131,11 +135,11 @@ def previous_runs(paths: list[str], args: argparse.Namespace) -> list[dict]:
     """Runs of earlier invocations with the same settings (other seeds) to pool with this one's: a long measurement
     can be taken one seed at a time. Their blends are refitted here from their saved validation predictions."""
     same = ("dataset", "split", "base_model", "eval_users", "eval_seed", "steps", "rows_per_step", "items_per_row",
-            "lr", "lora_rank", "lora_targets", "item_stats", "val_fraction")
+            "lr", "lora_rank", "lora_targets", "item_stats", "val_fraction", "residual")
     runs = []
     for path in paths:
         earlier = json.loads(Path(path).read_text())
-        differ = [k for k in same if earlier["args"].get(k) != getattr(args, k)]
+        differ = [k for k in same if earlier["args"].get(k, False if k == "residual" else None) != getattr(args, k)]
         if differ:
             raise SystemExit(f"{path} was run with other settings: {differ}")
         runs += earlier["runs"]
@@ -158,7 +162,10 @@ def run(args: argparse.Namespace) -> dict:
              "user+item bias": bias_model.predict(who, test["item"]),
              "matrix factorisation": tune_mf(train, seed=0).predict(who, test["item"])}
     stats = item_stats(train) if args.item_stats else None
-    tag = "slm-item-stats" if args.item_stats else "slm"
+    tag = ("slm-item-stats" if args.item_stats else "slm") + ("-residual" if args.residual else "")
+    base = bias_model if args.residual else None
+    test_base = base.predict(who, test["item"]) if base is not None else None
+    val_base = base.predict(val["user"].to_numpy(), val["item"]) if base is not None and len(val) else None
     earlier = previous_runs(args.with_runs, args)  # checked before training: a mismatch costs nothing
     runs = []
     for seed in args.seeds:
@@ -169,7 +176,7 @@ def run(args: argparse.Namespace) -> dict:
         builder, head = PromptBuilder(tokenizer, PromptConfig()), RatingHead(tokenizer)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         suffix = movie_prompts(data.items, builder, stats)
-        rows = user_rows(train, data.items, builder)
+        rows = user_rows(train, data.items, builder, base)
         start = time.perf_counter()
         print(f"seed {seed}: training {args.steps} steps x {args.rows_per_step} rows x {args.items_per_row} "
               f"ratings ({tag})", flush=True)
@@ -177,18 +184,18 @@ def run(args: argparse.Namespace) -> dict:
         curve = {}
 
         def checkpoint(step: int) -> None:
-            curve[step] = rmse(score(model, head, prefixes, test, suffix, pad), y)
+            curve[step] = rmse(score(model, head, prefixes, test, suffix, pad, test_base), y)
             print(f"  step {step}: RMSE {curve[step]:.4f}", flush=True)
 
         losses = train_centralised(model, head, rows, suffix, args.steps, args.rows_per_step, args.items_per_row,
                                    args.lr, seed, pad, checkpoint=checkpoint, checkpoints=tuple(args.eval_at))
         train_s = time.perf_counter() - start
-        pred = score(model, head, prefixes, test, suffix, pad)
+        pred = score(model, head, prefixes, test, suffix, pad, test_base)
         curve[args.steps] = rmse(pred, y)
         run_ = {"seed": seed, "pred": pred.tolist(), "train_seconds": train_s, "rmse_by_step": curve,
                 "eval_seconds": time.perf_counter() - start - train_s, "final_loss": float(np.mean(losses[-10:]))}
         if len(val):
-            val_pred = score(model, head, prefixes, val, suffix, pad)
+            val_pred = score(model, head, prefixes, val, suffix, pad, val_base)
             w = blend_weight(val_pred, bias_model.predict(val["user"].to_numpy(), val["item"]),
                              val["rating"].to_numpy())
             run_.update(val_pred=val_pred.tolist(), blend_weight=w,
@@ -211,7 +218,8 @@ def run(args: argparse.Namespace) -> dict:
         table.append({"method": name, "rmse": rmse(p, y), "mae": mae(p, y), "rmse_sd": 0.0,
                       "diff_vs_bias": paired_vs((p - y) ** 2, bias_err, who) if name != "user+item bias" else None})
     slm = np.array([r["pred"] for r in runs])
-    name = f"centralised SLM adapter{' + item stats' if args.item_stats else ''}"
+    name = (f"centralised SLM adapter{' + item stats' if args.item_stats else ''}"
+            f"{', residual to user+item bias' if args.residual else ''}")
     mf_err = (preds["matrix factorisation"] - y) ** 2
     for label, preds_ in ((name, slm),
                           *(((f"{name}, blended with user+item bias (weight tuned on validation)",
@@ -274,6 +282,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--lora-rank", type=int, default=8)
     ap.add_argument("--lora-targets", default="q_proj,v_proj")
     ap.add_argument("--item-stats", action="store_true")
+    ap.add_argument("--residual", action="store_true",
+                    help="train the adapter as a correction to user+item bias: its five logits are added to a "
+                         "prior whose expected rating is the bias model's prediction (common.scoring)")
     ap.add_argument("--val-fraction", type=float, default=0.0,
                     help="hold out each user's latest fraction of training ratings as validation (everything then "
                          "trains on the rest) and tune a blend of the adapter with user+item bias on it")

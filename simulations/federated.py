@@ -127,6 +127,10 @@ def _memory(cfg: FederationConfig) -> str:
     return f" + long-term memory ({cfg.memory_items})" if cfg.memory_items else ""
 
 
+def _target(cfg: FederationConfig) -> str:
+    return ", residual to private bias" if cfg.residual_to_bias else ""
+
+
 def _row(method, personas, true, pred, users, wall, buckets: pd.Series) -> dict:
     true, pred = pd.Series(np.asarray(true, float)), pd.Series(np.asarray(pred, float))
     buckets = pd.Series(np.asarray(buckets))
@@ -372,7 +376,7 @@ def main(argv: list[str] | None = None) -> None:
                                           "num-personas": k if k != "elbow" else 1, "out-dir": str(out / run_dir),
                                           "device-dir": str(out / "devices" / run_dir)}, nodes)
                 histories.setdefault(name, []).append(history)
-                repeats.append(federated_rows(name + _memory(cfg), history["personas"]["k"], history))
+                repeats.append(federated_rows(name + _memory(cfg) + _target(cfg), history["personas"]["k"], history))
             rows += summarise(repeats)
 
         table = markdown(rows) + "\n\nRMSE by user activity (training ratings per user):\n\n" + activity_markdown(rows)

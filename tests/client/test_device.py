@@ -107,3 +107,37 @@ def test_evaluation_sums_add_the_private_bias_and_blend_sums_only_with_statistic
             assert sums["bias_sse"] == pytest.approx(expect["rr"])
     assert sums["n_val"] == len(val) > 0 and sums["n"] == len(device.test)
     assert not set(val["item"]) & set(device.train["item"])  # validation ratings never train
+
+
+def test_a_residual_device_trains_and_predicts_a_correction_to_its_private_bias_model(ml100k_dir):
+    from dataclasses import replace as with_
+
+    from common.config import TrainConfig
+    from common.item_stats import ItemStats, predict, user_bias
+    from common.scoring import predict_with_prefix
+
+    plain = _device(ml100k_dir)
+    residual = with_(plain, residual=True)
+    with pytest.raises(ValueError, match="item-stats"):
+        residual.bases([1, 2])  # no released statistics: nothing to correct
+    n_items = int(plain.data.items.index.max())
+    rng = np.random.default_rng(1)
+    stats = ItemStats(rng.uniform(2, 4.5, n_items), rng.integers(0, 50, n_items).astype(float), 3.4)
+    plain.use_item_stats(stats), residual.use_item_stats(stats)
+    assert plain.bases([1, 2]) is None
+    items = residual.test["item"].to_numpy()
+    bias = predict(user_bias(residual.train["item"].to_numpy(), residual.train["rating"].to_numpy(), stats),
+                   items, stats)
+    np.testing.assert_allclose(residual.bases(items), bias)
+    start = adapter_arrays(residual.rt.model)
+    # predictions are the adapter's logits on top of the bias model's prior, the same the training saw
+    want = predict_with_prefix(residual.rt.model, residual.rt.head, residual.prefix, residual.test_examples[0],
+                               pad_id=residual.rt.pad_id, base=bias)
+    np.testing.assert_allclose(residual.predict(start), want, atol=1e-6)
+    assert not np.allclose(residual.predict(start), plain.predict(start), atol=1e-3)
+    # the same start, seed and rows: the prior changes what training learns
+    cfg = TrainConfig(steps=2, lr=1e-2)
+    a, metrics = residual.train_adapter(start, cfg)
+    b, _ = plain.train_adapter(start, cfg)
+    assert np.isfinite(metrics["train_loss"])
+    assert any(not np.allclose(a[k], b[k]) for k in a)

@@ -1,10 +1,13 @@
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from peft import LoraConfig, get_peft_model
 
 from common.model import load_base_model
-from common.scoring import RatingHead, encode_prefix, expected_rating, predict_with_prefix, rating_loss, rating_token_ids
+from common.scoring import (RatingHead, base_prior_logits, encode_prefix, expected_rating, predict_with_prefix,
+                            rating_loss, rating_token_ids)
 
 
 @pytest.fixture(scope="module")
@@ -95,3 +98,36 @@ def test_scoring_uses_the_cache_argument_not_the_deprecated_past_key_values(tiny
     finally:
         root.removeHandler(handler)
     assert not [m for m in seen if "past_key_values" in m], seen
+
+
+@settings(deadline=None)
+@given(st.lists(st.floats(min_value=-1e6, max_value=1e6, allow_nan=False), min_size=1, max_size=20),
+       st.floats(min_value=0.3, max_value=3.0))
+def test_the_base_prior_is_a_distribution_whose_expected_rating_is_the_base(bases, sd):
+    base = torch.tensor(bases, dtype=torch.float64)
+    logp = base_prior_logits(base, sd=sd)
+    assert logp.shape == (len(bases), 5) and torch.isfinite(logp).all()
+    np.testing.assert_allclose(logp.exp().sum(-1).numpy(), 1.0, atol=1e-5)
+    # within (1, 5) the prior's mean is the base; outside it, the nearest rating it can reach
+    np.testing.assert_allclose(expected_rating(logp).numpy(), base.clamp(1.01, 4.99).numpy(), atol=1e-3)
+
+
+def test_a_flat_adapter_predicts_the_base_and_a_trained_one_corrects_it(tiny):
+    model, tok = tiny
+    head = RatingHead(tok)
+    prefix, suffixes = [5, 6, 7, 8], [[9, 10, 11], [12, 13], [14]]
+    base = [1.7, 3.2, 4.6]
+    plain = predict_with_prefix(model, head, prefix, suffixes)
+    with_base = predict_with_prefix(model, head, prefix, suffixes, base=base)
+    # the same logits plus the prior: the LM's own preference moves the rating, by a bounded amount
+    assert not np.allclose(with_base, plain) and not np.allclose(with_base, base)
+    flat = _FlatHead(tok)
+    np.testing.assert_allclose(predict_with_prefix(model, flat, prefix, suffixes, base=base), base, atol=1e-3)
+    np.testing.assert_allclose(predict_with_prefix(model, flat, prefix, suffixes), 3.0, atol=1e-6)
+
+
+class _FlatHead(RatingHead):
+    """Five equal logits whatever the hidden state: an adapter that has learned no correction."""
+
+    def logits(self, model, hidden):
+        return torch.zeros(len(hidden), 5)

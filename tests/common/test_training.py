@@ -56,6 +56,26 @@ def test_local_training_moves_predictions_towards_the_ratings(peft_tiny):
     assert metrics["tokens_per_s"] > 0 and metrics["train_tokens"] == 30 * (5 + 3 + 2 + 4 + 2)
 
 
+def test_packed_bases_add_the_same_prior_as_scoring_and_residual_training_learns_the_correction(peft_tiny):
+    model, head = peft_tiny
+    prefix, suffixes = [5, 6, 7, 8, 9], [[10, 11, 12], [13, 14], [15, 16, 17, 18], [19, 20]]
+    bases = np.array([2.0, 4.5, 3.0, 1.5])
+    batch = pack([PackedRow(prefix, suffixes[:3], [1, 2, 3], list(bases[:3])),
+                  PackedRow(prefix, suffixes[3:], [4], list(bases[3:]))])
+    with torch.no_grad():
+        packed = expected_rating(packed_rating_logits(model, head, batch)).numpy()
+    np.testing.assert_allclose(packed, predict_with_prefix(model, head, prefix, suffixes, base=bases), atol=1e-5)
+    with pytest.raises(ValueError, match="every row"):
+        pack([PackedRow(prefix, suffixes[:1], [1], [2.0]), PackedRow(prefix, suffixes[1:2], [2])])
+    # ratings one above the base everywhere: residual training moves predictions up from the bases
+    ratings = np.clip(bases + 1, 1, 5)
+    before = predict_with_prefix(model, head, prefix, suffixes, base=bases)
+    train_local(model, head, prefix, suffixes, ratings, TrainConfig(steps=30, lr=1e-2, items_per_row=4,
+                                                                    rows_per_step=1), bases=bases)
+    after = predict_with_prefix(model, head, prefix, suffixes, base=bases)
+    assert np.abs(after - ratings).mean() < np.abs(before - ratings).mean() - 0.2
+
+
 def test_training_refuses_an_empty_history(peft_tiny):
     model, head = peft_tiny
     with pytest.raises(ValueError, match="no training ratings"):

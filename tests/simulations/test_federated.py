@@ -178,6 +178,7 @@ def dp_federation(tmp_path_factory):
                  "persona-candidates": "1,2,3", "dp-device-noise": 0.8, "dp-device-budget": 50.0,
                  "discovery-features": "genre-deviation",  # the other discovery path, through DP clipping
                  "dp-user-noise": 1.0, "dp-user-clip": 0.5, "item-stats": True,
+                 "residual-to-bias": True,  # DP-SGD and evaluation on top of the private bias model's prior
                  "out-dir": str(root / "out"), "device-dir": str(root / "devices")}
     key = RawKey.generate()
     with pytest.MonkeyPatch.context() as mp:
