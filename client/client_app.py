@@ -35,7 +35,7 @@ from flwr.common.constant import ErrorCode
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
-from client.device import Device, runtime
+from client.device import SERVING, Device, runtime
 from client.keys import KEY_ENV, RawKey
 from client.local_data import Owner, device_data, split_own
 from client import secure_aggregation
@@ -277,8 +277,11 @@ def _personal(device: Device, cfg: FederationConfig, context: Context, persona: 
                                        cfg.device_dp_enabled and cfg.dp_personal, leaves=False)
     except (BudgetExhausted, LedgerRolledBack):  # keep serving with the adapter as it is
         personal, metrics = start, {}
-    _store(device, cfg, context).put_adapter(str(device.user), PERSONAL,
-                                             {k: torch.from_numpy(v) for k, v in personal.items()})
+    store = _store(device, cfg, context)
+    # The context first: a crash between the two leaves the previous adapter served with the (same, in a run)
+    # context of the new one, never a new adapter read against a context it was not trained with from the start.
+    store.put_bytes(str(device.user), SERVING, device.serving_context())
+    store.put_adapter(str(device.user), PERSONAL, {k: torch.from_numpy(v) for k, v in personal.items()})
     return personal, metrics
 
 

@@ -6,6 +6,7 @@ process plays many devices); each device swaps its adapter weights in before it 
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass, field, replace
 from functools import cached_property, lru_cache
 
@@ -39,6 +40,9 @@ class Runtime:
     pad_id: int
 
 
+SERVING = "serving-context"  # the store name of what the personal adapter was trained against (`serving_context`)
+
+
 @lru_cache(maxsize=2)
 def runtime(base_model: str, lora: LoraSettings, device: str | None = None) -> Runtime:
     model, tokenizer = load_base_model(base_model, device=device)
@@ -70,6 +74,22 @@ class Device:
         self.released = stats
         for derived in ("_stats_frame", "_user_bias"):  # views of the previous release, if any
             self.__dict__.pop(derived, None)
+        return self
+
+    def serving_context(self) -> bytes:
+        """What this device's predictions depend on besides the adapter and its ratings: the released statistics its
+        prompts quote and whether the adapter corrects the private bias model. Stored beside the personal adapter,
+        so on-device serving scores the way that adapter was trained (npz; no pickles)."""
+        buf = io.BytesIO()
+        np.savez(buf, residual=np.array([self.residual]),
+                 **({} if self.released is None else self.released.to_arrays()))
+        return buf.getvalue()
+
+    def use_serving_context(self, payload: bytes) -> "Device":
+        released, residual = read_serving_context(payload)
+        if released is not None:
+            self.use_item_stats(released)
+        self.residual = residual and self.released is not None  # nothing to correct without the statistics
         return self
 
     @cached_property
@@ -230,6 +250,14 @@ class Device:
                     sums = blend.residual_sums(p, b, y)
                     out.update({f"{name}_{held_out}_{k}": sums[k] for k in ("rd", "dd")})
         return out
+
+
+def read_serving_context(payload: bytes) -> tuple[ItemStats | None, bool]:
+    """(released statistics or None, residual flag) from `Device.serving_context`'s bytes."""
+    with np.load(io.BytesIO(payload), allow_pickle=False) as stored:
+        arrays = {k: stored[k] for k in stored.files}
+    residual = bool(arrays.pop("residual").reshape(-1)[0])
+    return (ItemStats.from_arrays(arrays) if arrays else None), residual
 
 
 def _error_sums(pred: np.ndarray, true: np.ndarray) -> dict[str, float]:

@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 
-from client.device import Device, runtime
+from client.device import SERVING, Device, runtime
 from client.local_data import LocalDataError, Owner, device_data, split_own
 from client.store import EncryptedStore
 from common.adapters import adapter_arrays, load_adapter_arrays
@@ -89,8 +89,13 @@ def create_local_app(settings: dict, store: EncryptedStore, status, engine: str 
             raise HTTPException(409, str(e)) from None
         # Serving scores with the owner's whole history as the profile, the rating posted a moment ago included.
         train, test = split_own(data.ratings)
-        return Device(owner.user, data, train, test, runtime(cfg.base_model, cfg.lora), ScoringConfig(),
-                      cfg.memory_items)
+        d = Device(owner.user, data, train, test, runtime(cfg.base_model, cfg.lora), ScoringConfig(),
+                   cfg.memory_items)
+        # Score the way the personal adapter was trained: the released statistics in the prompts, the prior of the
+        # private bias model under a residual adapter (stored with the adapter by the client app).
+        if store.versions(str(owner.user), SERVING):
+            d.use_serving_context(store.get_bytes(str(owner.user), SERVING))
+        return d
 
     def predict(d: Device, movies: list[int]) -> np.ndarray:
         unknown = [m for m in movies if m not in d.data.items.index]
@@ -112,12 +117,12 @@ def create_local_app(settings: dict, store: EncryptedStore, status, engine: str 
             except ValueError as e:  # an adapter whose layout is not the exported graph's
                 raise HTTPException(409, f"the ONNX engine cannot serve this adapter: {e}") from None
             past = scorer.encode_prefix(d.prefix, flat) if past is None else past
-            pred = scorer.score(past, d._suffixes(movies), flat)
+            pred = scorer.score(past, d._suffixes(movies), flat, base=d.bases(movies))
         else:
             load_adapter_arrays(d.rt.model, arrays)
             past = encode_prefix(d.rt.model, d.prefix) if past is None else past
             pred = predict_with_prefix(d.rt.model, d.rt.head, d.prefix, d._suffixes(movies), pad_id=d.rt.pad_id,
-                                       cache=past)
+                                       cache=past, base=d.bases(movies))
         if key not in prefix_cache:
             prefix_cache.clear()
             prefix_cache[key] = past

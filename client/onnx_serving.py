@@ -27,7 +27,7 @@ from common.assets import cache_root
 from common.config import LoraSettings
 from common.files import atomic_directory
 from common.model import load_base_model
-from common.scoring import RatingHead, _causal_lm, decoder, expected_rating
+from common.scoring import RatingHead, _causal_lm, base_prior_logits, decoder, expected_rating
 
 FORMAT = "kv-3"  # part of the cache key: a changed graph layout is exported afresh
 ATTENTION = "personafl_shared_prefix"
@@ -177,8 +177,9 @@ class _GraphScorer:
         raise NotImplementedError
 
     def score(self, past: np.ndarray, suffixes: list[list[int]], flat: np.ndarray,
-              batch_size: int = 32) -> np.ndarray:
-        """Expected ratings of `suffixes` after the prefix encoded in `past` (by the same adapter `flat`)."""
+              batch_size: int = 32, base: np.ndarray | None = None) -> np.ndarray:
+        """Expected ratings of `suffixes` after the prefix encoded in `past` (by the same adapter `flat`); with
+        `base`, of a residual adapter's correction to them (`common.scoring.base_prior_logits`)."""
         out = np.empty(len(suffixes), np.float64)
         order = sorted(range(len(suffixes)), key=lambda i: len(suffixes[i]))
         for start in range(0, len(order), batch_size):
@@ -188,7 +189,10 @@ class _GraphScorer:
             for row, i in enumerate(idx):
                 ids[row, :len(suffixes[i])] = suffixes[i]
             last = np.asarray([len(suffixes[i]) - 1 for i in idx], np.int64)
-            out[idx] = expected_rating(torch.from_numpy(self._logits(ids, past, last, flat))).numpy()
+            logits = torch.from_numpy(self._logits(ids, past, last, flat))
+            if base is not None:
+                logits = logits + base_prior_logits(torch.as_tensor(np.asarray(base)[idx]))
+            out[idx] = expected_rating(logits).numpy()
         return out
 
 

@@ -131,12 +131,15 @@ def _row(row) -> dict:
 
 class PersonaRegistry:
     def __init__(self, root: Path | str, url: str | None = None, lora: LoraSettings | None = None,
-                 base_model: str | None = None):
+                 base_model: str | None = None, serving: dict | None = None):
+        """`serving`: what the versions this registry writes were trained against, recorded in each manifest so
+        serving scores them alike (`{"item_stats": bool, "residual_to_bias": bool}`; absent: neither)."""
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.engine = make_engine(url or f"sqlite:///{self.root / 'registry.db'}")
         metadata.create_all(self.engine)
         self.lora, self.base_model = lora, base_model
+        self.serving = {"item_stats": False, "residual_to_bias": False, **(serving or {})}
 
     # --- writing versions ----------------------------------------------------------------------------------
     def add_version(self, persona: int, round_: int, arrays: dict[str, np.ndarray], devices: int,
@@ -150,7 +153,8 @@ class PersonaRegistry:
         privacy = privacy or {"dp": False}
         manifest = {"persona": persona, "round": round_, "parent": parent, "contributing_devices": devices,
                     "base_model": self.base_model, "created": time.time(),
-                    "train_metrics": {k: float(v) for k, v in (metrics or {}).items()}, "privacy": privacy}
+                    "train_metrics": {k: float(v) for k, v in (metrics or {}).items()}, "privacy": privacy,
+                    "serving": self.serving}
         target = self.root / "personas" / f"p{persona}" / f"r{round_:04d}"
         if target.exists():  # a resumed run writes a round again: keep both
             target = target.with_name(f"{target.name}-{time.time_ns()}")

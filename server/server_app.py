@@ -40,7 +40,7 @@ from common.privacy import (Event, epsilon, events_from_json, lineage_history, p
                             user_level_noise)
 from server.registry import PersonaRegistry
 from server.rollouts import Rollouts
-from server.serving import ONBOARDING_FILE, save_onboarding
+from server.serving import ITEM_STATS_FILE, ONBOARDING_FILE, save_onboarding
 from server.secure_aggregation import Aborted, read_advert, run_round
 from server.strategy import PersonaStrategy, add_noise, clip, join_personas
 
@@ -51,7 +51,6 @@ EMBED_BOUND = math.sqrt(2.0)
 INERTIA_BOUND = math.sqrt(1.0 + 1.0 + 4.0**2)
 ONBOARDING_BOUND = math.sqrt(7.0)
 STATS_BOUND = 1.0  # `common.item_stats.contribution`'s per-movie bound; the whole answer's is sensitivity() of it
-ITEM_STATS_FILE = "item_stats.npz"
 # `extra` of the log records that are progress: a simulation's console (simulations.console) shows only those.
 PROGRESS = {"progress": True}
 
@@ -390,7 +389,8 @@ def run(grid: Grid, cfg: FederationConfig) -> None:
         extra["item-stats"] = ArrayRecord({k: Array(v) for k, v in stats.to_arrays().items()})
     node_persona, eval_nodes, persona_info = discover_personas(grid, nodes, cfg, discovery_noise, cfg.round_timeout)
     cfg = replace(cfg, num_personas=persona_info["k"])  # K may have been chosen from the data
-    registry = PersonaRegistry(out, lora=cfg.lora, base_model=cfg.base_model)
+    registry = PersonaRegistry(out, lora=cfg.lora, base_model=cfg.base_model,
+                               serving={"item_stats": cfg.item_stats, "residual_to_bias": cfg.residual_to_bias})
     rollouts = Rollouts(registry)
     heads, fresh = starting_versions(registry, rollouts, cfg, version_zero_privacy(dp, prior))
     histories = resumed_histories(registry, heads, fresh, prior) if dp else {}

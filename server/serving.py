@@ -15,6 +15,7 @@ import json
 import threading
 from collections import OrderedDict
 from dataclasses import asdict
+from functools import cached_property
 from pathlib import Path
 from typing import Annotated
 
@@ -28,11 +29,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from common.config import PromptConfig
 from common.model import load_base_model
 from common.personas import FeatureSpace, Onboarding, cold_start_persona
-from common.prompt import PromptBuilder, movie_text
+from common.item_stats import ItemStats, predict as bias_predict
+from common.prompt import PromptBuilder, item_stats_text, movie_text
 from common.scoring import RatingHead, predict_with_prefix
 from server.registry import PersonaRegistry, RegistryError
 
 ONBOARDING_FILE = "onboarding.json"  # per-persona onboarding counts (aggregates), written by the ServerApp
+ITEM_STATS_FILE = "item_stats.npz"  # the released per-movie statistics, written by the ServerApp with item-stats
 
 
 def save_onboarding(path: Path, space: FeatureSpace, features: np.ndarray, counts: np.ndarray) -> None:
@@ -86,6 +89,10 @@ class ColdStartService:
         self.resident: OrderedDict[int, list[torch.Tensor]] = OrderedDict()  # least recently used first
         self.active: int | None = None
         self.lock = threading.Lock()  # one model: requests take turns (each is batched inside)
+        # The released per-movie statistics (written by the ServerApp with item-stats): versions trained with them
+        # quote them in each movie's prompt, and residual versions correct the item-bias model they give.
+        stats_file = registry.root / ITEM_STATS_FILE
+        self.stats = ItemStats.from_arrays(dict(np.load(stats_file))) if stats_file.is_file() else None
         tables = json.loads((registry.root / ONBOARDING_FILE).read_text())
         self.space = FeatureSpace(tuple(tables["space"]["occupations"]), tuple(tables["space"]["genres"]))
         self.features, self.counts = np.asarray(tables["features"]), np.asarray(tables["counts"])
@@ -122,11 +129,32 @@ class ColdStartService:
         with self.lock:
             for version in sorted({v for v, _, _ in jobs}):
                 self.activate(version)
+                quote, residual = self._serving(version)
                 for i, (v, profile, movies) in enumerate(jobs):
                     if v == version:
-                        suffixes = [self.builder.suffix_ids(movie_text(self.items.loc[m])) for m in movies]
-                        out[i] = predict_with_prefix(self.model, self.head, self.builder.prefix_ids(profile), suffixes)
+                        suffixes = [self.builder.suffix_ids(self._movie(m, quote)) for m in movies]
+                        # a user known from sign-up answers only has no user bias: the item-bias model is the base
+                        base = bias_predict(0.0, np.asarray(movies), self.stats) if residual else None
+                        out[i] = predict_with_prefix(self.model, self.head, self.builder.prefix_ids(profile), suffixes,
+                                                     base=base)
         return out
+
+    def _serving(self, version: int) -> tuple[bool, bool]:
+        """(quote the statistics, correct the item-bias model) for a version, from its manifest."""
+        serving = self.registry.version(version)["manifest"].get("serving", {})
+        wants = bool(serving.get("item_stats")), bool(serving.get("residual_to_bias"))
+        if any(wants) and self.stats is None:
+            raise RegistryError(f"version {version} was trained with the released item statistics, which are "
+                                f"missing from the registry ({ITEM_STATS_FILE})", 409)
+        return wants
+
+    def _movie(self, item: int, quote: bool) -> str:
+        text = movie_text(self.items.loc[item])
+        return f"{text}\n{item_stats_text(item, self._stats_frame)}" if quote else text
+
+    @cached_property
+    def _stats_frame(self) -> pd.DataFrame:
+        return self.stats.frame()
 
     def mount(self, app: FastAPI, read, rollouts, responses: dict | None = None) -> None:
         """Add the cold-start endpoints to the admin API (`read` scope); `responses`: their documented errors."""

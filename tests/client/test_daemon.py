@@ -315,3 +315,46 @@ def test_a_rating_posted_now_reaches_the_serving_profile(device_home):
         assert not np.allclose(before, after, atol=1e-6)
     finally:
         server.stop()
+
+
+def test_local_api_serves_a_residual_adapter_against_the_context_it_was_trained_with(device_home):
+    """The client app stores the released statistics and the residual flag beside the personal adapter; both
+    engines then score as the device's own evaluation does: statistics in the prompts, the bias model's prior."""
+    from client.device import SERVING, Device, runtime
+    from client.local_data import Owner, device_data
+    from common.config import FederationConfig
+    from common.item_stats import ItemStats
+
+    settings, _ = device_home
+    store = _store_with_personal_adapter(settings)
+    token = Path(settings["home"], "api.token").read_text()
+    servers = {engine: LiveServer(create_local_app(settings, store, lambda: status(settings, store), engine=engine))
+               for engine in ("torch", "onnx")}
+    try:
+        clients = {e: httpx.Client(base_url=s.url, headers={"Authorization": f"Bearer {token}"}, timeout=60)
+                   for e, s in servers.items()}
+
+        def scores() -> dict[str, np.ndarray]:
+            return {e: np.array([r["rating"] for r in c.post("/score", json={"movies": [1, 2, 3, 4]}).json()
+                                 ["ratings"]]) for e, c in clients.items()}
+
+        plain = scores()
+        # the device the local API builds from the enrolment, and everything it scores with but the adapter
+        owner = Owner(settings["user_id"], settings["age"], settings["gender"], settings["occupation"])
+        data = device_data(Path(settings["data_path"]), settings["catalogue"], owner)
+        context = Device(owner.user, data, *split_own(data.ratings),
+                         runtime(settings["base_model"], FederationConfig().lora))
+        rng = np.random.default_rng(3)
+        context.use_item_stats(ItemStats(rng.uniform(1.5, 4.8, 30), rng.integers(1, 40, 30).astype(float), 3.3))
+        context.residual = True
+        store.put_bytes("7", SERVING, context.serving_context())
+        served = scores()
+        arrays = {k: v.numpy() for k, v in store.get_adapter("7", PERSONAL).items()}
+        context.test = context.data.ratings.iloc[:0].assign(item=[1, 2, 3, 4])  # the four movies, as "held out"
+        want = context.predict(arrays)
+        for engine in ("torch", "onnx"):
+            np.testing.assert_allclose(served[engine], want, atol=2e-3)
+            assert not np.allclose(served[engine], plain[engine], atol=1e-3)
+    finally:
+        for server in servers.values():
+            server.stop()

@@ -16,7 +16,7 @@ from common.model import load_base_model
 from common.personas import FeatureSpace, Onboarding, cold_start_persona
 from server.admin_api import create_app
 from server.auth import TokenStore
-from server.registry import PersonaRegistry
+from server.registry import PersonaRegistry, RegistryError
 from server.rollouts import Rollouts
 from server.serving import ONBOARDING_FILE, ColdStartService, save_onboarding
 from tests.conftest import make_data, write_grouplens_100k
@@ -140,3 +140,57 @@ def serving_client(setup):
     with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60) as client:
         yield client
     server.stop()
+
+
+def test_versions_trained_against_the_released_statistics_are_served_against_them(tmp_path):
+    """A version's manifest says what it was trained against; cold start quotes the statistics in each movie's
+    prompt and, for a residual version, adds the item-bias model's prior (no user bias: sign-up answers only)."""
+    from common.item_stats import ItemStats, predict as bias_predict
+    from common.prompt import PromptBuilder, item_stats_text, movie_text
+    from common.scoring import RatingHead, predict_with_prefix
+    from server.serving import ITEM_STATS_FILE
+
+    data = load_movielens(str(write_grouplens_100k(tmp_path / "ml", *make_data(n_users=6, n_items=30, seed=5))))
+    space = FeatureSpace.of(data)
+    kinds = {"plain": {}, "quoted": {"item_stats": True},
+             "residual": {"item_stats": True, "residual_to_bias": True}}
+    adapter, versions = _adapter(0), {}
+    for kind, serving in kinds.items():
+        registry = PersonaRegistry(tmp_path / kind, lora=LoraSettings(), base_model="tiny", serving=serving)
+        save_onboarding(registry.root / ONBOARDING_FILE, space, np.ones((1, space.size)), np.array([1.0]))
+        versions[kind] = registry, registry.add_version(0, 1, adapter, 5)
+        assert registry.version(versions[kind][1])["manifest"]["serving"]["item_stats"] == bool(serving)
+    movies = [int(m) for m in data.items.index[:5]]
+    # without the release on disk a version that needs it is a documented 409, not a wrong rating
+    registry, version = versions["quoted"]
+    with pytest.raises(RegistryError, match=ITEM_STATS_FILE) as refused:
+        ColdStartService(registry, "tiny", data.items).score([(version, "profile", movies)])
+    assert refused.value.status == 409
+    rng = np.random.default_rng(0)
+    stats = ItemStats(rng.uniform(1.5, 4.8, 30), rng.integers(1, 40, 30).astype(float), 3.3)
+    served = {}
+    for kind, (registry, version) in versions.items():
+        np.savez(registry.root / ITEM_STATS_FILE, **stats.to_arrays())
+        served[kind] = ColdStartService(registry, "tiny", data.items).score([(version, "profile", movies)])[0]
+    # the reference: the same adapter scored directly with the prompt and prior each kind was trained with
+    model_, tok = _model_with(adapter)
+    builder, head = PromptBuilder(tok), RatingHead(tok)
+    frame = stats.frame()
+    quoted = [builder.suffix_ids(f"{movie_text(data.items.loc[m])}\n{item_stats_text(m, frame)}") for m in movies]
+    plain = [builder.suffix_ids(movie_text(data.items.loc[m])) for m in movies]
+    prefix = builder.prefix_ids("profile")
+    np.testing.assert_allclose(served["plain"], predict_with_prefix(model_, head, prefix, plain), atol=1e-5)
+    np.testing.assert_allclose(served["quoted"], predict_with_prefix(model_, head, prefix, quoted), atol=1e-5)
+    np.testing.assert_allclose(served["residual"], predict_with_prefix(
+        model_, head, prefix, quoted, base=bias_predict(0.0, np.array(movies), stats)), atol=1e-5)
+    assert not np.allclose(served["quoted"], served["plain"], atol=1e-4)
+    assert not np.allclose(served["residual"], served["quoted"], atol=1e-4)
+
+
+def _model_with(arrays: dict):
+    from common.adapters import load_adapter_arrays
+
+    model, tok = load_base_model("tiny")
+    model = add_lora(model, LoraSettings())
+    load_adapter_arrays(model, arrays)
+    return model.eval(), tok

@@ -441,3 +441,24 @@ def test_a_run_with_several_evaluations_is_plotted_as_lines_over_rounds():
     assert list(personal.get_ydata()) == pytest.approx([1.2, 1.1, 1.0])
     assert [line.get_ydata()[0] for line in baselines] == pytest.approx([1.15, 1.02, 0.98])
     assert "round" in ax.get_xlabel() and "RMSE" in ax.get_ylabel() and "6 evaluation users" in ax.get_title()
+
+
+def test_devices_keep_what_their_personal_adapter_was_trained_against_for_serving(dp_federation):
+    from client.client_app import PERSONAL
+    from client.device import SERVING, read_serving_context
+    from common.item_stats import ItemStats
+
+    _, out, devices, key = dp_federation
+    released = ItemStats.from_arrays(dict(np.load(out / "item_stats.npz")))
+    kept = 0
+    for node in devices.glob("node-*"):
+        store = EncryptedStore(node, key)
+        for user in store.users():
+            if not store.versions(user, PERSONAL):
+                continue
+            stats, residual = read_serving_context(store.get_bytes(user, SERVING))
+            assert residual  # residual-to-bias: served on top of the bias model's prior
+            np.testing.assert_allclose(stats.mean, released.mean, rtol=1e-6)
+            assert stats.mu == pytest.approx(released.mu, rel=1e-6)
+            kept += 1
+    assert kept >= 1
