@@ -159,6 +159,9 @@ def federated_rows(name: str, k: int, history: dict) -> list[dict]:
     return [{"method": f"{name}: {label}", "K": k, "users": int(last["users"]),
              "test_ratings": int(last["ratings"]), "rmse": last[f"{path}_rmse"], "mae": last.get(f"{path}_mae"),
              "wall_s": round(history["seconds"], 1),
+             # the paired per-user MSE difference from the private bias model, [mean, lo, hi] (plain aggregation)
+             "vs_bias": [last[f"{path}_vs_bias_{k}"] for k in ("mean", "lo", "hi")]
+             if f"{path}_vs_bias_mean" in last else None,
              "activity": {key[: -len(f"_{path}_rmse")]: v for key, v in last.items()
                           if key.startswith("ratings_") and key.endswith(f"_{path}_rmse")}}
             for path, label in paths]
@@ -234,18 +237,27 @@ def plot(histories: dict[str, list[dict]], baselines: list[dict], path: Path | N
 
 
 def markdown(rows: list[dict]) -> str:
-    """The results table; with repeated runs, their count and the RMSE's sd across them get a column."""
+    """The results table; with repeated runs, their count and the RMSE's sd across them get a column; with the
+    private bias model's paired comparison (item-stats, validation-fraction, plain aggregation), its column."""
     repeated = any(r.get("repeats", 1) > 1 for r in rows)
+    paired = any(r.get("vs_bias") for r in rows)
     spread = " RMSE sd (runs) |" if repeated else ""
-    lines = [f"| method | K | users | test ratings | RMSE |{spread} MAE | wall (s) |",
-             "|---|---:|---:|---:|---:|" + ("---:|" if repeated else "") + "---:|---:|"]
+    vs = " per-user MSE diff vs private bias [95% CI] |" if paired else ""
+    lines = [f"| method | K | users | test ratings | RMSE |{spread} MAE | wall (s) |{vs}",
+             "|---|---:|---:|---:|---:|" + ("---:|" if repeated else "") + "---:|---:|" + ("---|" if paired else "")]
     for r in rows:
         cell = ""
         if repeated:
             cell = f" {r['rmse_sd']:.4f} ({r['repeats']}) |" if r.get("rmse_sd") is not None else " - |"
         mae_ = "-" if r.get("mae") is None else f"{r['mae']:.4f}"
-        lines.append(f"| {r['method']} | {r['K']} | {r['users']} | {r['test_ratings']:,} | {r['rmse']:.4f} |{cell} "
-                     f"{mae_} | {r['wall_s']:.1f} |")
+        line = (f"| {r['method']} | {r['K']} | {r['users']} | {r['test_ratings']:,} | {r['rmse']:.4f} |{cell} "
+                f"{mae_} | {r['wall_s']:.1f} |")
+        if paired:
+            value = r.get("vs_bias") or []
+            runs = value if value and isinstance(value[0], (list, type(None))) else [value]  # one run or repeats
+            line += " " + ("; ".join(f"{m:+.4f} [{lo:+.4f}, {hi:+.4f}]" for m, lo, hi in filter(None, runs))
+                           or "-") + " |"
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -288,6 +300,8 @@ def summarise(repeats: list[list[dict]]) -> list[dict]:
                      "mae": None if any(r["mae"] is None for r in path_rows) else
                      float(np.mean([r["mae"] for r in path_rows])),
                      "rmse_sd": float(np.std(rmses, ddof=1)) if len(rmses) > 1 else None,
+                     "vs_bias": [r["vs_bias"] for r in path_rows] if any(r.get("vs_bias") for r in path_rows)
+                     else None,
                      "rmse_runs": rmses, "repeats": len(path_rows),
                      "wall_s": round(float(np.mean([r["wall_s"] for r in path_rows])), 1),
                      "activity": {b: float(np.mean([r["activity"][b] for r in path_rows if b in r["activity"]]))

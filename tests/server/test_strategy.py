@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg
@@ -385,3 +386,29 @@ def test_user_level_noise_is_secret_unless_the_run_is_labelled_reproducible():
     assert not np.allclose(outs[False, 0], outs[False, 1])
     np.testing.assert_array_equal(outs[True, 0], outs[True, 1])
     assert np.abs(outs[False, 0]).max() > 0
+
+
+@settings(deadline=None, max_examples=25)
+@given(st.integers(min_value=2, max_value=7), st.integers(min_value=0, max_value=2**31 - 1))
+def test_paired_intervals_against_the_private_bias_model_equal_the_per_user_computation(devices, seed):
+    """Each user's MSE difference (adapter, and its blend at the pooled weight, minus the private bias model), then
+    mean and 95% interval over users: what the centralised tables report, from per-device sums only."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(devices):
+        def draw(k):
+            true = rng.integers(1, 6, k).astype(float)
+            return rng.uniform(1, 5, k), rng.uniform(2, 4.5, k), true
+        rows.append((draw(int(rng.integers(1, 9))), draw(int(rng.integers(1, 5)))))
+    strategy, _ = _strategy({i: 0 for i in range(1, devices + 1)}, eval_nodes=list(range(1, devices + 1)),
+                            eval_every=1, eval_min_devices=1)
+    out = _evaluate(strategy, list(range(1, devices + 1)), [_device_metrics(t, v) for t, v in rows])
+    for path, shift in (("persona", 0.0), ("personal", 0.5)):
+        w = out[f"{path}_blend_weight"]
+        for name, predict in ((f"{path}_vs_bias", lambda p, b: p + shift),
+                              (f"{path}_blend_vs_bias", lambda p, b: b + w * (p + shift - b))):
+            diffs = np.array([np.mean((predict(p, b) - y) ** 2) - np.mean((b - y) ** 2) for (p, b, y), _ in rows])
+            half = 1.96 * diffs.std(ddof=1) / np.sqrt(len(diffs))
+            assert out[f"{name}_mean"] == pytest.approx(diffs.mean(), abs=1e-9)
+            assert out[f"{name}_lo"] == pytest.approx(diffs.mean() - half, abs=1e-6)
+            assert out[f"{name}_hi"] == pytest.approx(diffs.mean() + half, abs=1e-6)

@@ -129,6 +129,12 @@ def test_private_bias_and_blends_are_pooled_from_the_released_statistics_and_val
     assert len(blend_row) == 1 and rows[blend_row[0]]["mae"] is None
     assert rows["run: private user+item bias (released item statistics)"]["rmse"] == final["bias_rmse"]
     assert f"| {blend_row[0]} | 2 |" in markdown(list(rows.values())) and "| - |" in markdown(list(rows.values()))
+    # the paired per-user comparison with the private bias model: every adapter and blend, an interval around it
+    for path in ("persona", "personal", "persona_blend", "personal_blend"):
+        mean, lo, hi = (final[f"{path}_vs_bias_{k}"] for k in ("mean", "lo", "hi"))
+        assert lo <= mean <= hi and np.isfinite(hi - lo)
+    assert rows[blend_row[0]]["vs_bias"] == [final[f"personal_blend_vs_bias_{k}"] for k in ("mean", "lo", "hi")]
+    assert "per-user MSE diff vs private bias [95% CI]" in markdown(list(rows.values()))
 
 
 def test_the_wall_breakdown_adds_up_and_names_where_the_time_went(federation):
