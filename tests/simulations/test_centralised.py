@@ -78,3 +78,20 @@ def test_validation_comes_from_training_ratings_and_tunes_the_blend(ml100k_dir, 
         main(["--dataset", str(ml100k_dir), "--split", "default", "--base-model", "tiny", "--steps", "3",
               "--eval-users", "6", "--seeds", "2", "--item-stats", "--val-fraction", "0.2",
               "--out", str(tmp_path / "o3"), "--with-runs", str(out / "slm-item-stats.json")])
+
+
+def test_a_residual_run_trains_a_correction_to_user_bias_and_is_not_pooled_with_a_plain_one(ml100k_dir, tmp_path):
+    common = ["--dataset", str(ml100k_dir), "--split", "default", "--base-model", "tiny", "--steps", "2",
+              "--eval-users", "6", "--seeds", "0", "--item-stats", "--val-fraction", "0.2"]
+    main([*common, "--residual", "--out", str(tmp_path / "res")])
+    main([*common, "--out", str(tmp_path / "plain")])
+    residual = json.loads((tmp_path / "res" / "slm-item-stats-residual.json").read_text())
+    plain = json.loads((tmp_path / "plain" / "slm-item-stats.json").read_text())
+    assert "residual to user+item bias" in residual["table"][3]["method"]
+    # the same LoRA start and training rows; the prior changes every prediction, and keeps them near the bias model
+    bias_rmse = residual["table"][1]["rmse"]
+    assert not np.allclose(residual["runs"][0]["pred"], plain["runs"][0]["pred"], atol=1e-3)
+    assert abs(residual["table"][3]["rmse"] - bias_rmse) < abs(plain["table"][3]["rmse"] - bias_rmse)
+    with pytest.raises(SystemExit, match="residual"):
+        main([*common, "--seeds", "1", "--out", str(tmp_path / "o"), "--with-runs",
+              str(tmp_path / "res" / "slm-item-stats-residual.json")])
