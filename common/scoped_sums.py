@@ -24,8 +24,32 @@ FIELDS = {"persona_sse": 16.0 * MAX_HELD_OUT, "persona_sae": 4.0 * MAX_HELD_OUT,
           "blend_users": 1.0, "bias_sse": 16.0 * MAX_HELD_OUT, "bias_sae": 4.0 * MAX_HELD_OUT,
           "n_val": float(MAX_HELD_OUT),
           **{f"{path}_{held_out}_{k}": 16.0 * MAX_HELD_OUT for path in ("persona", "personal")
-             for held_out in ("test", "val") for k in ("rd", "dd")}}
-SIGNED = {f"{path}_{held_out}_rd" for path in ("persona", "personal") for held_out in ("test", "val")}
+             for held_out in ("test", "val") for k in ("rd", "dd")},
+          # per-user terms of the paired comparison with the private bias model (`paired_terms`): per-rating means,
+          # so a rating's error bounds them (16 for a squared error, 256 for a product of two)
+          "paired_users": 1.0,
+          **{f"{path}_paired_{k}": bound for path in ("persona", "personal")
+             for k, bound in (("e", 16.0), ("ee", 256.0), ("a", 16.0), ("b", 16.0), ("aa", 256.0), ("ab", 256.0),
+                              ("bb", 256.0))}}
+SIGNED = {f"{path}_{held_out}_rd" for path in ("persona", "personal") for held_out in ("test", "val")} | {
+    f"{path}_paired_{k}" for path in ("persona", "personal") for k in ("e", "a", "ab")}
+PAIRED_TERMS = ("e", "ee", "a", "b", "aa", "ab", "bb")
+
+
+def paired_terms(values: dict[str, float]) -> dict[str, float]:
+    """One device's terms of the paired comparison with the private bias model, per adapter: e = its MSE minus the
+    bias model's on the device's test ratings; a = r.d / n, b = d.d / n (r = rating - bias, d = adapter - bias), so
+    its blend at weight w differs from the bias model by -2 w a + w^2 b. Their sums and the sums of their products
+    over devices give the mean and sd of the per-user differences: users weigh the same, as in the centralised
+    tables. Needs n > 0 and the blend sums."""
+    n = float(values["n"])
+    out = {}
+    for path in ("persona", "personal"):
+        e = (float(values[f"{path}_sse"]) - float(values["bias_sse"])) / n
+        a, b = float(values[f"{path}_test_rd"]) / n, float(values[f"{path}_test_dd"]) / n
+        out.update({f"{path}_paired_{k}": v for k, v in
+                    (("e", e), ("ee", e * e), ("a", a), ("b", b), ("aa", a * a), ("ab", a * b), ("bb", b * b))})
+    return out
 MAX_SCOPES = 256
 # Evaluation is also pooled by how many training ratings a user has (cold-start users vs heavy users): that is
 # where personas should matter most.
@@ -50,7 +74,8 @@ def clip_values(values: dict[str, float]) -> dict[str, float]:
     for path in ("persona", "personal"):
         out[f"{path}_sse"] = float(np.clip(values[f"{path}_sse"], 0, 16.0 * n))
         out[f"{path}_sae"] = float(np.clip(values[f"{path}_sae"], 0, 4.0 * n))
-    blend_fields = [f for f in FIELDS if f not in out and f != "blend_users"]
+    paired_fields = [f for f in FIELDS if "paired" in f]
+    blend_fields = [f for f in FIELDS if f not in out and f != "blend_users" and f not in paired_fields]
     if all(f in values for f in blend_fields):
         n_val = float(np.clip(values["n_val"], 0, MAX_HELD_OUT))
         out.update(blend_users=1.0, n_val=n_val, bias_sse=float(np.clip(values["bias_sse"], 0, 16.0 * n)),
@@ -60,6 +85,9 @@ def clip_values(values: dict[str, float]) -> dict[str, float]:
             out[f] = float(np.clip(values[f], -16.0 * count if f in SIGNED else 0.0, 16.0 * count))
     else:
         out.update({f: 0.0 for f in (*blend_fields, "blend_users")})
+    # computed from the clipped sums, so each stays within its bound
+    out.update(paired_users=1.0, **paired_terms(out)) if out["blend_users"] and n > 0 else out.update(
+        {f: 0.0 for f in paired_fields})
     return out
 
 

@@ -39,6 +39,7 @@ from flwr.supercore.differential_privacy import (add_gaussian_noise_inplace, cli
 
 from common import blend, kslot, scoped_sums
 from common.scoped_sums import ACTIVITY_EDGES, activity_bucket  # noqa: F401 -- also this module's public names
+from common.scoped_sums import PAIRED_TERMS, paired_terms
 from common.config import FederationConfig, SecureAggregation, UserDP
 from common.timing import phase
 from common.privacy import Event, epsilon, poisson_rate
@@ -210,15 +211,15 @@ def _check_blend(metrics: MetricRecord, n: float, tolerance: float) -> str | Non
 
 def blend_metrics(sums: dict[str, float], scope: str, prefix: str = "") -> dict[str, float]:
     """The private bias model's and each adapter's blend metrics of one scope, when every device in it sent blend
-    sums: the weight from the pooled validation sums, the RMSE from the pooled test sums at that weight. With
-    per-user terms (`paired_terms`, plain aggregation) also each one's paired per-user MSE difference from the
+    sums: the weight from the pooled validation sums, the RMSE from the pooled test sums at that weight; from the
+    pooled per-user terms (`common.scoped_sums.paired_terms`) each one's paired per-user MSE difference from the
     private bias model, mean and 95% interval (`<path>_vs_bias`, `<path>_blend_vs_bias`: _mean, _lo, _hi)."""
     users, n = sums.get(f"{scope}/users", 0), sums.get(f"{scope}/n", 0)
     if not n or sums.get(f"{scope}/blend_users", 0) != users:
         return {}
     out = {f"{prefix}bias_rmse": math.sqrt(sums[f"{scope}/bias_sse"] / n),
            f"{prefix}bias_mae": sums[f"{scope}/bias_sae"] / n}
-    paired = sums.get(f"{scope}/paired_users", 0)
+    paired = round(sums.get(f"{scope}/paired_users", 0))  # a secure sum is an integer only up to rounding
     for path in ("persona", "personal"):
         w = blend.weight(sums[f"{scope}/{path}_val_rd"], sums[f"{scope}/{path}_val_dd"])
         sse = blend.sse(sums[f"{scope}/bias_sse"], sums[f"{scope}/{path}_test_rd"], sums[f"{scope}/{path}_test_dd"], w)
@@ -233,24 +234,6 @@ def blend_metrics(sums: dict[str, float], scope: str, prefix: str = "") -> dict[
                                        (f"{path}_blend_vs_bias", (blend_sum, blend_sq))):
             mean, lo, hi = _interval(total, squares, paired)
             out.update({f"{prefix}{name}_mean": mean, f"{prefix}{name}_lo": lo, f"{prefix}{name}_hi": hi})
-    return out
-
-
-PAIRED_TERMS = ("e", "ee", "a", "b", "aa", "ab", "bb")
-
-
-def paired_terms(m) -> dict[str, float]:
-    """One device's terms of the paired comparison with the private bias model, per adapter: e = its MSE minus the
-    bias model's on the device's test ratings; a = r.d / n, b = d.d / n (r = rating - bias, d = adapter - bias), so
-    its blend at weight w differs from the bias model by -2 w a + w^2 b. Sums of these and their products give the
-    mean and sd of the per-user differences over devices: users weigh the same, as in the centralised tables."""
-    n = float(m["n"])
-    out = {}
-    for path in ("persona", "personal"):
-        e = (float(m[f"{path}_sse"]) - float(m["bias_sse"])) / n
-        a, b = float(m[f"{path}_test_rd"]) / n, float(m[f"{path}_test_dd"]) / n
-        out.update({f"{path}_paired_{k}": v for k, v in
-                    (("e", e), ("ee", e * e), ("a", a), ("b", b), ("aa", a * a), ("ab", a * b), ("bb", b * b))})
     return out
 
 

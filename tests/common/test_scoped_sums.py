@@ -82,3 +82,29 @@ def test_a_device_cannot_report_blend_sums_beyond_what_its_ratings_allow():
     assert clipped["persona_test_dd"] == 160.0 and clipped["persona_val_dd"] == 0.0
     partial = scoped_sums.clip_values({**_values(10, 1.0, 1.0), "bias_sse": 3.0})
     assert partial["blend_users"] == 0.0 and partial["bias_sse"] == 0.0  # all or nothing, like the plain check
+
+
+@settings(deadline=None, max_examples=20)
+@given(st.lists(st.tuples(st.integers(0, 12), st.floats(-1, 1), st.floats(0, 1), st.floats(0, 1)),
+                min_size=2, max_size=6))
+def test_paired_terms_pool_through_the_masked_vector_within_their_bounds(devices):
+    """Each device's per-user terms (`paired_terms`, from its clipped sums) sum through the masked vector like
+    every other field, signed ones with their sign; a device without test ratings adds none of them."""
+    levels = kslot.levels_for(len(devices))
+    total = np.zeros(len(SCOPES) * len(scoped_sums.FIELDS), np.uint32)
+    want = {f: 0.0 for f in scoped_sums.FIELDS if "paired" in f}
+    for n, rd, dd, err in devices:
+        values = {**_values(n, 16 * err * n, 4 * err * n), "bias_sse": 16 * (1 - err) * n, "bias_sae": 0.0,
+                  "n_val": 1.0, **{f"{p}_{h}_rd": 16 * rd * n for p in ("persona", "personal") for h in ("test", "val")},
+                  **{f"{p}_{h}_dd": 16 * dd * n for p in ("persona", "personal") for h in ("test", "val")}}
+        clipped = scoped_sums.clip_values(values)
+        assert all(abs(clipped[f]) <= scoped_sums.FIELDS[f] for f in want)
+        if n:
+            for f, v in {"paired_users": 1.0, **scoped_sums.paired_terms(clipped)}.items():
+                want[f] += v
+        else:
+            assert all(clipped[f] == 0.0 for f in want)
+        total += scoped_sums.encode(values, ["all"], SCOPES, levels)
+    row = scoped_sums.decode(total, len(devices), SCOPES, levels)["all"]
+    for f, v in want.items():
+        assert row[f] == pytest.approx(v, abs=len(devices) * 2 * scoped_sums.FIELDS[f] / levels + 1e-9), f

@@ -87,7 +87,7 @@ def test_secure_run_releases_the_plain_runs_persona_versions_within_quantisation
     assert final["ratings"] == pytest.approx(plain_final["ratings"], abs=1e-3)
     assert {k for k in final if not k.startswith("secagg")} == set(plain_final)  # the same pools are released
     for key in ("persona_rmse", "personal_rmse", "p0_persona_rmse", "cold_persona_mae", "bias_rmse",
-                "personal_blend_rmse", "persona_blend_weight"):
+                "personal_blend_rmse", "persona_blend_weight", "persona_vs_bias_mean", "personal_blend_vs_bias_hi"):
         assert final[key] == pytest.approx(plain_final[key], abs=1e-3), key
     evaluations = {name: [PersonaRegistry(runs[name][1]).evaluation(v["id"]) for v in
                           PersonaRegistry(runs[name][1]).versions()[0]] for name in ("plain", "secure")}
