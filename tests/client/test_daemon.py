@@ -1,5 +1,6 @@
 """The device daemon: enrolment, status, forget, node config, and the local inference API on a live server."""
 
+import contextlib
 import json
 import math
 import shutil
@@ -130,9 +131,9 @@ def test_local_api_scores_ranks_and_records_with_the_personal_adapter(device_hom
         server.stop()
 
 
-def test_local_api_onnx_engine_agrees_with_torch_and_follows_new_ratings(device_home):
-    settings, _ = device_home
-    store = _store_with_personal_adapter(settings)
+@contextlib.contextmanager
+def _both_engines(settings, store):
+    """The local API served by torch and by ONNX Runtime on loopback; yields (clients, scores of movies 1-4)."""
     token = Path(settings["home"], "api.token").read_text()
     servers = {engine: LiveServer(create_local_app(settings, store, lambda: status(settings, store), engine=engine))
                for engine in ("torch", "onnx")}
@@ -144,6 +145,16 @@ def test_local_api_onnx_engine_agrees_with_torch_and_follows_new_ratings(device_
             return {e: [r["rating"] for r in c.post("/score", json={"movies": [1, 2, 3, 4]}).json()["ratings"]]
                     for e, c in clients.items()}
 
+        yield clients, scores
+    finally:
+        for server in servers.values():
+            server.stop()
+
+
+def test_local_api_onnx_engine_agrees_with_torch_and_follows_new_ratings(device_home):
+    settings, _ = device_home
+    store = _store_with_personal_adapter(settings)
+    with _both_engines(settings, store) as (clients, scores):
         before = scores()
         assert np.allclose(before["torch"], before["onnx"], atol=1e-3)
         assert len(set(before["onnx"])) > 1  # a real adapter gives different ratings per movie
@@ -153,9 +164,6 @@ def test_local_api_onnx_engine_agrees_with_torch_and_follows_new_ratings(device_
         after = scores()  # the profile changed: the ONNX engine must not serve its cached prefix
         assert np.allclose(after["torch"], after["onnx"], atol=1e-3)
         assert not np.allclose(after["onnx"], before["onnx"], atol=1e-6)
-    finally:
-        for server in servers.values():
-            server.stop()
     with pytest.raises(ValueError, match="engine"):
         create_local_app(settings, store, lambda: {}, engine="tflite")
 
@@ -327,17 +335,7 @@ def test_local_api_serves_a_residual_adapter_against_the_context_it_was_trained_
 
     settings, _ = device_home
     store = _store_with_personal_adapter(settings)
-    token = Path(settings["home"], "api.token").read_text()
-    servers = {engine: LiveServer(create_local_app(settings, store, lambda: status(settings, store), engine=engine))
-               for engine in ("torch", "onnx")}
-    try:
-        clients = {e: httpx.Client(base_url=s.url, headers={"Authorization": f"Bearer {token}"}, timeout=60)
-                   for e, s in servers.items()}
-
-        def scores() -> dict[str, np.ndarray]:
-            return {e: np.array([r["rating"] for r in c.post("/score", json={"movies": [1, 2, 3, 4]}).json()
-                                 ["ratings"]]) for e, c in clients.items()}
-
+    with _both_engines(settings, store) as (_, scores):
         plain = scores()
         # the device the local API builds from the enrolment, and everything it scores with but the adapter
         owner = Owner(settings["user_id"], settings["age"], settings["gender"], settings["occupation"])
@@ -355,6 +353,3 @@ def test_local_api_serves_a_residual_adapter_against_the_context_it_was_trained_
         for engine in ("torch", "onnx"):
             np.testing.assert_allclose(served[engine], want, atol=2e-3)
             assert not np.allclose(served[engine], plain[engine], atol=1e-3)
-    finally:
-        for server in servers.values():
-            server.stop()
