@@ -359,6 +359,15 @@ def test_a_seed_replays_the_same_cohorts_although_flower_draws_new_node_ids(tmp_
         for key, value in arrays.items():
             np.testing.assert_allclose(versions[1][name][key], value, atol=1e-6, err_msg=name)
     assert any(np.abs(v).max() > 1e-4 for v in versions[0]["p0/r0002"].values())  # trained, not just the start
+    # Rescored after the fact from the released version, the evaluation users' ratings are what their devices
+    # reported (the pooled RMSE is the federation's own), now per user and paired with the baselines.
+    from simulations.rescore import rescore, table
+
+    runs = [rescore(tmp_path / run / "out") for run in ("a", "b")]
+    for r in runs:
+        assert np.sqrt(np.mean((r["persona"] - r["y"]) ** 2)) == pytest.approx(r["reported"], rel=1e-5)
+    np.testing.assert_allclose(runs[0]["persona"], runs[1]["persona"], atol=1e-5)
+    assert "over the 2 runs" in table(runs) and "vs matrix factorisation" in table(runs)
 
 
 def test_repeated_runs_use_other_training_seeds_on_the_same_evaluation_users(tmp_path):

@@ -1,0 +1,111 @@
+"""Paired per-user comparison of a finished federation's persona adapter with the classical baselines.
+
+The coordinator pools evaluation sums and never sees a user's predictions, so a federation's table can pair its
+adapters only with the private bias model, whose per-user terms travel in the same sums. The classical baselines
+(user+item bias, MF) are fitted in the simulation process, outside the federation. This script closes the gap
+for a simulation, after the fact: it loads the persona version the last evaluation served (the registry's stable
+version, a released artefact) and scores the same evaluation users exactly as their devices did (the same split,
+validation hold-out, released item statistics, prompts and, with `residual-to-bias`, prior), then pairs each
+user's MSE with the baselines' fitted on the same ratings. The pooled RMSE must equal the federation's own
+`persona_rmse`: a check that it scored what the devices scored.
+
+    python -m simulations.rescore results/federated/k1 [results/federated-seed1/k1 ...]
+
+One persona only (K=1): which persona a device joined is kept on the device. Prints a table per run and, over
+several runs, each user's squared error averaged over runs, paired (as `simulations.centralised` does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+
+from client.device import Device, runtime
+from common.config import FederationConfig, ScoringConfig, split_preset
+from common.data import load_movielens
+from common.item_stats import ItemStats
+from common.metrics import rmse
+from common.split import sample_users, temporal_split, validation_split
+from server.registry import PersonaRegistry
+from server.serving import ITEM_STATS_FILE
+from simulations.centralised import paired_vs
+from simulations.classical import Biases, tune_mf
+
+
+def config_of(history: dict) -> FederationConfig:
+    names = {f.name for f in dataclasses.fields(FederationConfig)}
+    return FederationConfig(**{k: tuple(v) if isinstance(v, list) else v
+                               for k, v in history["config"].items() if k in names})
+
+
+def rescore(out: Path) -> dict:
+    """Per-user predictions of the federation in `out` (its coordinator out-dir) and of the baselines."""
+    history = json.loads((out / "history.json").read_text())
+    cfg = config_of(history)
+    if history["personas"]["k"] != 1:
+        raise SystemExit(f"{out}: K={history['personas']['k']}; only a single persona can be rescored here")
+    data = load_movielens(cfg.dataset)
+    split = temporal_split(data.ratings, split_preset(cfg.split))
+    fit, val = validation_split(split.train, cfg.validation_fraction)
+    users = sample_users(split.users, cfg.eval_users, cfg.eval_seed)
+    registry = PersonaRegistry(out)
+    arrays = registry.arrays(registry.rollout(0)["stable"])
+    stats_file = out / ITEM_STATS_FILE
+    released = ItemStats.from_arrays(dict(np.load(stats_file))) if stats_file.is_file() else None
+    rt = runtime(cfg.base_model, cfg.lora)
+    test = split.test[split.test["user"].isin(users)].sort_values(["user", "ts", "item"], kind="stable")
+    pred = []
+    for user in users:
+        device = Device(int(user), data, fit[fit["user"] == user], test[test["user"] == user], rt, ScoringConfig(),
+                        cfg.memory_items, val=val[val["user"] == user], residual=cfg.residual_to_bias)
+        if released is not None:
+            device.use_item_stats(released)
+        pred.append(device.predict(arrays))
+        print(f"  user {user}: {len(pred[-1])} ratings", flush=True)
+    who, y = test["user"].to_numpy(), test["rating"].to_numpy()
+    return {"run": str(out), "seed": cfg.seed, "who": who, "y": y, "persona": np.concatenate(pred),
+            "reported": history["evaluate"][max(history["evaluate"], key=int)]["persona_rmse"],
+            "user+item bias": Biases().fit(fit).predict(who, test["item"]),
+            # MF's own seed fixed, so runs of several training seeds are paired with one MF
+            "matrix factorisation": tune_mf(fit, seed=0).predict(who, test["item"])}
+
+
+def table(runs: list[dict]) -> str:
+    lines = ["| run | persona adapter RMSE (reported by the federation) | vs user+item bias | vs matrix factorisation |",
+             "|---|---|---|---|"]
+
+    def ci(d) -> str:
+        return f"{d[0]:+.4f} [{d[1]:+.4f}, {d[2]:+.4f}]"
+
+    for r in runs:
+        err = (r["persona"] - r["y"]) ** 2
+        lines.append(f"| {r['run']} (seed {r['seed']}) | {rmse(r['persona'], r['y']):.4f} ({r['reported']:.4f}) | "
+                     f"{ci(paired_vs(err, (r['user+item bias'] - r['y']) ** 2, r['who']))} | "
+                     f"{ci(paired_vs(err, (r['matrix factorisation'] - r['y']) ** 2, r['who']))} |")
+    if len(runs) > 1:
+        first = runs[0]
+        if any(not np.array_equal(r["who"], first["who"]) or not np.array_equal(r["y"], first["y"]) for r in runs):
+            raise SystemExit("the runs evaluated different users or ratings: they cannot be paired")
+        err = np.mean([(r["persona"] - r["y"]) ** 2 for r in runs], axis=0)
+        lines.append(f"| over the {len(runs)} runs (each user's squared error averaged) | "
+                     f"{np.mean([rmse(r['persona'], r['y']) for r in runs]):.4f} (mean) | "
+                     f"{ci(paired_vs(err, (first['user+item bias'] - first['y']) ** 2, first['who']))} | "
+                     f"{ci(paired_vs(err, (first['matrix factorisation'] - first['y']) ** 2, first['who']))} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("runs", nargs="+", help="coordinator out-dirs of finished K=1 federations (history.json inside)")
+    args = ap.parse_args(argv)
+    runs = [rescore(Path(p)) for p in args.runs]
+    print("\nPaired per-user MSE difference, persona adapter minus baseline [95% CI]:\n")
+    print(table(runs))
+
+
+if __name__ == "__main__":
+    main()
