@@ -278,8 +278,8 @@ def _personal(device: Device, cfg: FederationConfig, context: Context, persona: 
     except (BudgetExhausted, LedgerRolledBack):  # keep serving with the adapter as it is
         personal, metrics = start, {}
     store = _store(device, cfg, context)
-    # The context first: a crash between the two leaves the previous adapter served with the (same, in a run)
-    # context of the new one, never a new adapter read against a context it was not trained with from the start.
+    # The context first: it is the same for every adapter of a run, so a crash between the two writes leaves the
+    # previous adapter beside a context it was trained with.
     store.put_bytes(str(device.user), SERVING, device.serving_context())
     store.put_adapter(str(device.user), PERSONAL, {k: torch.from_numpy(v) for k, v in personal.items()})
     return personal, metrics

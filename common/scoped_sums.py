@@ -85,9 +85,10 @@ def clip_values(values: dict[str, float]) -> dict[str, float]:
             out[f] = float(np.clip(values[f], -16.0 * count if f in SIGNED else 0.0, 16.0 * count))
     else:
         out.update({f: 0.0 for f in (*blend_fields, "blend_users")})
-    # computed from the clipped sums, so each stays within its bound
-    out.update(paired_users=1.0, **paired_terms(out)) if out["blend_users"] and n > 0 else out.update(
-        {f: 0.0 for f in paired_fields})
+    if out["blend_users"] and n > 0:  # computed from the clipped sums, so each stays within its bound
+        out.update(paired_users=1.0, **paired_terms(out))
+    else:
+        out.update({f: 0.0 for f in paired_fields})
     return out
 
 
