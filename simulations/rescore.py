@@ -42,8 +42,33 @@ def config_of(history: dict) -> FederationConfig:
                                for k, v in history["config"].items() if k in names})
 
 
-def rescore(out: Path) -> dict:
-    """Per-user predictions of the federation in `out` (its coordinator out-dir) and of the baselines."""
+@dataclasses.dataclass
+class FinishedRun:
+    """What a finished K=1 federation released, and the ratings its evaluation devices held."""
+
+    out: Path
+    history: dict
+    cfg: FederationConfig
+    data: object
+    fit: object  # training ratings minus the validation hold-out (what devices trained on)
+    val: object
+    test: object  # the evaluation users' test ratings, in the devices' order
+    users: np.ndarray
+    arrays: dict[str, np.ndarray]  # the stable persona version the last evaluation served
+    released: ItemStats | None
+    rt: object
+
+    def device(self, user) -> Device:
+        """The evaluation device of `user`, set up as its client app sets it up."""
+        d = Device(int(user), self.data, self.fit[self.fit["user"] == user], self.test[self.test["user"] == user],
+                   self.rt, ScoringConfig(), self.cfg.memory_items, val=self.val[self.val["user"] == user],
+                   residual=self.cfg.residual_to_bias)
+        return d.use_item_stats(self.released) if self.released is not None else d
+
+
+def load_run(out: Path, eval_users: int | None = None) -> FinishedRun:
+    """Load the federation in `out` (its coordinator out-dir). `eval_users` other than the run's own samples that
+    many users with the run's `eval-seed` (more users: more power; then the reported RMSE is not comparable)."""
     history = json.loads((out / "history.json").read_text())
     cfg = config_of(history)
     if history["personas"]["k"] != 1:
@@ -51,27 +76,35 @@ def rescore(out: Path) -> dict:
     data = load_movielens(cfg.dataset)
     split = temporal_split(data.ratings, split_preset(cfg.split))
     fit, val = validation_split(split.train, cfg.validation_fraction)
-    users = sample_users(split.users, cfg.eval_users, cfg.eval_seed)
+    users = sample_users(split.users, eval_users or cfg.eval_users, cfg.eval_seed)
     registry = PersonaRegistry(out)
-    arrays = registry.arrays(registry.rollout(0)["stable"])
     stats_file = out / ITEM_STATS_FILE
-    released = ItemStats.from_arrays(dict(np.load(stats_file))) if stats_file.is_file() else None
-    rt = runtime(cfg.base_model, cfg.lora)
     test = split.test[split.test["user"].isin(users)].sort_values(["user", "ts", "item"], kind="stable")
+    return FinishedRun(out, history, cfg, data, fit, val, test, np.asarray(users),
+                       registry.arrays(registry.rollout(0)["stable"]),
+                       ItemStats.from_arrays(dict(np.load(stats_file))) if stats_file.is_file() else None,
+                       runtime(cfg.base_model, cfg.lora))
+
+
+def baselines(run: FinishedRun, who: np.ndarray, items) -> dict[str, np.ndarray]:
+    """The classical baselines' predictions, fitted on the ratings the devices trained on."""
+    # MF's own seed fixed, so runs of several training seeds are paired with one MF
+    return {"user+item bias": Biases().fit(run.fit).predict(who, items),
+            "matrix factorisation": tune_mf(run.fit, seed=0).predict(who, items)}
+
+
+def rescore(out: Path, eval_users: int | None = None) -> dict:
+    """Per-user predictions of the federation in `out` (its coordinator out-dir) and of the baselines."""
+    run = load_run(out, eval_users)
     pred = []
-    for user in users:
-        device = Device(int(user), data, fit[fit["user"] == user], test[test["user"] == user], rt, ScoringConfig(),
-                        cfg.memory_items, val=val[val["user"] == user], residual=cfg.residual_to_bias)
-        if released is not None:
-            device.use_item_stats(released)
-        pred.append(device.predict(arrays))
+    for user in run.users:
+        pred.append(run.device(user).predict(run.arrays))
         print(f"  user {user}: {len(pred[-1])} ratings", flush=True)
-    who, y = test["user"].to_numpy(), test["rating"].to_numpy()
-    return {"run": str(out), "seed": cfg.seed, "who": who, "y": y, "persona": np.concatenate(pred),
-            "reported": history["evaluate"][max(history["evaluate"], key=int)]["persona_rmse"],
-            "user+item bias": Biases().fit(fit).predict(who, test["item"]),
-            # MF's own seed fixed, so runs of several training seeds are paired with one MF
-            "matrix factorisation": tune_mf(fit, seed=0).predict(who, test["item"])}
+    who, y = run.test["user"].to_numpy(), run.test["rating"].to_numpy()
+    reported = run.history["evaluate"][max(run.history["evaluate"], key=int)]["persona_rmse"]
+    return {"run": str(out), "seed": run.cfg.seed, "who": who, "y": y, "persona": np.concatenate(pred),
+            "reported": reported if eval_users in (None, run.cfg.eval_users) else float("nan"),
+            **baselines(run, who, run.test["item"])}
 
 
 def table(runs: list[dict]) -> str:
@@ -101,8 +134,11 @@ def table(runs: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("runs", nargs="+", help="coordinator out-dirs of finished K=1 federations (history.json inside)")
+    ap.add_argument("--eval-users", type=int, default=None,
+                    help="score this many users (sampled with the run's eval-seed) instead of the run's own; "
+                         "e.g. 216 for every paper-protocol user")
     args = ap.parse_args(argv)
-    runs = [rescore(Path(p)) for p in args.runs]
+    runs = [rescore(Path(p), args.eval_users) for p in args.runs]
     print("\nPaired per-user MSE difference, persona adapter minus baseline [95% CI]:\n")
     print(table(runs))
 

@@ -347,7 +347,8 @@ def test_a_seed_replays_the_same_cohorts_although_flower_draws_new_node_ids(tmp_
     for run in ("a", "b"):
         overrides = {"base-model": "tiny", "dataset": str(data_dir), "split": "default", "num-personas": 1,
                      "num-rounds": 2, "fraction-train": 0.4, "eval-every": 5, "kmeans-iters": 2, "lr": 0.01,
-                     "personal-steps": 0, "out-dir": str(tmp_path / run / "out"),
+                     "personal-steps": 0, "item-stats": True, "validation-fraction": 0.2,
+                     "residual-to-bias": True, "out-dir": str(tmp_path / run / "out"),
                      "device-dir": str(tmp_path / run / "devices")}
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv(KEY_ENV, RawKey.generate().raw.hex())
@@ -368,6 +369,20 @@ def test_a_seed_replays_the_same_cohorts_although_flower_draws_new_node_ids(tmp_
         assert np.sqrt(np.mean((r["persona"] - r["y"]) ** 2)) == pytest.approx(r["reported"], rel=1e-5)
     np.testing.assert_allclose(runs[0]["persona"], runs[1]["persona"], atol=1e-5)
     assert "over the 2 runs" in table(runs) and "vs matrix factorisation" in table(runs)
+    # Personal fine-tuning of that released adapter, per setting: steps 0 is the persona adapter as rescored, a
+    # trained setting moves the predictions, and the chosen setting is the one with the lowest validation RMSE.
+    from simulations import personal_tuning
+    from simulations.rescore import load_run
+
+    tuned = personal_tuning.tune(load_run(tmp_path / "a" / "out"), steps=[3], lrs=[0.05])
+    preds = tuned["pred"]
+    assert list(preds) == [personal_tuning.PERSONA, "3 steps at lr 0.05"]
+    np.testing.assert_allclose(preds[personal_tuning.PERSONA]["test"], runs[0]["persona"], atol=1e-6)
+    assert np.abs(preds["3 steps at lr 0.05"]["test"] - runs[0]["persona"]).max() > 1e-3
+    assert len(tuned["y_val"]) == len(preds[personal_tuning.PERSONA]["val"]) > 0
+    val_rmse = {k: np.sqrt(np.mean((p["val"] - tuned["y_val"]) ** 2)) for k, p in preds.items()}
+    assert personal_tuning.chosen(tuned) == min(val_rmse, key=val_rmse.get)
+    assert "(chosen on validation)" in personal_tuning.table(tuned)
 
 
 def test_repeated_runs_use_other_training_seeds_on_the_same_evaluation_users(tmp_path):
