@@ -20,6 +20,7 @@ whatever an earlier run left in that directory is unreadable, so it is crypto-sh
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import math
@@ -41,7 +42,7 @@ from client.local_data import Owner, device_data, split_own
 from client import secure_aggregation
 from client.policy import TrainingPolicy
 from client.store import EncryptedStore
-from common.config import DeviceDP, FederationConfig, ScoringConfig, split_preset
+from common.config import DeviceDP, FederationConfig, ScoringConfig, TrainConfig, split_preset
 from common.data import load_movielens
 from common.item_stats import ItemStats, contribution
 from common.personas import (cold_start_persona, discovery_dim, embed_profiles, embedding_sse, genre_deviation,
@@ -247,7 +248,7 @@ def _ledger(device: Device, cfg: FederationConfig, context: Context) -> PrivacyL
     return PrivacyLedger(budget, delta)
 
 
-def _train(device: Device, cfg: FederationConfig, context: Context, start: dict, steps: int,
+def _train(device: Device, cfg: FederationConfig, context: Context, start: dict, train: TrainConfig,
            private: bool, leaves: bool = True) -> tuple[dict, dict]:
     """Local training, through DP-SGD and the persisted ledger when `private`.
 
@@ -257,32 +258,42 @@ def _train(device: Device, cfg: FederationConfig, context: Context, start: dict,
     if not private:
         if leaves and math.isfinite(_ledger(device, cfg, context).budget):
             raise BudgetExhausted("non-private training would exceed the device's finite lifetime budget")
-        return device.train_adapter(start, cfg.train(steps))
+        return device.train_adapter(start, train)
     ledger = _ledger(device, cfg, context)
-    trained, metrics = device.train_adapter(start, cfg.train(steps), _device_dp(device, cfg, context), ledger)
+    trained, metrics = device.train_adapter(start, train, _device_dp(device, cfg, context), ledger)
     version = _store(device, cfg, context).put_bytes(str(device.user), LEDGER, ledger.to_bytes())
     _save_state(device, cfg, context, ledger_version=version)  # after the ledger: a crash between leaves it ahead
     return trained, metrics
 
 
 def _personal(device: Device, cfg: FederationConfig, context: Context, persona: dict) -> tuple[dict, dict]:
-    """The on-device adapter: created from the persona adapter on first use, fine-tuned locally each time.
+    """The on-device adapter: the persona adapter just received, fine-tuned on the user's own ratings.
 
-    It never leaves the device, so it trains without noise unless `dp-personal` is set."""
-    start = _load_personal(device, cfg, context)
-    start = persona if start is None else start
+    Derived afresh from each new persona version (FedAvg + local fine-tuning): continuing an adapter derived from an
+    older version would keep that version's weights and miss what the federation learnt since. It never leaves the
+    device, so it trains without noise unless `dp-personal` is set."""
     try:
         with phase("model: personal training"):
-            personal, metrics = _train(device, cfg, context, start, cfg.personal_steps,
+            personal, metrics = _train(device, cfg, context, persona, cfg.personal_train(),
                                        cfg.device_dp_enabled and cfg.dp_personal, leaves=False)
-    except (BudgetExhausted, LedgerRolledBack):  # keep serving with the adapter as it is
-        personal, metrics = start, {}
+    except (BudgetExhausted, LedgerRolledBack):  # serve the persona adapter as it is
+        personal, metrics = persona, {}
     store = _store(device, cfg, context)
     # The context first: it is the same for every adapter of a run, so a crash between the two writes leaves the
     # previous adapter beside a context it was trained with.
     store.put_bytes(str(device.user), SERVING, device.serving_context())
     store.put_adapter(str(device.user), PERSONAL, {k: torch.from_numpy(v) for k, v in personal.items()})
+    _save_state(device, cfg, context, personal_from=_digest(persona))  # after the adapter: a crash retrains
     return personal, metrics
+
+
+def _digest(arrays: dict[str, np.ndarray]) -> str:
+    """Which persona version a personal adapter was derived from (the device is not told version numbers)."""
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        h.update(name.encode())
+        h.update(np.ascontiguousarray(arrays[name], dtype=np.float32).tobytes())
+    return h.hexdigest()
 
 
 def _guarded(handler):
@@ -423,7 +434,7 @@ def build_app(overrides: dict | None = None, mods: Iterable[Mod] = ()) -> Client
             return _skipped(message, claim, POLICY)
         try:
             with phase("model: persona training"):
-                trained, metrics = _train(device, cfg, context, persona, policy.steps(cfg.local_steps),
+                trained, metrics = _train(device, cfg, context, persona, cfg.train(policy.steps(cfg.local_steps)),
                                           cfg.device_dp_enabled)
         except BudgetExhausted as e:  # the device keeps serving; it just stops contributing
             LOG.info("round skipped: %s", e)
@@ -478,9 +489,11 @@ def build_app(overrides: dict | None = None, mods: Iterable[Mod] = ()) -> Client
         device, cfg = _device(context, overrides)
         _with_item_stats(device, message)
         persona = from_record(message.content["arrays"])
-        personal = _load_personal(device, cfg, context)
-        if personal is None:
-            personal = _personal(device, cfg, context, persona)[0] if cfg.personal_steps > 0 else persona
+        personal = persona
+        if cfg.personal_steps > 0:
+            state = load_state(_store(device, cfg, context), str(device.user))
+            personal = _load_personal(device, cfg, context) if state.get("personal_from") == _digest(persona) else None
+            personal = _personal(device, cfg, context, persona)[0] if personal is None else personal
         with phase("model: evaluation scoring"):
             sums = device.evaluation_sums({"persona": persona, "personal": personal})
         # The personal adapter trains without noise: under DP its distance from the persona stays on the device.

@@ -137,7 +137,10 @@ class FederationConfig:
     fraction_train: float = 0.06  # of all nodes, per round (13 of 216)
     min_train_nodes: int = 2
     local_steps: int = 2  # steps on the persona adapter per round
-    personal_steps: int = 2  # steps on the on-device personal adapter per round
+    # The on-device personal adapter: the newest persona adapter the device received, fine-tuned this many steps
+    # on its own ratings at `personal_lr` (0: `lr`), again whenever a new persona version arrives.
+    personal_steps: int = 2
+    personal_lr: float = 0.0
     rows_per_step: int = 1
     items_per_row: int = 8
     lr: float = 2e-3
@@ -268,6 +271,8 @@ class FederationConfig:
             raise ValueError(f"secure-aggregation-group must be >= 3, got {self.secure_aggregation_group}")
         if not 0.0 < self.server_lr <= 100.0:
             raise ValueError(f"server-lr must be in (0, 100], got {self.server_lr}")
+        if not 0.0 <= self.personal_lr <= 1.0:  # also rejects NaN
+            raise ValueError(f"personal-lr must be in [0, 1] (0: lr), got {self.personal_lr}")
         if not 0.0 <= self.validation_fraction <= 0.5:
             raise ValueError(f"validation-fraction must be in [0, 0.5], got {self.validation_fraction}")
         if self.residual_to_bias and not self.item_stats:
@@ -347,6 +352,9 @@ class FederationConfig:
     def user_dp_enabled(self) -> bool:
         return self.dp_user_noise > 0 or self.dp_user_target_epsilon > 0
 
-    def train(self, steps: int) -> TrainConfig:
+    def train(self, steps: int, lr: float | None = None) -> TrainConfig:
         return TrainConfig(steps=steps, rows_per_step=self.rows_per_step, items_per_row=self.items_per_row,
-                           lr=self.lr, seed=self.seed)
+                           lr=self.lr if lr is None else lr, seed=self.seed)
+
+    def personal_train(self) -> TrainConfig:
+        return self.train(self.personal_steps, self.personal_lr or self.lr)

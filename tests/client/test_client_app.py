@@ -121,7 +121,7 @@ def handlers(ml100k_dir, tmp_path, monkeypatch):
             content = {"arrays": to_record(persona), "config": ConfigRecord({"persona": 0, "server-round": 1})}
         message = Message(content=RecordDict(content or {}), dst_node_id=1, message_type=kind)
         return build_app({**base, **settings})(message, context)
-    send.dataset = str(ml100k_dir)
+    send.dataset, send.base, send.context = str(ml100k_dir), base, context
     return send
 
 
@@ -209,6 +209,44 @@ def test_under_dp_discovery_training_and_evaluation_replies_carry_no_unnoised_da
     evaluated = handlers("evaluate", private, {"arrays": trained.content["arrays"],
                                                 "config": ConfigRecord({"server-round": 1})})
     assert "personal_distance" not in evaluated.content["metrics"]
+
+
+def test_the_personal_adapter_is_derived_afresh_from_each_new_persona_version(handlers, tmp_path):
+    """FedAvg + local fine-tuning: a personal adapter continued from an old persona version would keep that version's
+    weights and miss what the federation learnt since, so a new version is fine-tuned again; the same version is not."""
+    from client.device import runtime
+    from common.adapters import adapter_arrays
+
+    settings = {"personal-steps": 2, "personal-lr": 1e-4}  # Adam moves each weight about 1e-4 a step
+    cfg = FederationConfig.from_run_config({"base-model": "tiny"})
+    first = adapter_arrays(runtime(cfg.base_model, cfg.lora).model)
+    second = {k: v + np.float32(0.5) for k, v in first.items()}  # the next persona version, far from the first
+
+    def send(kind: str, persona: dict) -> Message:
+        return handlers(kind, settings, {"arrays": to_record(persona),
+                                         "config": ConfigRecord({"persona": 0, "server-round": 1})})
+
+    def personal_versions() -> list:
+        return sorted(next((tmp_path / "devices").rglob(client_app.PERSONAL)).glob("v*"))
+
+    def stored() -> dict:
+        device, cfg_ = client_app._device(handlers.context, {**handlers.base, **settings})
+        return client_app._load_personal(device, cfg_, handlers.context)
+
+    assert "arrays" in send("train", first).content
+    assert len(personal_versions()) == 1
+    from_first = stored()
+    assert any(np.abs(from_first[k] - first[k]).max() > 1e-5 for k in first)  # fine-tuned, not a copy
+    send("evaluate", first)  # the version it was derived from: served as stored, not fine-tuned again
+    assert len(personal_versions()) == 1
+    send("evaluate", second)  # a new version: derived afresh from it
+    assert len(personal_versions()) == 2
+    from_second = stored()
+    moved = sum(float(((from_second[k] - second[k]) ** 2).sum()) for k in first)
+    stale = sum(float(((from_second[k] - from_first[k]) ** 2).sum()) for k in first)
+    assert moved < stale  # closer to the new version than to the adapter derived from the old one
+    send("evaluate", second)
+    assert len(personal_versions()) == 2
 
 
 def test_enrol_budget_is_kept_in_the_encrypted_device_state_and_bounds_the_ledger(tmp_path, monkeypatch):
