@@ -2,17 +2,19 @@
 
 The coordinator pools evaluation sums and never sees a user's predictions, so a federation's table can pair its
 adapters only with the private bias model, whose per-user terms travel in the same sums. The classical baselines
-(user+item bias, MF) are fitted in the simulation process, outside the federation. This script closes the gap
-for a simulation, after the fact: it loads the persona version the last evaluation served (the registry's stable
-version, a released artefact) and scores the same evaluation users exactly as their devices did (the same split,
-validation hold-out, released item statistics, prompts and, with `residual-to-bias`, prior), then pairs each
-user's MSE with the baselines' fitted on the same ratings. The pooled RMSE must equal the federation's own
-`persona_rmse`: a check that it scored what the devices scored.
+(global mean, item bias only, user+item bias, MF) are fitted in the simulation process, outside the federation.
+This script closes the gap for a simulation, after the fact: it loads the persona version the last evaluation
+served (the registry's stable version, a released artefact) and scores the same evaluation users exactly as their
+devices did (the same split, validation hold-out, released item statistics, prompts and, with `residual-to-bias`,
+prior), then pairs each user's MSE with the baselines' fitted on the same ratings. The pooled RMSE must equal the
+federation's own `persona_rmse`: a check that it scored what the devices scored.
 
     python -m simulations.rescore results/federated/k1 [results/federated-seed1/k1 ...]
 
 One persona only (K=1): which persona a device joined is kept on the device. Prints a table per run and, over
-several runs, each user's squared error averaged over runs, paired (as `simulations.centralised` does).
+several runs, each user's squared error averaged over runs, paired (as `simulations.centralised` does). Users
+with fewer than `cold-start-threshold` training ratings (`split=mixed`) get rows of their own: the cold-start
+comparison of #17 (persona adapter vs global mean and item bias only).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from common.split import sample_users, temporal_split, validation_split
 from server.registry import PersonaRegistry
 from server.serving import ITEM_STATS_FILE
 from simulations.centralised import paired_vs
-from simulations.classical import Biases, tune_mf
+from simulations.classical import Biases, GlobalMean, ItemBias, tune_mf
 
 
 def config_of(history: dict) -> FederationConfig:
@@ -86,10 +88,14 @@ def load_run(out: Path, eval_users: int | None = None) -> FinishedRun:
                        runtime(cfg.base_model, cfg.lora))
 
 
+BASELINES = ("global mean", "item bias only", "user+item bias", "matrix factorisation")
+
+
 def baselines(run: FinishedRun, who: np.ndarray, items) -> dict[str, np.ndarray]:
     """The classical baselines' predictions, fitted on the ratings the devices trained on."""
     # MF's own seed fixed, so runs of several training seeds are paired with one MF
-    return {"user+item bias": Biases().fit(run.fit).predict(who, items),
+    models = (GlobalMean(), ItemBias(), Biases())
+    return {**{name: m.fit(run.fit).predict(who, items) for name, m in zip(BASELINES, models)},
             "matrix factorisation": tune_mf(run.fit, seed=0).predict(who, items)}
 
 
@@ -102,32 +108,42 @@ def rescore(out: Path, eval_users: int | None = None) -> dict:
         print(f"  user {user}: {len(pred[-1])} ratings", flush=True)
     who, y = run.test["user"].to_numpy(), run.test["rating"].to_numpy()
     reported = run.history["evaluate"][max(run.history["evaluate"], key=int)]["persona_rmse"]
-    return {"run": str(out), "seed": run.cfg.seed, "who": who, "y": y, "persona": np.concatenate(pred),
+    counts = run.fit["user"].value_counts()
+    cold = run.test["user"].map(counts).fillna(0).to_numpy() < run.cfg.cold_start_threshold
+    return {"run": str(out), "seed": run.cfg.seed, "who": who, "y": y, "persona": np.concatenate(pred), "cold": cold,
             "reported": reported if eval_users in (None, run.cfg.eval_users) else float("nan"),
             **baselines(run, who, run.test["item"])}
 
 
 def table(runs: list[dict]) -> str:
-    lines = ["| run | persona adapter RMSE (reported by the federation) | vs user+item bias | vs matrix factorisation |",
-             "|---|---|---|---|"]
+    lines = ["| run | users | persona adapter RMSE (reported by the federation) | "
+             + " | ".join(f"vs {b}" for b in BASELINES) + " |", "|---|---:|---|" + "---|" * len(BASELINES)]
 
-    def ci(d) -> str:
-        return f"{d[0]:+.4f} [{d[1]:+.4f}, {d[2]:+.4f}]"
+    def row(label: str, err: np.ndarray, r: dict, rmse_text: str, keep: np.ndarray) -> str:
+        cells = []
+        for b in BASELINES:
+            d = paired_vs(err[keep], ((r[b] - r["y"]) ** 2)[keep], r["who"][keep])
+            cells.append(f"{d[0]:+.4f} [{d[1]:+.4f}, {d[2]:+.4f}]")
+        return f"| {label} | {len(np.unique(r['who'][keep]))} | {rmse_text} | " + " | ".join(cells) + " |"
+
+    def rows(label: str, err: np.ndarray, r: dict, rmse_of) -> list[str]:
+        out = [row(label, err, r, rmse_of(np.ones_like(r["cold"])), np.ones_like(r["cold"]))]
+        if r["cold"].any():
+            out.append(row(f"{label}, cold-start users only", err, r, rmse_of(r["cold"]), r["cold"]))
+        return out
 
     for r in runs:
         err = (r["persona"] - r["y"]) ** 2
-        lines.append(f"| {r['run']} (seed {r['seed']}) | {rmse(r['persona'], r['y']):.4f} ({r['reported']:.4f}) | "
-                     f"{ci(paired_vs(err, (r['user+item bias'] - r['y']) ** 2, r['who']))} | "
-                     f"{ci(paired_vs(err, (r['matrix factorisation'] - r['y']) ** 2, r['who']))} |")
+        lines += rows(f"{r['run']} (seed {r['seed']})", err, r,
+                      lambda k, r=r: f"{rmse(r['persona'][k], r['y'][k]):.4f}" + (
+                          f" ({r['reported']:.4f})" if k.all() else ""))
     if len(runs) > 1:
         first = runs[0]
         if any(not np.array_equal(r["who"], first["who"]) or not np.array_equal(r["y"], first["y"]) for r in runs):
             raise SystemExit("the runs evaluated different users or ratings: they cannot be paired")
         err = np.mean([(r["persona"] - r["y"]) ** 2 for r in runs], axis=0)
-        lines.append(f"| over the {len(runs)} runs (each user's squared error averaged) | "
-                     f"{np.mean([rmse(r['persona'], r['y']) for r in runs]):.4f} (mean) | "
-                     f"{ci(paired_vs(err, (first['user+item bias'] - first['y']) ** 2, first['who']))} | "
-                     f"{ci(paired_vs(err, (first['matrix factorisation'] - first['y']) ** 2, first['who']))} |")
+        lines += rows(f"over the {len(runs)} runs (each user's squared error averaged)", err, first,
+                      lambda k: f"{np.mean([rmse(r['persona'][k], r['y'][k]) for r in runs]):.4f} (mean)")
     return "\n".join(lines)
 
 

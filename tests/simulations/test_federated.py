@@ -368,7 +368,10 @@ def test_a_seed_replays_the_same_cohorts_although_flower_draws_new_node_ids(tmp_
     for r in runs:
         assert np.sqrt(np.mean((r["persona"] - r["y"]) ** 2)) == pytest.approx(r["reported"], rel=1e-5)
     np.testing.assert_allclose(runs[0]["persona"], runs[1]["persona"], atol=1e-5)
-    assert "over the 2 runs" in table(runs) and "vs matrix factorisation" in table(runs)
+    text = table(runs)
+    assert "over the 2 runs" in text and "| vs global mean | vs item bias only |" in text
+    # 16 training ratings each (25 x 0.8 x 0.8) are under the cold-start threshold of 20: the cold-start rows
+    assert all(r["cold"].all() for r in runs) and "cold-start users only" in text
     # Personal fine-tuning of that released adapter, per setting: steps 0 is the persona adapter as rescored, a
     # trained setting moves the predictions, and the chosen setting is the one with the lowest validation RMSE.
     from simulations import personal_tuning
