@@ -136,7 +136,7 @@ def table(runs: list[dict]) -> str:
         err = (r["persona"] - r["y"]) ** 2
         lines += rows(f"{r['run']} (seed {r['seed']})", err, r,
                       lambda k, r=r: f"{rmse(r['persona'][k], r['y'][k]):.4f}" + (
-                          f" ({r['reported']:.4f})" if k.all() else ""))
+                          f" ({r['reported']:.4f})" if k.all() and np.isfinite(r["reported"]) else ""))
     if len(runs) > 1:
         first = runs[0]
         if any(not np.array_equal(r["who"], first["who"]) or not np.array_equal(r["y"], first["y"]) for r in runs):
