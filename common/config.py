@@ -138,9 +138,11 @@ class FederationConfig:
     min_train_nodes: int = 2
     local_steps: int = 2  # steps on the persona adapter per round
     # The on-device personal adapter: the newest persona adapter the device received, fine-tuned this many steps
-    # on its own ratings at `personal_lr` (0: `lr`), again whenever a new persona version arrives.
+    # on its own ratings at `personal_lr` (0: `lr`), again whenever a new persona version arrives. 3e-4 beat 2e-3
+    # on the validation ratings at 2 and at 8 steps (`simulations.personal_tuning`, docs/results.md); 8 steps
+    # scored better on validation still, but cost 4x the personal training's wall and scored worse on test.
     personal_steps: int = 2
-    personal_lr: float = 0.0
+    personal_lr: float = 3e-4
     rows_per_step: int = 1
     items_per_row: int = 8
     lr: float = 2e-3

@@ -55,7 +55,7 @@ def test_negative_memory_items_are_refused():
 def test_personal_lr_zero_follows_lr_and_bad_values_are_refused():
     import pytest
 
-    assert FederationConfig.from_run_config({"lr": 0.01}).personal_train().lr == 0.01
+    assert FederationConfig.from_run_config({"lr": 0.01, "personal-lr": 0.0}).personal_train().lr == 0.01
     assert FederationConfig.from_run_config({"lr": 0.01, "personal-lr": 3e-4}).personal_train().lr == 3e-4
     for bad in (-1e-3, float("nan"), float("inf"), 2.0):
         with pytest.raises(ValueError, match="personal-lr"):
