@@ -93,10 +93,11 @@ BASELINES = ("global mean", "item bias only", "user+item bias", "matrix factoris
 
 def baselines(run: FinishedRun, who: np.ndarray, items) -> dict[str, np.ndarray]:
     """The classical baselines' predictions, fitted on the ratings the devices trained on."""
-    # MF's own seed fixed, so runs of several training seeds are paired with one MF
-    models = (GlobalMean(), ItemBias(), Biases())
-    return {**{name: m.fit(run.fit).predict(who, items) for name, m in zip(BASELINES, models)},
-            "matrix factorisation": tune_mf(run.fit, seed=0).predict(who, items)}
+    models = {"global mean": GlobalMean().fit(run.fit), "item bias only": ItemBias().fit(run.fit),
+              "user+item bias": Biases().fit(run.fit),
+              # MF's own seed fixed, so runs of several training seeds are paired with one MF
+              "matrix factorisation": tune_mf(run.fit, seed=0)}
+    return {name: models[name].predict(who, items) for name in BASELINES}
 
 
 def rescore(out: Path, eval_users: int | None = None) -> dict:
