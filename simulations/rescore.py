@@ -14,7 +14,9 @@ federation's own `persona_rmse`: a check that it scored what the devices scored.
 One persona only (K=1): which persona a device joined is kept on the device. Prints a table per run and, over
 several runs, each user's squared error averaged over runs, paired (as `simulations.centralised` does). Users
 with fewer than `cold-start-threshold` training ratings (`split=mixed`) get rows of their own: the cold-start
-comparison of #17 (persona adapter vs global mean and item bias only).
+comparison of #17 (persona adapter vs global mean and item bias only). `--cold-only` scores only those users:
+
+    python -m simulations.rescore results/mixed/k1 results/mixed-seed1/k1 --eval-users 240 --cold-only
 """
 
 from __future__ import annotations
@@ -68,9 +70,16 @@ class FinishedRun:
         return d.use_item_stats(self.released) if self.released is not None else d
 
 
-def load_run(out: Path, eval_users: int | None = None) -> FinishedRun:
+def cold_users(fit, users, threshold: int) -> np.ndarray:
+    """The users among `users` with fewer than `threshold` ratings in `fit` (the cold-start users)."""
+    counts = fit["user"].value_counts()
+    return np.asarray([u for u in users if counts.get(u, 0) < threshold])
+
+
+def load_run(out: Path, eval_users: int | None = None, cold_only: bool = False) -> FinishedRun:
     """Load the federation in `out` (its coordinator out-dir). `eval_users` other than the run's own samples that
-    many users with the run's `eval-seed` (more users: more power; then the reported RMSE is not comparable)."""
+    many users with the run's `eval-seed` (more users: more power; then the reported RMSE is not comparable).
+    `cold_only` keeps only the cold-start users among them (fewer than `cold-start-threshold` training ratings)."""
     history = json.loads((out / "history.json").read_text())
     cfg = config_of(history)
     if history["personas"]["k"] != 1:
@@ -79,6 +88,8 @@ def load_run(out: Path, eval_users: int | None = None) -> FinishedRun:
     split = temporal_split(data.ratings, split_preset(cfg.split))
     fit, val = validation_split(split.train, cfg.validation_fraction)
     users = sample_users(split.users, eval_users or cfg.eval_users, cfg.eval_seed)
+    if cold_only:
+        users = cold_users(fit, users, cfg.cold_start_threshold)
     registry = PersonaRegistry(out)
     stats_file = out / ITEM_STATS_FILE
     test = split.test[split.test["user"].isin(users)].sort_values(["user", "ts", "item"], kind="stable")
@@ -100,9 +111,9 @@ def baselines(run: FinishedRun, who: np.ndarray, items) -> dict[str, np.ndarray]
     return {name: models[name].predict(who, items) for name in BASELINES}
 
 
-def rescore(out: Path, eval_users: int | None = None) -> dict:
+def rescore(out: Path, eval_users: int | None = None, cold_only: bool = False) -> dict:
     """Per-user predictions of the federation in `out` (its coordinator out-dir) and of the baselines."""
-    run = load_run(out, eval_users)
+    run = load_run(out, eval_users, cold_only)
     pred = []
     for user in run.users:
         pred.append(run.device(user).predict(run.arrays))
@@ -112,7 +123,7 @@ def rescore(out: Path, eval_users: int | None = None) -> dict:
     counts = run.fit["user"].value_counts()
     cold = run.test["user"].map(counts).fillna(0).to_numpy() < run.cfg.cold_start_threshold
     return {"run": str(out), "seed": run.cfg.seed, "who": who, "y": y, "persona": np.concatenate(pred), "cold": cold,
-            "reported": reported if eval_users in (None, run.cfg.eval_users) else float("nan"),
+            "reported": reported if eval_users in (None, run.cfg.eval_users) and not cold_only else float("nan"),
             **baselines(run, who, run.test["item"])}
 
 
@@ -154,8 +165,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--eval-users", type=int, default=None,
                     help="score this many users (sampled with the run's eval-seed) instead of the run's own; "
                          "e.g. 216 for every paper-protocol user")
+    ap.add_argument("--cold-only", action="store_true",
+                    help="score only the cold-start users among them (fewer than cold-start-threshold training "
+                         "ratings): e.g. with --eval-users 240, every cold-start user of split=mixed")
     args = ap.parse_args(argv)
-    runs = [rescore(Path(p), args.eval_users) for p in args.runs]
+    runs = [rescore(Path(p), args.eval_users, args.cold_only) for p in args.runs]
     print("\nPaired per-user MSE difference, persona adapter minus baseline [95% CI]:\n")
     print(table(runs))
 

@@ -372,6 +372,9 @@ def test_a_seed_replays_the_same_cohorts_although_flower_draws_new_node_ids(tmp_
     assert "over the 2 runs" in text and "| vs global mean | vs item bias only |" in text
     # 16 training ratings each (25 x 0.8 x 0.8) are under the cold-start threshold of 20: the cold-start rows
     assert all(r["cold"].all() for r in runs) and "cold-start users only" in text
+    cold = rescore(tmp_path / "a" / "out", cold_only=True)  # every user here is cold: the same users, same scores
+    np.testing.assert_array_equal(cold["who"], runs[0]["who"])
+    np.testing.assert_allclose(cold["persona"], runs[0]["persona"], atol=1e-6)
     # Personal fine-tuning of that released adapter, per setting: steps 0 is the persona adapter as rescored, a
     # trained setting moves the predictions, and the chosen setting is the one with the lowest validation RMSE.
     from simulations import personal_tuning
