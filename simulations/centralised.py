@@ -14,8 +14,12 @@ federation's defaults and were not tuned. With `--val-fraction` each user's late
 everything as validation, and only the weight of the adapter's blend with user+item bias is fitted on them
 (`common.blend`'s least squares, as the federation pools it); nothing is ever chosen on test ratings.
 
+`--residual` trains the adapter as a correction to user+item bias (as `residual-to-bias` does in the federation);
+`--residual-base mf` to matrix factorisation instead: an upper bound for a private collaborative base, measured
+before building its release.
+
 `python -m simulations.centralised [--item-stats] [--steps 100] [--eval-at 50] [--seeds 0] [--eval-users 40]
-[--val-fraction 0.1] [--with-runs earlier.json ...]`
+[--val-fraction 0.1] [--residual [--residual-base mf]] [--with-runs earlier.json ...]`
 prints progress (and, with `--eval-at`, the evaluation users' RMSE at those steps),
 the table (RMSE, MAE, and the paired per-user difference of MSE against user+item bias with a 95% interval), and
 writes `results/centralised/<tag>.{md,json}`.
@@ -42,7 +46,7 @@ from common.prompt import PromptBuilder, item_stats, item_stats_text, movie_text
 from common.scoring import RatingHead, predict_with_prefix, rating_loss
 from common.split import sample_users, temporal_split, validation_split
 from common.training import PackedRow, pack, packed_rating_logits
-from simulations.classical import Biases, GlobalMean, tune_mf
+from simulations.classical import Biases, GlobalMean, out_of_fold, tune_mf
 
 
 def movie_prompts(items: pd.DataFrame, builder: PromptBuilder, stats: pd.DataFrame | None) -> dict[int, list[int]]:
@@ -54,9 +58,11 @@ def movie_prompts(items: pd.DataFrame, builder: PromptBuilder, stats: pd.DataFra
     return {int(i): builder.suffix_ids(text(i)) for i in items.index}
 
 
-def user_rows(train: pd.DataFrame, items: pd.DataFrame, builder: PromptBuilder, base=None) -> dict[int, tuple]:
+def user_rows(train: pd.DataFrame, items: pd.DataFrame, builder: PromptBuilder,
+              base: np.ndarray | None = None) -> dict[int, tuple]:
     """Per user: (prefix ids, training item ids, ratings, base predictions or None), without the movies the
-    profile quotes. `base` (a fitted user+item bias model) gives each rating's base for `--residual`."""
+    profile quotes. `base` (one per row of `train`, in its order) is each rating's base for `--residual`."""
+    base = None if base is None else pd.Series(base, index=train.index)
     out = {}
     recent = PromptConfig().recent_items
     for user, rows in train.groupby("user"):
@@ -65,7 +71,7 @@ def user_rows(train: pd.DataFrame, items: pd.DataFrame, builder: PromptBuilder, 
         targets = rows if targets.empty else targets
         out[int(user)] = (builder.prefix_ids(user_profile(rows, items)), targets["item"].to_numpy(),
                           targets["rating"].to_numpy(np.float64),
-                          None if base is None else base.predict(targets["user"].to_numpy(), targets["item"]))
+                          None if base is None else base.loc[targets.index].to_numpy(np.float64))
     return out
 
 
@@ -135,11 +141,12 @@ def previous_runs(paths: list[str], args: argparse.Namespace) -> list[dict]:
     """Runs of earlier invocations with the same settings (other seeds) to pool with this one's: a long measurement
     can be taken one seed at a time. Their blends are refitted here from their saved validation predictions."""
     same = ("dataset", "split", "base_model", "eval_users", "eval_seed", "steps", "rows_per_step", "items_per_row",
-            "lr", "lora_rank", "lora_targets", "item_stats", "val_fraction", "residual")
+            "lr", "lora_rank", "lora_targets", "item_stats", "val_fraction", "residual", "residual_base")
+    before = {"residual": False, "residual_base": "bias"}  # files from before these options existed
     runs = []
     for path in paths:
         earlier = json.loads(Path(path).read_text())
-        differ = [k for k in same if earlier["args"].get(k, False if k == "residual" else None) != getattr(args, k)]
+        differ = [k for k in same if earlier["args"].get(k, before.get(k)) != getattr(args, k)]
         if differ:
             raise SystemExit(f"{path} was run with other settings: {differ}")
         runs += earlier["runs"]
@@ -157,15 +164,24 @@ def run(args: argparse.Namespace) -> dict:
     print(f"{len(train):,} training ratings of {train['user'].nunique()} users; evaluation: "
           f"{len(users)} users, {len(test):,} test ratings" + (f", {len(val):,} validation ratings" if len(val) else ""),
           flush=True)
-    bias_model = Biases().fit(train)
+    bias_model, mf_model = Biases().fit(train), tune_mf(train, seed=0)
     preds = {"global mean": GlobalMean().fit(train).predict(who, test["item"]),
              "user+item bias": bias_model.predict(who, test["item"]),
-             "matrix factorisation": tune_mf(train, seed=0).predict(who, test["item"])}
+             "matrix factorisation": mf_model.predict(who, test["item"])}
     stats = item_stats(train) if args.item_stats else None
-    tag = ("slm-item-stats" if args.item_stats else "slm") + ("-residual" if args.residual else "")
-    base = bias_model if args.residual else None
-    test_base = base.predict(who, test["item"]) if base is not None else None
-    val_base = base.predict(val["user"].to_numpy(), val["item"]) if base is not None and len(val) else None
+    mf_base = args.residual and args.residual_base == "mf"
+    tag = ("slm-item-stats" if args.item_stats else "slm") + ("-residual" if args.residual else "") + \
+        ("-mf" if mf_base else "")
+    # The model the adapter corrects (`--residual`) and blends with: user+item bias, or MF (scored out of fold on
+    # the training rows, `classical.out_of_fold`; the bias model's in-sample residuals are as honest as the
+    # federation's device-side ones, a handful of parameters per user).
+    base = mf_model if mf_base else bias_model
+    base_name = "matrix factorisation" if mf_base else "user+item bias"
+    train_base = None if not args.residual else (
+        out_of_fold(train, lambda part: tune_mf(part, seed=0)) if mf_base
+        else bias_model.predict(train["user"].to_numpy(), train["item"]))
+    test_base = base.predict(who, test["item"]) if args.residual else None
+    val_base = base.predict(val["user"].to_numpy(), val["item"]) if args.residual and len(val) else None
     earlier = previous_runs(args.with_runs, args)  # checked before training: a mismatch costs nothing
     runs = []
     for seed in args.seeds:
@@ -176,7 +192,7 @@ def run(args: argparse.Namespace) -> dict:
         builder, head = PromptBuilder(tokenizer, PromptConfig()), RatingHead(tokenizer)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         suffix = movie_prompts(data.items, builder, stats)
-        rows = user_rows(train, data.items, builder, base)
+        rows = user_rows(train, data.items, builder, train_base)
         start = time.perf_counter()
         print(f"seed {seed}: training {args.steps} steps x {args.rows_per_step} rows x {args.items_per_row} "
               f"ratings ({tag})", flush=True)
@@ -196,19 +212,18 @@ def run(args: argparse.Namespace) -> dict:
                 "eval_seconds": time.perf_counter() - start - train_s, "final_loss": float(np.mean(losses[-10:]))}
         if len(val):
             val_pred = score(model, head, prefixes, val, suffix, pad, val_base)
-            w = blend_weight(val_pred, bias_model.predict(val["user"].to_numpy(), val["item"]),
-                             val["rating"].to_numpy())
+            w = blend_weight(val_pred, base.predict(val["user"].to_numpy(), val["item"]), val["rating"].to_numpy())
             run_.update(val_pred=val_pred.tolist(), blend_weight=w,
-                        blend_pred=(w * pred + (1 - w) * preds["user+item bias"]).tolist())
+                        blend_pred=(w * pred + (1 - w) * preds[base_name]).tolist())
             print(f"seed {seed}: blend weight of the adapter, tuned on validation: {w:.2f}", flush=True)
         runs.append(run_)
         print(f"seed {seed}: RMSE {rmse(pred, y):.4f} ({train_s:.0f} s training)", flush=True)
     if len(val):  # every run's blend fitted alike (earlier files may predate the least-squares weight)
-        bias_val = bias_model.predict(val["user"].to_numpy(), val["item"])
+        base_val = base.predict(val["user"].to_numpy(), val["item"])
         for run_ in earlier:
-            w = blend_weight(np.array(run_["val_pred"]), bias_val, val["rating"].to_numpy())
+            w = blend_weight(np.array(run_["val_pred"]), base_val, val["rating"].to_numpy())
             run_.update(blend_weight=w, blend_pred=(w * np.array(run_["pred"])
-                                                    + (1 - w) * preds["user+item bias"]).tolist())
+                                                    + (1 - w) * preds[base_name]).tolist())
     runs = sorted(earlier + runs, key=lambda r: r["seed"])
     if len({r["seed"] for r in runs}) != len(runs):
         raise SystemExit(f"a seed appears twice: {[r['seed'] for r in runs]}")
@@ -219,10 +234,10 @@ def run(args: argparse.Namespace) -> dict:
                       "diff_vs_bias": paired_vs((p - y) ** 2, bias_err, who) if name != "user+item bias" else None})
     slm = np.array([r["pred"] for r in runs])
     name = (f"centralised SLM adapter{' + item stats' if args.item_stats else ''}"
-            f"{', residual to user+item bias' if args.residual else ''}")
+            f"{f', residual to {base_name}' if args.residual else ''}")
     mf_err = (preds["matrix factorisation"] - y) ** 2
     for label, preds_ in ((name, slm),
-                          *(((f"{name}, blended with user+item bias (weight tuned on validation)",
+                          *(((f"{name}, blended with {base_name} (weight tuned on validation)",
                               np.array([r["blend_pred"] for r in runs])),) if len(val) else ())):
         per_seed = [rmse(p, y) for p in preds_]
         table.append({"method": label, "rmse": float(np.mean(per_seed)),
@@ -285,6 +300,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--residual", action="store_true",
                     help="train the adapter as a correction to user+item bias: its five logits are added to a "
                          "prior whose expected rating is the bias model's prediction (common.scoring)")
+    ap.add_argument("--residual-base", choices=("bias", "mf"), default="bias",
+                    help="with --residual: the model the adapter corrects and blends with, user+item bias or "
+                         "matrix factorisation (MF scored out of fold on the training rows; an upper bound for a "
+                         "private collaborative base, which the federation does not release)")
     ap.add_argument("--val-fraction", type=float, default=0.0,
                     help="hold out each user's latest fraction of training ratings as validation (everything then "
                          "trains on the rest) and tune a blend of the adapter with user+item bias on it")

@@ -142,6 +142,21 @@ class MatrixFactorization:
         return _clip(pred.numpy().astype(np.float64))
 
 
+def out_of_fold(train: pd.DataFrame, fit, folds: int = 5, seed: int = 0) -> np.ndarray:
+    """Each training row's prediction by a model that never saw it (`fit(ratings) -> model`, fitted once per fold
+    on the other folds' rows), in `train`'s row order. A base for an adapter to correct must be scored this way on
+    training rows: in-sample, a flexible model (MF) has already absorbed most of their residual, so the adapter
+    would learn to correct errors far smaller than the ones it meets on new ratings."""
+    fold = np.random.default_rng(seed).integers(0, folds, size=len(train))
+    out = np.full(len(train), np.nan)
+    for f in range(folds):
+        held = fold == f
+        if held.any():
+            rows = train[held]
+            out[held] = fit(train[~held]).predict(rows["user"].to_numpy(), rows["item"])
+    return out
+
+
 def tune_mf(train: pd.DataFrame, valid_frac: float = 0.1, seed: int = 0,
             grid: tuple[tuple[int, float], ...] = ((32, 0.1), (32, 0.15), (32, 0.2))
             ) -> MatrixFactorization:

@@ -95,3 +95,28 @@ def test_a_residual_run_trains_a_correction_to_user_bias_and_is_not_pooled_with_
     with pytest.raises(SystemExit, match="residual"):
         main([*common, "--seeds", "1", "--out", str(tmp_path / "o"), "--with-runs",
               str(tmp_path / "res" / "slm-item-stats-residual.json")])
+
+
+def test_a_residual_to_mf_run_corrects_and_blends_with_mf_and_is_not_pooled_with_a_bias_one(ml100k_dir, tmp_path):
+    common = ["--dataset", str(ml100k_dir), "--split", "default", "--base-model", "tiny", "--steps", "2",
+              "--eval-users", "6", "--seeds", "0", "--item-stats", "--val-fraction", "0.2", "--residual"]
+    main([*common, "--residual-base", "mf", "--out", str(tmp_path / "mf")])
+    result = json.loads((tmp_path / "mf" / "slm-item-stats-residual-mf.json").read_text())
+    methods = [r["method"] for r in result["table"]]
+    assert "residual to matrix factorisation" in methods[3] and "blended with matrix factorisation" in methods[4]
+    # the blend is w x adapter + (1 - w) x MF's prediction (MF refitted here on the same training ratings)
+    from common.config import split_preset
+    from common.data import load_movielens
+    from common.split import sample_users, temporal_split, validation_split
+    from simulations.classical import tune_mf
+
+    split = temporal_split(load_movielens(str(ml100k_dir)).ratings, split_preset("default"))
+    train, _ = validation_split(split.train, 0.2)
+    test = split.test[split.test["user"].isin(sample_users(split.users, 6, 0))].reset_index(drop=True)
+    mf = tune_mf(train, seed=0).predict(test["user"].to_numpy(), test["item"])
+    run = result["runs"][0]
+    w = run["blend_weight"]
+    np.testing.assert_allclose(run["blend_pred"], w * np.array(run["pred"]) + (1 - w) * mf, atol=1e-6)
+    with pytest.raises(SystemExit, match="residual_base"):
+        main([*common, "--seeds", "1", "--out", str(tmp_path / "o"), "--with-runs",
+              str(tmp_path / "mf" / "slm-item-stats-residual-mf.json")])

@@ -3,7 +3,7 @@ import pytest
 
 from common.metrics import rmse
 from common.split import temporal_split
-from simulations.classical import Biases, GlobalMean, MatrixFactorization, tune_mf
+from simulations.classical import Biases, GlobalMean, MatrixFactorization, out_of_fold, tune_mf
 from tests.conftest import make_data
 
 
@@ -50,3 +50,26 @@ def test_item_bias_ignores_who_is_asking_and_shrinks_rare_movies():
     mu = train["rating"].mean()
     assert a == pytest.approx(mu + 3 * (5 - mu) / (3 + 10))  # regularised towards the global mean
     assert model.predict([1], [12])[0] == pytest.approx(mu)  # an unseen movie: the global mean
+
+
+class _Lookup:
+    """Remembers each (user, item)'s rating: a model that can only echo rows it was fitted on."""
+
+    def fit(self, train):
+        self.seen = {(u, i): r for u, i, r in train[["user", "item", "rating"]].itertuples(index=False)}
+        return self
+
+    def predict(self, users, items):
+        return np.array([self.seen.get((u, i), np.nan) for u, i in zip(users, items)])
+
+
+def test_out_of_fold_predicts_every_row_with_a_model_that_never_saw_it():
+    ratings, _, _ = make_data(n_users=12, n_items=30, per_user=10, seed=3)
+    ratings = ratings.sample(frac=1.0, random_state=0)  # any row order: predictions come back in it
+    assert np.isnan(out_of_fold(ratings, lambda part: _Lookup().fit(part), folds=4)).all()
+    # and a real model's out-of-fold predictions, in row order, are worse on its own rows than in-sample ones
+    oof = out_of_fold(ratings, lambda part: MatrixFactorization(rank=8, reg=0.01, epochs=200, seed=0).fit(part))
+    insample = MatrixFactorization(rank=8, reg=0.01, epochs=200, seed=0).fit(ratings).predict(
+        ratings["user"].to_numpy(), ratings["item"])
+    y = ratings["rating"].to_numpy()
+    assert np.isfinite(oof).all() and rmse(oof, y) > rmse(insample, y) + 0.05
