@@ -22,7 +22,11 @@ Groupings:
   clipped to norm 1).
 - `random`: a seeded random partition (the floor).
 
-`python -m simulations.persona_separation [--split paper] [--ks 2,4,8] [--seeds 5] [--iters 4]` prints a table
+With `--dp-epsilon 8` the same groupings are formed again under the coordinator's user-level DP noise (issue #17,
+goal 3: does private discovery find more than one non-empty persona?).
+
+`python -m simulations.persona_separation [--split paper] [--ks 2,4,8] [--seeds 5] [--iters 4] [--dp-epsilon 8]`
+prints a table
 and writes `results/persona_separation/results.{md,json}`. Nothing here is tuned on test ratings: the shrinkage
 constants are fixed a priori (the same as the user+item bias baseline's).
 """
@@ -62,17 +66,37 @@ def genre_deviations(train: pd.DataFrame, items: pd.DataFrame, users: np.ndarray
     return sums / (counts + GENRE_SHRINK)
 
 
-def lloyd(x: np.ndarray, users: np.ndarray, k: int, iters: int, seed: int) -> np.ndarray:
+def lloyd(x: np.ndarray, users: np.ndarray, k: int, iters: int, seed: int, noise_std: float = 0.0) -> np.ndarray:
     """Federated k-means' math on one machine: random-partition start from a seeded hash of the user id, then
-    `iters` rounds of nearest-centroid assignment and slot means (an empty slot keeps its centroid)."""
+    `iters` rounds of nearest-centroid assignment and slot means (an empty slot keeps its centroid).
+
+    `noise_std` > 0 is the coordinator's user-level Gaussian mechanism on each of the iters + 1 slot sums: every
+    user's (vector, count) contribution has norm <= EMBED_BOUND (vectors of norm <= 1, as devices send them) and
+    each summed coordinate, counts included, gets N(0, noise_std) (seeded here: a measurement, not a release)."""
+    rng = np.random.default_rng([seed, 1])
     labels = np.array([initial_slot(int(u), k, seed) for u in users])
     centroids = None
     for _ in range(iters + 1):
         sums = np.zeros((k, x.shape[1]))
         np.add.at(sums, labels, x)
-        centroids = update_centroids(sums, np.bincount(labels, minlength=k).astype(float), centroids)
+        counts = np.bincount(labels, minlength=k).astype(float)
+        if noise_std > 0:
+            sums, counts = sums + rng.normal(0, noise_std, sums.shape), counts + rng.normal(0, noise_std, k)
+        centroids = update_centroids(sums, counts, centroids)
         labels = np.array([nearest(v, centroids) for v in x])
     return labels
+
+
+def discovery_noise_std(epsilon: float, users: int, k: int, iters: int, rounds: int, sample_rate: float) -> float:
+    """The std the coordinator adds to each discovery sum for a user-level target `epsilon` per persona, from its
+    own privacy plan (`server.server_app.privacy_plan`: discovery and item-statistics releases, then `rounds`
+    persona releases at `sample_rate`), with iters + 1 k-means releases as `lloyd` makes them."""
+    from common.config import FederationConfig
+    from server.server_app import EMBED_BOUND, privacy_plan
+
+    cfg = FederationConfig(num_personas=k, kmeans_iters=iters + 1, num_rounds=rounds, fraction_train=sample_rate,
+                           dp_user_target_epsilon=epsilon, item_stats=True, discovery_features="genre-deviation")
+    return privacy_plan(cfg, users)[1] * EMBED_BOUND
 
 
 def separation(x: np.ndarray, labels: np.ndarray) -> float:
@@ -123,7 +147,10 @@ def paired(a: np.ndarray, b: np.ndarray, users: np.ndarray) -> tuple[float, floa
 
 def run(split: str = "paper", ks: tuple[int, ...] = (2, 4, 8), seeds: int = 5, iters: int = 4,
         groupings: tuple[str, ...] = ("profile-embedding", "genre-deviation", "random"),
-        data=None) -> list[dict]:
+        data=None, dp_epsilon: float = 0.0, dp_rounds: int = 5, dp_sample_rate: float = 0.06) -> list[dict]:
+    """With `dp_epsilon` > 0 the profile-embedding and genre-deviation groupings are formed again under the
+    coordinator's user-level DP noise for that epsilon (rows "<grouping>, user-level DP ε=<e>"), every user of
+    the split contributing (the federation's cold-start devices send zeros instead; the paper split has none)."""
     data = data if data is not None else load_movielens("ml-100k")
     sp = temporal_split(data.ratings, split_preset(split))
     train, test = sp.train, sp.test
@@ -142,35 +169,41 @@ def run(split: str = "paper", ks: tuple[int, ...] = (2, 4, 8), seeds: int = 5, i
     one = {u: 0 for u in users}
     base = {(w, lv): persona_errors(train, test, data.items, one, w == "warm", lv) for w, lv in MODELS}
     rows = []
-    for name in groupings:
+    private = [(f"{g}, user-level DP ε={dp_epsilon:g}", g) for g in groupings if g != "random"] if dp_epsilon else []
+    for name, source in [(g, g) for g in groupings] + private:
         for k in ks:
+            noise = discovery_noise_std(dp_epsilon, len(users), k, iters, dp_rounds, dp_sample_rate) \
+                if name != source else 0.0
             per_seed = []
             for seed in range(seeds):
                 if name == "random":
                     labels = np.random.default_rng(seed).integers(0, k, len(users))
                 else:
-                    labels = lloyd(features[name], users, k, iters, seed)
+                    labels = lloyd(features[source], users, k, iters, seed, noise)
                 persona = dict(zip(users, labels))
-                out = {"separation": separation(x_genre, labels), "sizes": np.bincount(labels, minlength=k).tolist()}
+                sizes = np.bincount(labels, minlength=k)
+                out = {"separation": separation(x_genre, labels), "sizes": sizes.tolist(),
+                       "non_empty": int((sizes > 0).sum()), **({"noise_std": noise} if noise else {})}
                 for w, lv in MODELS:
                     err = persona_errors(train, test, data.items, persona, w == "warm", lv)
                     out[f"rmse_{w}_{lv}"] = float(np.sqrt(err.mean()))
                     out[f"diff_{w}_{lv}"] = paired(err, base[(w, lv)], test["user"].to_numpy())
                 per_seed.append(out)
             row = {"grouping": name, "k": k, "users": len(users), "test_ratings": len(test), "seeds": per_seed}
-            for key in ("separation",) + tuple(f"rmse_{w}_{lv}" for w, lv in MODELS):
+            for key in ("separation", "non_empty") + tuple(f"rmse_{w}_{lv}" for w, lv in MODELS):
                 vals = np.array([s[key] for s in per_seed])
                 row[key] = float(vals.mean())
                 row[key + "_sd"] = float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
             rows.append(row)
     first = {"grouping": "one persona", "k": 1, "users": len(users), "test_ratings": len(test),
-             "separation": 0.0, "separation_sd": 0.0, "seeds": []}
+             "separation": 0.0, "separation_sd": 0.0, "non_empty": 1.0, "non_empty_sd": 0.0, "seeds": []}
     for w, lv in MODELS:
         first[f"rmse_{w}_{lv}"], first[f"rmse_{w}_{lv}_sd"] = float(np.sqrt(base[(w, lv)].mean())), 0.0
     rows.insert(0, first)
     own = {u: i for i, u in enumerate(users)}
     last = {"grouping": "each user", "k": len(users), "users": len(users), "test_ratings": len(test),
-            "separation": 1.0, "separation_sd": 0.0, "seeds": [{}]}
+            "separation": 1.0, "separation_sd": 0.0, "non_empty": float(len(users)), "non_empty_sd": 0.0,
+            "seeds": [{}]}
     for w, lv in MODELS:
         err = persona_errors(train, test, data.items, own, w == "warm", lv)
         last[f"rmse_{w}_{lv}"], last[f"rmse_{w}_{lv}_sd"] = float(np.sqrt(err.mean())), 0.0
@@ -190,9 +223,11 @@ def markdown(rows: list[dict]) -> str:
         return text
 
     head = " | ".join(f"{w} {lv}: RMSE (MSE diff vs K=1 [95% CI])" for w, lv in MODELS)
-    lines = [f"| grouping | K | separation | {head} |", "|---|---:|---:|" + "---:|" * len(MODELS)]
+    lines = [f"| grouping | K | non-empty personas | separation | {head} |",
+             "|---|---:|---:|---:|" + "---:|" * len(MODELS)]
     for r in rows:
-        lines.append(f"| {r['grouping']} | {r['k']} | {r['separation']:.3f} +- {r['separation_sd']:.3f} | "
+        lines.append(f"| {r['grouping']} | {r['k']} | {r['non_empty']:.1f} | "
+                     f"{r['separation']:.3f} +- {r['separation_sd']:.3f} | "
                      + " | ".join(cell(r, w, lv) for w, lv in MODELS) + " |")
     return "\n".join(lines)
 
@@ -203,10 +238,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ks", default="2,4,8")
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--iters", type=int, default=4, help="Lloyd iterations (the federation's kmeans-iters)")
+    ap.add_argument("--dp-epsilon", type=float, default=0.0,
+                    help="also form the personas under the coordinator's user-level DP for this target epsilon "
+                         "per persona (discovery, item statistics and --dp-rounds persona releases accounted)")
+    ap.add_argument("--dp-rounds", type=int, default=5, help="persona releases the epsilon also covers")
+    ap.add_argument("--dp-sample-rate", type=float, default=0.06, help="the federation's fraction-train")
     ap.add_argument("--out", default="results/persona_separation")
     args = ap.parse_args(argv)
     t0 = time.time()
-    rows = run(args.split, tuple(int(k) for k in args.ks.split(",")), args.seeds, args.iters)
+    rows = run(args.split, tuple(int(k) for k in args.ks.split(",")), args.seeds, args.iters,
+               dp_epsilon=args.dp_epsilon, dp_rounds=args.dp_rounds, dp_sample_rate=args.dp_sample_rate)
     table = markdown(rows)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,8 @@ import numpy as np
 import pandas as pd
 
 from common.data import MovieLens
-from simulations.persona_separation import genre_deviations, lloyd, persona_errors, run, separation
+from simulations.persona_separation import (discovery_noise_std, genre_deviations, lloyd, persona_errors, run,
+                                            separation)
 
 GENRES = ("Action", "Comedy", "Drama", "Horror")
 
@@ -66,3 +67,20 @@ def test_run_reports_every_grouping_and_k_on_the_same_users():
     by = {(r["grouping"], r["k"]): r for r in rows}
     assert by[("genre-deviation", 3)]["separation"] > by[("random", 3)]["separation"] + 0.3
     assert by[("genre-deviation", 3)]["rmse_warm_genre"] < by[("one persona", 1)]["rmse_warm_genre"]
+
+
+def test_private_discovery_uses_the_coordinators_noise_and_drowns_under_too_much_of_it():
+    # the noise follows the accountant: less epsilon, more noise; it does not depend on the data
+    assert 0 < discovery_noise_std(8.0, 943, 4, 4, 5, 0.06) < discovery_noise_std(1.0, 943, 4, 4, 5, 0.06)
+    data, group = _planted()
+    users = np.arange(60)
+    x = genre_deviations(data.ratings, data.items, users)
+    light = np.mean([separation(x, lloyd(x, users, 3, iters=10, seed=s, noise_std=0.05)) for s in range(5)])
+    heavy = np.mean([separation(x, lloyd(x, users, 3, iters=10, seed=s, noise_std=50.0)) for s in range(5)])
+    assert light > 0.5 and heavy < light - 0.2, (light, heavy)
+    rows = run("default", ks=(3,), seeds=2, iters=6, groupings=("genre-deviation", "random"), data=data,
+               dp_epsilon=8.0)
+    private = [r for r in rows if r["grouping"] == "genre-deviation, user-level DP ε=8"]
+    assert len(private) == 1 and 1 <= private[0]["non_empty"] <= 3
+    assert all(s["noise_std"] == discovery_noise_std(8.0, 60, 3, 6, 5, 0.06) for s in private[0]["seeds"])
+    assert not any("random, user-level" in r["grouping"] for r in rows)
