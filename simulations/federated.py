@@ -7,7 +7,7 @@
     python -m simulations.federated --personas 2,4,8,elbow --epsilons 1,4,8 --repeats 3   # the full comparison
 
 Runs, on the same split and the same seeded evaluation users (`MAIN_JOB` below: item statistics, residual adapters,
-a validation split; `--set` changes any setting):
+a validation split, genre-deviation personas; `--set` changes any setting):
   classical baselines and the SLM with vanilla prompting (no adapter),
   the federation with K=1 (one shared adapter) and with K personas,
   optionally the K-persona federation under user-level DP at several epsilons (`--epsilons`),
@@ -45,10 +45,12 @@ from simulations.classical import Biases, GlobalMean, ItemBias, tune_mf
 # The main job runs the best configuration measured so far (docs/results.md, "Adapters as a correction to the bias
 # model"): the released per-movie statistics in every prompt, adapters that correct the private user+item bias
 # model, a 10% validation split for the blend weights, one evaluation of 40 users after the last round, and the
-# paired per-user comparison with the private bias model. pyproject.toml's defaults (what `flwr run .` and a
-# deployment use) keep these opt-in; `--set` overrides any of them.
+# paired per-user comparison with the private bias model; personas from users' per-genre rating deviations, which
+# separate taste ~10x better than profile-text embeddings (those are no better than random partitions) and, unlike
+# the embeddings, survive user-level DP at epsilon 8 (docs/personas_and_dp_scaling.md). pyproject.toml's defaults
+# (what `flwr run .` and a deployment use) keep these opt-in; `--set` overrides any of them.
 MAIN_JOB = {"item-stats": True, "validation-fraction": 0.1, "residual-to-bias": True, "eval-users": 40,
-            "eval-every": 5}
+            "eval-every": 5, "discovery-features": "genre-deviation"}
 QUICK = {"num-rounds": 2, "eval-every": 2, "eval-users": 6, "fraction-train": 0.025, "kmeans-iters": 2}
 
 

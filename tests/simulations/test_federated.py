@@ -315,6 +315,9 @@ def test_main_job_writes_the_table_with_rmse_per_user_activity_bucket_and_privac
     assert len(rounds) == 3 and all("evaluation by 6 users: persona RMSE" in line for line in rounds), run.stdout
     result = json.loads((out / "results.json").read_text())
     rows = {r["method"]: r for r in result["rows"]}
+    # personas from genre deviations (the discovery that separates taste and survives DP), in every federation
+    assert result["overrides"]["discovery-features"] == "genre-deviation"
+    assert {h["config"]["discovery_features"] for hs in result["histories"].values() for h in hs} == {"genre-deviation"}
     # the main job's defaults: adapters correcting the private bias model, blended with it on validation
     variant = " + long-term memory (2), residual to private bias"
     assert {"SLM vanilla prompting + long-term memory (2)", f"single adapter{variant}: persona adapter",
