@@ -224,11 +224,12 @@ class FederationConfig:
     # for each, the devices also return their squared distance to their centroid (summed, so only the inertia
     # per K reaches the coordinator), and K is taken at the elbow of inertia vs K. num-personas is then ignored.
     persona_candidates: str = ""
-    # What persona discovery clusters: "profile-embedding" (all-MiniLM-L6-v2 of the prompt's profile text, 384
-    # dimensions) or "genre-deviation" (the user's per-genre rating deviations from their own mean, one dimension
-    # per catalogue genre). Profile embeddings separate taste no better than random partitions; genre deviations
-    # 8-14x better (docs/personas_and_dp_scaling.md).
-    discovery_features: str = "profile-embedding"
+    # What persona discovery clusters: "genre-deviation" (the user's per-genre rating deviations from their own
+    # mean, one dimension per catalogue genre) or "profile-embedding" (all-MiniLM-L6-v2 of the prompt's profile
+    # text, 384 dimensions). Profile embeddings separate taste no better than random partitions and collapse into
+    # one persona under user-level DP at eps 8; genre deviations separate 8-14x better and keep their personas
+    # under that noise at 943 users (docs/personas_and_dp_scaling.md).
+    discovery_features: str = "genre-deviation"
     # Long-term memory: each movie's prompt also quotes the user's this-many most similar past ratings (MiniLM
     # embeddings of the movie texts, on the device); 0 = profile (short-term memory) only, the paper's prompt.
     memory_items: int = 0

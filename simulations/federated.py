@@ -47,8 +47,8 @@ from simulations.classical import Biases, GlobalMean, ItemBias, tune_mf
 # model, a 10% validation split for the blend weights, one evaluation of 40 users after the last round, and the
 # paired per-user comparison with the private bias model; personas from users' per-genre rating deviations, which
 # separate taste ~10x better than profile-text embeddings (those are no better than random partitions) and, unlike
-# the embeddings, survive user-level DP at epsilon 8 (docs/personas_and_dp_scaling.md). pyproject.toml's defaults
-# (what `flwr run .` and a deployment use) keep these opt-in; `--set` overrides any of them.
+# the embeddings, survive user-level DP at epsilon 8 (docs/personas_and_dp_scaling.md; the product default too).
+# pyproject.toml's defaults (what `flwr run .` and a deployment use) keep the rest opt-in; `--set` overrides any.
 MAIN_JOB = {"item-stats": True, "validation-fraction": 0.1, "residual-to-bias": True, "eval-users": 40,
             "eval-every": 5, "discovery-features": "genre-deviation"}
 QUICK = {"num-rounds": 2, "eval-every": 2, "eval-users": 6, "fraction-train": 0.025, "kmeans-iters": 2}
