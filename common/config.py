@@ -127,6 +127,11 @@ AGGREGATIONS = ("mean", "trimmed-mean", "median")
 DISCOVERY_FEATURES = ("profile-embedding", "genre-deviation")
 
 
+# DP settings where 0 means "off" or "no limit" and anything else must be a finite positive number.
+DP_NON_NEGATIVE = ("dp_device_noise", "dp_device_target_epsilon", "dp_device_budget", "dp_user_noise",
+                   "dp_user_target_epsilon", "dp_discovery_noise")
+
+
 @dataclass(frozen=True)
 class FederationConfig:
     """Everything a federated run needs; read from `[tool.flwr.app.config]` (overridable with --run-config)."""
@@ -294,6 +299,19 @@ class FederationConfig:
             raise ValueError(f"max-examples must be finite and > 0, got {self.max_examples}")
         if not 0 < self.round_timeout < float("inf"):
             raise ValueError(f"round-timeout must be finite and > 0 seconds, got {self.round_timeout}")
+        # A DP setting that is NaN, infinite or negative must stop the run: NaN noise compares as "off" (NaN > 0 is
+        # False), so a typo would silently train without the privacy the operator asked for, and an infinite
+        # target or a delta of 1 would be accounted as a guarantee it is not.
+        for name in DP_NON_NEGATIVE:
+            value = getattr(self, name)
+            if not 0.0 <= value < float("inf"):
+                raise ValueError(f"{name.replace('_', '-')} must be finite and >= 0, got {value}")
+        for name in ("dp_device_clip", "dp_user_clip"):
+            value = getattr(self, name)
+            if not 0.0 < value < float("inf"):
+                raise ValueError(f"{name.replace('_', '-')} must be finite and > 0, got {value}")
+        if not 0.0 < self.dp_delta < 1.0:
+            raise ValueError(f"dp-delta must be in (0, 1), got {self.dp_delta}")
         if self.dp_device_records < 1:
             raise ValueError(f"dp-device-records must be >= 1, got {self.dp_device_records}")
         if self.reproducible and self.dp_secure_mode:

@@ -60,3 +60,44 @@ def test_personal_lr_zero_follows_lr_and_bad_values_are_refused():
     for bad in (-1e-3, float("nan"), float("inf"), 2.0):
         with pytest.raises(ValueError, match="personal-lr"):
             FederationConfig.from_run_config({"personal-lr": bad})
+
+
+DP_POSITIVE = ("dp-device-clip", "dp-user-clip")
+
+
+def _dp_value_is_valid(key: str, value: float) -> bool:
+    import math
+
+    if not math.isfinite(value):
+        return False
+    if key == "dp-delta":
+        return 0.0 < value < 1.0
+    return value > 0.0 if key in DP_POSITIVE else value >= 0.0
+
+
+def test_every_dp_setting_refuses_nan_inf_and_out_of_range_values_naming_the_key():
+    """NaN noise would compare as "off" (NaN > 0 is False) and silently train without DP; an infinite target or a
+    delta >= 1 would be accounted as a guarantee it is not. Every DP field, every kind of float."""
+    import pytest
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from common.config import DP_NON_NEGATIVE
+
+    keys = [k.replace("_", "-") for k in DP_NON_NEGATIVE] + list(DP_POSITIVE) + ["dp-delta"]
+    values = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.sampled_from([0.0, -0.0, 1.0, 1e-5, 1e308]))
+
+    @settings(max_examples=300, deadline=None)
+    @given(key=st.sampled_from(keys), value=values)
+    def check(key, value):
+        if _dp_value_is_valid(key, value):
+            cfg = FederationConfig.from_run_config({key: value})
+            assert getattr(cfg, key.replace("-", "_")) == value
+        else:
+            with pytest.raises(ValueError, match=key):
+                FederationConfig.from_run_config({key: value})
+
+    check()
+    # the silent case this guards: NaN noise must not turn DP off
+    with pytest.raises(ValueError, match="dp-user-noise"):
+        FederationConfig.from_run_config({"dp-user-noise": float("nan")})
