@@ -268,6 +268,22 @@ class FederationConfig:
     secure_aggregation_group: int = 32
 
     def __post_init__(self) -> None:
+        # Counts and rates every run needs. A NaN compares as false everywhere, so each check is written to fail
+        # on NaN too (`not low <= x`), and a refusal names the run-config key.
+        for name, low in (("num_rounds", 1), ("num_personas", 1), ("kmeans_iters", 1), ("min_train_nodes", 1),
+                          ("local_steps", 1), ("personal_steps", 0), ("rows_per_step", 1), ("items_per_row", 1),
+                          ("lora_rank", 1), ("lora_alpha", 1), ("eval_every", 1), ("eval_users", 0),
+                          ("cold_start_threshold", 0), ("min_nodes", 1), ("rollback_min_devices", 1),
+                          ("device_keep_versions", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name.replace('_', '-')} must be an integer >= {low}, got {value!r}")
+        if not 0.0 < self.fraction_train <= 1.0:
+            raise ValueError(f"fraction-train must be in (0, 1], got {self.fraction_train}")
+        if not 0.0 < self.lr <= 1.0:
+            raise ValueError(f"lr must be in (0, 1], got {self.lr}")
+        if not 0.0 <= self.rollback_margin < float("inf"):
+            raise ValueError(f"rollback-margin must be finite and >= 0, got {self.rollback_margin}")
         if self.persona_candidates:
             ks = self.candidate_ks
             if len(ks) < 3 or min(ks) < 1:

@@ -101,3 +101,42 @@ def test_every_dp_setting_refuses_nan_inf_and_out_of_range_values_naming_the_key
     # the silent case this guards: NaN noise must not turn DP off
     with pytest.raises(ValueError, match="dp-user-noise"):
         FederationConfig.from_run_config({"dp-user-noise": float("nan")})
+
+
+def test_counts_and_rates_refuse_nan_zero_negative_and_wrong_types_naming_the_key():
+    import pytest
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    minimum = {"num-rounds": 1, "num-personas": 1, "kmeans-iters": 1, "min-train-nodes": 1, "local-steps": 1,
+               "personal-steps": 0, "rows-per-step": 1, "items-per-row": 1, "lora-rank": 1, "lora-alpha": 1,
+               "eval-every": 1, "eval-users": 0, "cold-start-threshold": 0, "min-nodes": 1,
+               "rollback-min-devices": 1, "device-keep-versions": 1}
+
+    @settings(max_examples=200, deadline=None)
+    @given(key=st.sampled_from(sorted(minimum)), value=st.integers(-2**70, 2**70))
+    def integers(key, value):
+        field = key.replace("-", "_")
+        if value >= minimum[key]:
+            assert getattr(FederationConfig(**{field: value}), field) == value
+        else:
+            with pytest.raises(ValueError, match=key):
+                FederationConfig(**{field: value})
+
+    @settings(max_examples=200, deadline=None)
+    @given(key=st.sampled_from(["fraction-train", "lr", "rollback-margin"]),
+           value=st.floats(allow_nan=True, allow_infinity=True))
+    def rates(key, value):
+        field = key.replace("-", "_")
+        ok = 0 <= value < float("inf") if key == "rollback-margin" else 0 < value <= 1
+        if ok:
+            assert getattr(FederationConfig(**{field: value}), field) == value
+        else:
+            with pytest.raises(ValueError, match=key):
+                FederationConfig(**{field: value})
+
+    integers()
+    rates()
+    for wrong in (2.5, "3", True, None):  # the dataclass itself, not only from_run_config's conversion
+        with pytest.raises(ValueError, match="num-rounds"):
+            FederationConfig(num_rounds=wrong)
