@@ -17,6 +17,9 @@ with fewer than `cold-start-threshold` training ratings (`split=mixed`) get rows
 comparison of #17 (persona adapter vs global mean and item bias only). `--cold-only` scores only those users:
 
     python -m simulations.rescore results/mixed/k1 results/mixed-seed1/k1 --eval-users 240 --cold-only
+
+`--population default --eval-users 943 --cold-only` scores every cold-start user of ML-100K, those outside the
+federation as new users (the released adapter and statistics are what a newly enrolled device receives).
 """
 
 from __future__ import annotations
@@ -76,16 +79,27 @@ def cold_users(fit, users, threshold: int) -> np.ndarray:
     return np.asarray([u for u in users if counts.get(u, 0) < threshold])
 
 
-def load_run(out: Path, eval_users: int | None = None, cold_only: bool = False) -> FinishedRun:
+def load_run(out: Path, eval_users: int | None = None, cold_only: bool = False,
+             population: str | None = None) -> FinishedRun:
     """Load the federation in `out` (its coordinator out-dir). `eval_users` other than the run's own samples that
     many users with the run's `eval-seed` (more users: more power; then the reported RMSE is not comparable).
-    `cold_only` keeps only the cold-start users among them (fewer than `cold-start-threshold` training ratings)."""
+    `cold_only` keeps only the cold-start users among them (fewer than `cold-start-threshold` training ratings).
+    `population` (a split preset with the run's train fraction, e.g. "default": all 943 users) draws the users from
+    it instead of the run's split: users who were not in the federation are scored as new users, served the
+    released persona adapter and item statistics as a newly enrolled device would be; the baselines are fitted on
+    the whole population's training ratings (more than the federation saw: the comparison favours them)."""
     history = json.loads((out / "history.json").read_text())
     cfg = config_of(history)
     if history["personas"]["k"] != 1:
         raise SystemExit(f"{out}: K={history['personas']['k']}; only a single persona can be rescored here")
     data = load_movielens(cfg.dataset)
-    split = temporal_split(data.ratings, split_preset(cfg.split))
+    preset = split_preset(cfg.split)
+    if population is not None:
+        preset = split_preset(population)
+        if preset.train_frac != split_preset(cfg.split).train_frac:
+            raise SystemExit(f"--population {population}: its train fraction differs from the run's split "
+                             f"{cfg.split!r}, so the run's users would not keep their training ratings")
+    split = temporal_split(data.ratings, preset)
     fit, val = validation_split(split.train, cfg.validation_fraction)
     users = sample_users(split.users, eval_users or cfg.eval_users, cfg.eval_seed)
     if cold_only:
@@ -111,9 +125,10 @@ def baselines(run: FinishedRun, who: np.ndarray, items) -> dict[str, np.ndarray]
     return {name: models[name].predict(who, items) for name in BASELINES}
 
 
-def rescore(out: Path, eval_users: int | None = None, cold_only: bool = False) -> dict:
+def rescore(out: Path, eval_users: int | None = None, cold_only: bool = False,
+            population: str | None = None) -> dict:
     """Per-user predictions of the federation in `out` (its coordinator out-dir) and of the baselines."""
-    run = load_run(out, eval_users, cold_only)
+    run = load_run(out, eval_users, cold_only, population)
     pred = []
     for user in run.users:
         pred.append(run.device(user).predict(run.arrays))
@@ -123,7 +138,8 @@ def rescore(out: Path, eval_users: int | None = None, cold_only: bool = False) -
     counts = run.fit["user"].value_counts()
     cold = run.test["user"].map(counts).fillna(0).to_numpy() < run.cfg.cold_start_threshold
     return {"run": str(out), "seed": run.cfg.seed, "who": who, "y": y, "persona": np.concatenate(pred), "cold": cold,
-            "reported": reported if eval_users in (None, run.cfg.eval_users) and not cold_only else float("nan"),
+            "reported": reported if eval_users in (None, run.cfg.eval_users) and not cold_only and population is None
+            else float("nan"),
             **baselines(run, who, run.test["item"])}
 
 
@@ -139,6 +155,8 @@ def table(runs: list[dict]) -> str:
         return f"| {label} | {len(np.unique(r['who'][keep]))} | {rmse_text} | " + " | ".join(cells) + " |"
 
     def rows(label: str, err: np.ndarray, r: dict, rmse_of) -> list[str]:
+        if r["cold"].all():  # --cold-only: one row
+            return [row(f"{label}, cold-start users only", err, r, rmse_of(r["cold"]), r["cold"])]
         out = [row(label, err, r, rmse_of(np.ones_like(r["cold"])), np.ones_like(r["cold"]))]
         if r["cold"].any():
             out.append(row(f"{label}, cold-start users only", err, r, rmse_of(r["cold"]), r["cold"]))
@@ -168,8 +186,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cold-only", action="store_true",
                     help="score only the cold-start users among them (fewer than cold-start-threshold training "
                          "ratings): e.g. with --eval-users 240, every cold-start user of split=mixed")
+    ap.add_argument("--population", default=None, metavar="SPLIT",
+                    help="draw the users from this split preset instead of the run's (e.g. default: all 943 "
+                         "users; those outside the federation are scored as new users)")
     args = ap.parse_args(argv)
-    runs = [rescore(Path(p), args.eval_users, args.cold_only) for p in args.runs]
+    runs = [rescore(Path(p), args.eval_users, args.cold_only, args.population) for p in args.runs]
     print("\nPaired per-user MSE difference, persona adapter minus baseline [95% CI]:\n")
     print(table(runs))
 

@@ -378,6 +378,14 @@ def test_a_seed_replays_the_same_cohorts_although_flower_draws_new_node_ids(tmp_
     cold = rescore(tmp_path / "a" / "out", cold_only=True)  # every user here is cold: the same users, same scores
     np.testing.assert_array_equal(cold["who"], runs[0]["who"])
     np.testing.assert_allclose(cold["persona"], runs[0]["persona"], atol=1e-6)
+    assert text.count("(seed 0), cold-start users only") == 2  # all cold: one row per run, not a duplicate
+    # users drawn from another split preset of the same train fraction keep their ratings, so their scores;
+    # one that would move the users' training ratings is refused
+    mixed = rescore(tmp_path / "a" / "out", population="mixed")
+    np.testing.assert_allclose(mixed["persona"], runs[0]["persona"], atol=1e-6)
+    assert np.isnan(mixed["reported"])
+    with pytest.raises(SystemExit, match="train fraction"):
+        rescore(tmp_path / "a" / "out", population="paper")
     # Personal fine-tuning of that released adapter, per setting: steps 0 is the persona adapter as rescored, a
     # trained setting moves the predictions, and the chosen setting is the one with the lowest validation RMSE.
     from simulations import personal_tuning
