@@ -268,8 +268,8 @@ class FederationConfig:
     secure_aggregation_group: int = 32
 
     def __post_init__(self) -> None:
-        # Counts and rates every run needs. A NaN compares as false everywhere, so each check is written to fail
-        # on NaN too (`not low <= x`), and a refusal names the run-config key.
+        # Counts and rates every run needs; a refusal names the run-config key. NaN compares as false everywhere,
+        # so the float checks are written `not low < x <= high`, which NaN fails too.
         for name, low in (("num_rounds", 1), ("num_personas", 1), ("kmeans_iters", 1), ("min_train_nodes", 1),
                           ("local_steps", 1), ("personal_steps", 0), ("rows_per_step", 1), ("items_per_row", 1),
                           ("lora_rank", 1), ("lora_alpha", 1), ("eval_every", 1), ("eval_users", 0),
