@@ -1,0 +1,157 @@
+"""Matrix factorisation learned federatedly: public item factors, private user factors (issue #17's collaborative
+base, the one classical model that beats user+item bias on the paper protocol).
+
+The model is MF with biases, r(u, i) = mu + b_u + b_i + p_u . q_i. Its item half (mu, b, Q) is what the
+coordinator learns and releases; its user half (b_u, p_u) never leaves the device. One round:
+
+1. the coordinator sends the current item half to every device;
+2. each device fits its own user half to its ratings in closed form (`fit_user`: ridge regression on the item
+   factors, the user step of alternating least squares) and answers with the gradient of its own squared error
+   (plus the per-rating L2 penalty of the items it rated) with respect to the item half (`contribution`);
+3. the answer is clipped to an L2 `bound` (one user moves the sum by at most that), the sum over devices gets
+   Gaussian noise under user-level DP, and the coordinator takes an Adam step on it (`ItemFactorTrainer`).
+
+The sum of the devices' gradients is exactly the gradient of the centralised MF loss (every rating weighted once,
+L2 on the factors each rating uses), so without clipping or noise this is MF trained by full-batch Adam on items
+and exact minimisation on users. Every round is a release over all devices (sample rate 1): `rounds` releases
+compose in the accountant like discovery's (`server/server_app.py`), so the round count is a privacy knob, not
+only a compute one. Everything after the noisy sum (the Adam step, the user fit on the device) is post-processing.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+CENTRE = 3.0  # where mu starts: the middle of the 1..5 scale
+
+
+@dataclass
+class ItemFactors:
+    """The released item half of MF: global mean `mu`, `bias[i-1]` and `factors[i-1]` for movie id i."""
+
+    mu: float
+    bias: np.ndarray  # [n_items]
+    factors: np.ndarray  # [n_items, rank]
+
+    @property
+    def rank(self) -> int:
+        return int(self.factors.shape[1])
+
+    @classmethod
+    def initial(cls, n_items: int, rank: int, seed: int = 0) -> "ItemFactors":
+        """Small random factors (the symmetric start, all zeros, is a saddle the gradient never leaves); the draw
+        is public (seeded), so it costs no privacy."""
+        rng = np.random.default_rng(seed)
+        return cls(CENTRE, np.zeros(n_items), 0.1 * rng.standard_normal((n_items, rank)))
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        return {"mu": np.array([self.mu], np.float32), "bias": self.bias.astype(np.float32),
+                "factors": self.factors.astype(np.float32)}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> "ItemFactors":
+        mu = np.asarray(arrays["mu"], np.float64).reshape(-1)
+        bias, factors = np.asarray(arrays["bias"], np.float64), np.asarray(arrays["factors"], np.float64)
+        if (mu.shape != (1,) or bias.ndim != 1 or factors.ndim != 2 or factors.shape[0] != bias.shape[0]
+                or factors.shape[1] < 1 or not (np.isfinite(mu).all() and np.isfinite(bias).all()
+                                                and np.isfinite(factors).all())):
+            raise ValueError("item factors must be a finite mean, a bias vector and a factor matrix of one length")
+        return cls(float(np.clip(mu[0], 1.0, 5.0)), bias, factors)
+
+
+def _known(items: np.ndarray, ratings: np.ndarray, n_items: int) -> tuple[np.ndarray, np.ndarray]:
+    """0-based indices and ratings of the rows a device can use: movies in the catalogue, finite ratings (clipped
+    to the scale), each movie once (its last rating)."""
+    items, ratings = np.asarray(items, np.int64).reshape(-1), np.asarray(ratings, np.float64).reshape(-1)
+    keep = (items >= 1) & (items <= n_items) & np.isfinite(ratings)
+    items, ratings = items[keep] - 1, np.clip(ratings[keep], 1.0, 5.0)
+    _, last = np.unique(items[::-1], return_index=True)  # first occurrence in the reversed order: the last rating
+    last = len(items) - 1 - last
+    return items[last], ratings[last]
+
+
+def fit_user(items: np.ndarray, ratings: np.ndarray, model: ItemFactors, reg: float) -> tuple[float, np.ndarray]:
+    """The device's own (b_u, p_u): ridge regression of its residuals r - mu - b_i on [1, q_i], with the per-rating
+    penalty of centralised MF (reg x its number of ratings). No ratings: the zero user (the item half alone)."""
+    idx, r = _known(items, ratings, len(model.bias))
+    if len(idx) == 0:
+        return 0.0, np.zeros(model.rank)
+    x = np.hstack([np.ones((len(idx), 1)), model.factors[idx]])
+    y = r - model.mu - model.bias[idx]
+    theta = np.linalg.solve(x.T @ x + reg * len(idx) * np.eye(x.shape[1]), x.T @ y)
+    return float(theta[0]), theta[1:]
+
+
+def predict(user: tuple[float, np.ndarray], items: np.ndarray, model: ItemFactors) -> np.ndarray:
+    """mu + b_u + b_i + p_u . q_i, clipped to the scale; movies outside the catalogue get the user's part only."""
+    b_u, p_u = user
+    items = np.asarray(items, np.int64).reshape(-1)
+    known = (items >= 1) & (items <= len(model.bias))
+    idx = items[known] - 1
+    item_part = np.zeros(len(items))
+    item_part[known] = model.bias[idx] + model.factors[idx] @ p_u
+    return np.clip(model.mu + b_u + item_part, 1.0, 5.0)
+
+
+def contribution(items: np.ndarray, ratings: np.ndarray, model: ItemFactors, reg: float
+                 ) -> dict[str, np.ndarray]:
+    """One device's answer: the gradient of its own loss, sum over its ratings of (r - prediction)^2 plus
+    reg (b_i^2 + |q_i|^2), with respect to (mu, b, Q), at its freshly fitted user half. Dense over the catalogue
+    (zero outside the movies it rated) so that every answer has the same shape, as secure aggregation needs."""
+    n_items, rank = model.factors.shape
+    out = {"mu": np.zeros(1), "bias": np.zeros(n_items), "factors": np.zeros((n_items, rank))}
+    idx, r = _known(items, ratings, n_items)
+    if len(idx) == 0:
+        return out
+    b_u, p_u = fit_user(idx + 1, r, model, reg)
+    err = model.mu + b_u + model.bias[idx] + model.factors[idx] @ p_u - r  # unclipped: the loss is smooth
+    out["mu"][0] = 2.0 * err.sum()
+    out["bias"][idx] = 2.0 * err + 2.0 * reg * model.bias[idx]
+    out["factors"][idx] = 2.0 * err[:, None] * p_u[None, :] + 2.0 * reg * model.factors[idx]
+    return out
+
+
+def norm(arrays: dict[str, np.ndarray]) -> float:
+    return math.sqrt(sum(float(np.sum(np.asarray(a, np.float64) ** 2)) for a in arrays.values()))
+
+
+def clip(arrays: dict[str, np.ndarray], bound: float) -> dict[str, np.ndarray]:
+    """Scaled to L2 norm <= `bound` as a whole (the user-level sensitivity of the sum); within it, unchanged."""
+    total = norm(arrays)
+    scale = 1.0 if total <= bound else bound / total
+    return {k: np.asarray(v, np.float64) * scale for k, v in arrays.items()}
+
+
+@dataclass
+class ItemFactorTrainer:
+    """The coordinator's side: Adam on the item half from the (clipped, noised) sum of the devices' gradients.
+
+    `ratings` is the number of ratings the gradients sum over (released by the item statistics' volume slot, or
+    a public estimate): dividing by it makes the step the mean-loss gradient of centralised MF, so `lr` means the
+    same thing here as in `simulations.classical.MatrixFactorization`."""
+
+    model: ItemFactors
+    lr: float = 0.02
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    step_count: int = 0
+    _m: dict[str, np.ndarray] = field(default_factory=dict)
+    _v: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def step(self, summed: dict[str, np.ndarray], ratings: float) -> ItemFactors:
+        self.step_count += 1
+        b1, b2 = self.betas
+        params = {"mu": np.array([self.model.mu]), "bias": self.model.bias, "factors": self.model.factors}
+        new = {}
+        for k, p in params.items():
+            g = np.asarray(summed[k], np.float64) / max(ratings, 1.0)
+            self._m[k] = b1 * self._m.get(k, 0.0) + (1 - b1) * g
+            self._v[k] = b2 * self._v.get(k, 0.0) + (1 - b2) * g * g
+            m_hat = self._m[k] / (1 - b1 ** self.step_count)
+            v_hat = self._v[k] / (1 - b2 ** self.step_count)
+            new[k] = p - self.lr * m_hat / (np.sqrt(v_hat) + self.eps)
+        self.model = ItemFactors(float(np.clip(new["mu"][0], 1.0, 5.0)), new["bias"], new["factors"])
+        return self.model
