@@ -44,6 +44,8 @@ from client.policy import TrainingPolicy
 from client.store import EncryptedStore
 from common.config import DeviceDP, FederationConfig, ScoringConfig, TrainConfig, split_preset
 from common.data import load_movielens
+from common import item_factors
+from common.item_factors import ItemFactors
 from common.item_stats import ItemStats, contribution
 from common.personas import (cold_start_persona, discovery_dim, embed_profiles, embedding_sse, genre_deviation,
                              initial_slot, nearest, onboarding_space, slot_sums)
@@ -105,11 +107,23 @@ def _device(context: Context, overrides: dict) -> tuple[Device, FederationConfig
 
 
 def _with_item_stats(device: Device, message: Message) -> Device:
-    """Quote the coordinator's released per-movie statistics in the prompts, when the round carries them."""
+    """Quote the coordinator's released per-movie statistics in the prompts, when the round carries them; with
+    released item factors too, MF becomes the device's private base (`Device.use_item_factors`)."""
     if "item-stats" in message.content:
         record = message.content["item-stats"]
         device.use_item_stats(ItemStats.from_arrays({k: record[k].numpy() for k in ("mean", "count", "mu")}))
+    if "item-factors" in message.content:
+        record = message.content["item-factors"]
+        device.use_item_factors(*_item_factors(record, float(record["reg"].numpy().reshape(-1)[0])))
     return device
+
+
+def _item_factors(record, reg: float) -> tuple[ItemFactors, float]:
+    """The item half of MF from a message, refused (ValueError, the device answers with an error) when a field is
+    missing, misshapen or non-finite, or the penalty is not a finite positive number."""
+    if not 0.0 < reg < float("inf"):
+        raise ValueError(f"item factors: the penalty must be finite and > 0, got {reg}")
+    return ItemFactors.from_arrays({k: record[k].numpy() for k in ("mu", "bias", "factors")}), reg
 
 
 def _k(message: Message, cfg: FederationConfig) -> int:
@@ -372,6 +386,20 @@ def build_app(overrides: dict | None = None, mods: Iterable[Mod] = ()) -> Client
         return _reply(message, {}, {"sums": _array(sums.astype(np.float32)),
                                     "weights": _array(weights.astype(np.float32)),
                                     "volume": _array(np.array([volume], np.float32))})
+
+    @app.query("itemfactors")
+    @_guarded
+    def itemfactors(message: Message, context: Context) -> Message:
+        # One round of federated MF (`common.item_factors`): this device's user factors are fitted here and stay
+        # here; only the gradient for the item half leaves, clipped to the bound the coordinator's noise covers.
+        # Every device answers (an empty answer is all zeros, as for the item statistics).
+        device, cfg = _device(context, overrides)
+        model, reg = _item_factors(message.content["item-factors"],
+                                   float(message.content["config"]["item-factors-reg"]))
+        answer = item_factors.clip(item_factors.contribution(device.train["item"].to_numpy(),
+                                                             device.train["rating"].to_numpy(), model, reg),
+                                   cfg.item_factors_clip)
+        return _reply(message, {}, {k: _array(v.astype(np.float32)) for k, v in answer.items()})
 
     @app.query("assign")
     @_guarded

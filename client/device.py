@@ -18,6 +18,7 @@ from common import blend
 from common.adapters import adapter_arrays, add_lora, load_adapter_arrays
 from common.config import DeviceDP, LoraSettings, PromptConfig, ScoringConfig, TrainConfig
 from common.data import MovieLens
+from common.item_factors import ItemFactors, fit_user, predict as mf_predict
 from common.item_stats import ItemStats, predict as bias_predict, user_bias
 from common.memory import catalogue_embeddings, recalled_text
 from common.model import load_base_model
@@ -69,10 +70,21 @@ class Device:
     # the adapter learns a correction to the private user+item bias model (`residual-to-bias`): its logits are
     # added to a prior whose expected rating is that model's prediction, in training and in every prediction
     residual: bool = False
+    # released item factors (`common.item_factors`, `item-factors-rounds`) and their per-rating penalty: with
+    # them the private base is MF (this device's user factors, fitted here) instead of the bias model; None: bias
+    factors: ItemFactors | None = None
+    factors_reg: float = 0.2
+    FOLDS = 5  # out-of-fold user factors for the training targets' base (`training_bases`)
 
     def use_item_stats(self, stats: ItemStats) -> "Device":
         self.released = stats
         for derived in ("_stats_frame", "_user_bias"):  # views of the previous release, if any
+            self.__dict__.pop(derived, None)
+        return self
+
+    def use_item_factors(self, factors: ItemFactors, reg: float) -> "Device":
+        self.factors, self.factors_reg = factors, reg
+        for derived in ("_user_half", "_out_of_fold"):  # fitted against the previous release, if any
             self.__dict__.pop(derived, None)
         return self
 
@@ -81,14 +93,19 @@ class Device:
         prompts quote and whether the adapter corrects the private bias model. Stored beside the personal adapter,
         so on-device serving scores the way that adapter was trained (npz; no pickles)."""
         buf = io.BytesIO()
+        factors = {} if self.factors is None else {
+            **{f"mf-{k}": v for k, v in self.factors.to_arrays().items()},
+            "mf-reg": np.array([self.factors_reg], np.float32)}
         np.savez(buf, residual=np.array([self.residual]),
-                 **({} if self.released is None else self.released.to_arrays()))
+                 **({} if self.released is None else self.released.to_arrays()), **factors)
         return buf.getvalue()
 
     def use_serving_context(self, payload: bytes) -> "Device":
-        released, residual = read_serving_context(payload)
+        released, residual, factors = read_serving_context(payload)
         if released is not None:
             self.use_item_stats(released)
+        if factors is not None:
+            self.use_item_factors(*factors)
         self.residual = residual and self.released is not None  # nothing to correct without the statistics
         return self
 
@@ -163,7 +180,7 @@ class Device:
         weights and metrics. Raises `BudgetExhausted` (nothing trained) when the ledger cannot afford it."""
         load_adapter_arrays(self.rt.model, arrays)
         suffixes, ratings = self.train_examples
-        bases = self.bases(self._target_rows["item"])
+        bases = self.training_bases()
         if dp is None:  # non-private training: reproducible per user from the run's seed
             cfg = replace(cfg, seed=cfg.seed * 1_000_003 + self.user)
             metrics = train_local(self.rt.model, self.rt.head, self.prefix, suffixes, ratings, cfg,
@@ -191,7 +208,7 @@ class Device:
         """Cross-entropy of up to `limit` of this user's training ratings under `arrays` (membership tests)."""
         load_adapter_arrays(self.rt.model, arrays)
         suffixes, ratings = self.train_examples
-        bases = self.bases(self._target_rows["item"])
+        bases = self.training_bases()
         rows = [PackedRow(self.prefix, suffixes[i:i + items_per_row], list(ratings[i:i + items_per_row]),
                           None if bases is None else list(bases[i:i + items_per_row]))
                 for i in range(0, min(limit, len(suffixes)), items_per_row)]
@@ -212,11 +229,44 @@ class Device:
         return self.bias_of(self._held_out(held_out)["item"])
 
     def bias_of(self, items) -> np.ndarray:
-        """The private user+item bias model's predictions for `items`: released item statistics, this device's own
-        user bias (fitted on its training ratings, on the device)."""
+        """The private base model's predictions for `items`: with released item factors, MF (their item half, this
+        device's own user factors); else user+item bias (released item statistics, this device's own user bias).
+        The user half is fitted on the device, on its training ratings."""
         if self.released is None:
             raise ValueError("the private bias model needs released item statistics (item-stats)")
+        if self.factors is not None:
+            return mf_predict(self._user_half, np.asarray(items), self.factors)
         return bias_predict(self._user_bias, np.asarray(items), self.released)
+
+    @cached_property
+    def _user_half(self) -> tuple[float, np.ndarray]:
+        return fit_user(self.train["item"].to_numpy(), self.train["rating"].to_numpy(), self.factors,
+                        self.factors_reg)
+
+    def training_bases(self) -> np.ndarray | None:
+        """The base the adapter corrects on its own training targets (`_target_rows`), None without `residual`.
+        MF's user factors fitted on the very ratings they score have absorbed much of those ratings' residual, so
+        the adapter would learn to correct errors far smaller than those it meets on new ratings: each target's
+        base comes from user factors fitted on the other folds of this device's ratings instead (the bias model's
+        single shrunk user bias barely overfits and keeps its in-sample base)."""
+        if not self.residual:
+            return None
+        if self.factors is None:
+            return self.bias_of(self._target_rows["item"])
+        return self._out_of_fold
+
+    @cached_property
+    def _out_of_fold(self) -> np.ndarray:
+        items, ratings = self.train["item"].to_numpy(), self.train["rating"].to_numpy()
+        fold = np.random.default_rng(self.user).integers(0, self.FOLDS, size=len(self.train))
+        target = self.train.index.get_indexer(self._target_rows.index)
+        out = np.empty(len(target))
+        for f in range(self.FOLDS):
+            held = fold[target] == f
+            if held.any():
+                user = fit_user(items[fold != f], ratings[fold != f], self.factors, self.factors_reg)
+                out[held] = mf_predict(user, items[target[held]], self.factors)
+        return out
 
     @cached_property
     def _user_bias(self) -> float:
@@ -252,12 +302,20 @@ class Device:
         return out
 
 
-def read_serving_context(payload: bytes) -> tuple[ItemStats | None, bool]:
-    """(released statistics or None, residual flag) from `Device.serving_context`'s bytes."""
+def read_serving_context(payload: bytes) -> tuple[ItemStats | None, bool, tuple[ItemFactors, float] | None]:
+    """(released statistics or None, residual flag, (item factors, penalty) or None) from
+    `Device.serving_context`'s bytes."""
     with np.load(io.BytesIO(payload), allow_pickle=False) as stored:
         arrays = {k: stored[k] for k in stored.files}
     residual = bool(arrays.pop("residual").reshape(-1)[0])
-    return (ItemStats.from_arrays(arrays) if arrays else None), residual
+    mf = {k[3:]: arrays.pop(k) for k in list(arrays) if k.startswith("mf-")}
+    factors = None
+    if mf:
+        reg = float(np.asarray(mf.pop("reg")).reshape(-1)[0])
+        if not 0.0 < reg < float("inf"):
+            raise ValueError(f"serving context: the item factors' penalty must be finite and > 0, got {reg}")
+        factors = (ItemFactors.from_arrays(mf), reg)
+    return (ItemStats.from_arrays(arrays) if arrays else None), residual, factors
 
 
 def _error_sums(pred: np.ndarray, true: np.ndarray) -> dict[str, float]:

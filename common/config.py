@@ -253,6 +253,17 @@ class FederationConfig:
     # five logits are added to a prior whose expected rating is that model's (`common.scoring.base_prior_logits`),
     # in training, evaluation and serving. A flat adapter then predicts exactly the bias model. Needs item-stats.
     residual_to_bias: bool = False
+    # A private collaborative base (`common.item_factors`): after the item statistics, this many rounds of federated
+    # matrix factorisation over every device (each fits its own user factors and answers with its clipped gradient
+    # for the item half; each round is one more discovery release, noised and accounted like the statistics). The
+    # released item factors then replace the bias model as the private base everywhere it is used: the evaluation's
+    # private baseline, the blend and the residual target, with each device's user factors fitted on the device.
+    # 0 = off. Needs item-stats; not yet through secure aggregation (one secure sum per round is minutes each).
+    item_factors_rounds: int = 0
+    item_factors_rank: int = 32
+    item_factors_reg: float = 0.2  # per-rating L2 penalty, as classical MF's (chosen on validation: docs/results.md)
+    item_factors_lr: float = 0.02  # the coordinator's Adam step on the item half
+    item_factors_clip: float = 50.0  # L2 bound on one device's gradient (always applied: sensitivity under DP)
     # Secure aggregation (off by default): every sampled device uploads its delta in its persona's slot of a
     # K-slot vector, quantised and masked (SecAgg: pairwise masks, Shamir-shared seeds), and the coordinator
     # unmasks only the K per-persona sums and counts. The delta is clipped on the device to dp-user-clip under
@@ -274,7 +285,7 @@ class FederationConfig:
                           ("local_steps", 1), ("personal_steps", 0), ("rows_per_step", 1), ("items_per_row", 1),
                           ("lora_rank", 1), ("lora_alpha", 1), ("eval_every", 1), ("eval_users", 0),
                           ("cold_start_threshold", 0), ("min_nodes", 1), ("rollback_min_devices", 1),
-                          ("device_keep_versions", 1)):
+                          ("device_keep_versions", 1), ("item_factors_rounds", 0), ("item_factors_rank", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name.replace('_', '-')} must be an integer >= {low}, got {value!r}")
@@ -299,6 +310,13 @@ class FederationConfig:
             raise ValueError(f"personal-lr must be in [0, 1] (0: lr), got {self.personal_lr}")
         if not 0.0 <= self.validation_fraction <= 0.5:
             raise ValueError(f"validation-fraction must be in [0, 0.5], got {self.validation_fraction}")
+        if self.item_factors_rounds and not self.item_stats:
+            raise ValueError("item-factors-rounds needs item-stats = true (the factors extend the released statistics)")
+        if self.item_factors_rounds and self.secure_aggregation:
+            raise ValueError("item-factors-rounds does not run through secure aggregation yet; turn one of them off")
+        for name in ("item_factors_reg", "item_factors_lr", "item_factors_clip"):
+            if not 0.0 < getattr(self, name) < float("inf"):
+                raise ValueError(f"{name.replace('_', '-')} must be finite and > 0, got {getattr(self, name)!r}")
         if self.residual_to_bias and not self.item_stats:
             raise ValueError("residual-to-bias corrects the private bias model, which needs item-stats = true")
         if self.memory_items < 0:

@@ -78,11 +78,16 @@ def fit_user(items: np.ndarray, ratings: np.ndarray, model: ItemFactors, reg: fl
     penalty of centralised MF (reg x its number of ratings). No ratings: the zero user (the item half alone)."""
     idx, r = _known(items, ratings, len(model.bias))
     if len(idx) == 0:
-        return 0.0, np.zeros(model.rank)
+        return zero_user(model)
     x = np.hstack([np.ones((len(idx), 1)), model.factors[idx]])
     y = r - model.mu - model.bias[idx]
     theta = np.linalg.solve(x.T @ x + reg * len(idx) * np.eye(x.shape[1]), x.T @ y)
     return float(theta[0]), theta[1:]
+
+
+def zero_user(model: ItemFactors) -> tuple[float, np.ndarray]:
+    """The user half of someone with no ratings (a cold-start user): the item half alone predicts."""
+    return 0.0, np.zeros(model.rank)
 
 
 def predict(user: tuple[float, np.ndarray], items: np.ndarray, model: ItemFactors) -> np.ndarray:

@@ -32,6 +32,7 @@ from common.adapters import adapter_arrays, add_lora
 from common.config import FederationConfig, UserDP
 from common.data import load_movielens
 from common import secure_vector
+from common.item_factors import ItemFactors, ItemFactorTrainer
 from common.item_stats import ItemStats, estimate, sensitivity
 from common.model import load_base_model
 from common.personas import EMBED_DIM, discovery_dim, elbow, onboarding_space, update_centroids
@@ -40,7 +41,7 @@ from common.privacy import (Event, epsilon, events_from_json, lineage_history, p
                             user_level_noise)
 from server.registry import PersonaRegistry
 from server.rollouts import Rollouts
-from server.serving import ITEM_STATS_FILE, ONBOARDING_FILE, save_onboarding
+from server.serving import ITEM_FACTORS_FILE, ITEM_STATS_FILE, ONBOARDING_FILE, save_onboarding
 from server.secure_aggregation import Aborted, read_advert, run_round
 from server.strategy import PersonaStrategy, add_noise, clip, join_personas
 
@@ -94,7 +95,8 @@ def _sum(replies: list[Message], shapes: dict[str, tuple[int, ...]], bound: floa
 def discovery_releases(cfg: FederationConfig) -> int:
     """Aggregates every device contributes to during discovery: the k-means iterations (for each candidate K
     when K is chosen from the data) and the onboarding tables."""
-    stats = 1 if cfg.item_stats else 0  # the per-movie statistics: one more sum over every device
+    # the per-movie statistics: one more sum over every device; each round of the item factors: one more
+    stats = (1 if cfg.item_stats else 0) + cfg.item_factors_rounds
     if cfg.persona_candidates:
         return len(cfg.candidate_ks) * cfg.kmeans_iters + 1 + stats
     return (cfg.kmeans_iters if cfg.num_personas > 1 else 0) + 1 + stats
@@ -126,6 +128,35 @@ def release_item_stats(grid: Grid, nodes: list[int], cfg: FederationConfig, nois
     log(INFO, "item statistics released: %d movies, global mean %.3f%s", n_items, stats.mu,
         f", noise std {noise * bound:.3f} per coordinate" if noise > 0 else " (no noise)")
     return stats
+
+
+def release_item_factors(grid: Grid, nodes: list[int], cfg: FederationConfig, noise: float,
+                         timeout: float = 3600) -> ItemFactors:
+    """The item half of matrix factorisation, learned over every device (`common.item_factors`): each round sends
+    the current item half, every device fits its own user factors and answers with its gradient, each answer is
+    clipped to `item-factors-clip` (always: no device moves a round by more than one user can), the sum gets the
+    discovery noise under user-level DP, and the coordinator takes an Adam step. Each round is a release counted
+    in `discovery_releases`. Written next to the registry (`item_factors.npz`, no per-device data)."""
+    n_items = int(load_movielens(cfg.dataset).items.index.max())  # the public catalogue
+    trainer = ItemFactorTrainer(ItemFactors.initial(n_items, cfg.item_factors_rank, cfg.seed), lr=cfg.item_factors_lr)
+    shapes = {"mu": (1,), "bias": (n_items,), "factors": (n_items, cfg.item_factors_rank)}
+    for _ in range(cfg.item_factors_rounds):
+        release = ArrayRecord({k: Array(v) for k, v in trainer.model.to_arrays().items()})
+        content = RecordDict({"item-factors": release,
+                              "config": ConfigRecord({"item-factors-reg": cfg.item_factors_reg})})
+        replies = _query(grid, nodes, "itemfactors", content, timeout)
+        summed = _sum(replies, shapes, cfg.item_factors_clip, noise, "itemfactors", cfg.reproducible,
+                      clip_always=True)
+        # Adam is invariant to the gradient's scale; dividing by the device count only keeps the numbers tame
+        trainer.step(dict(zip(shapes, summed)), float(len(nodes)))
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    arrays = {**trainer.model.to_arrays(), "reg": np.array([cfg.item_factors_reg], np.float32)}
+    np.savez(out / ITEM_FACTORS_FILE, **arrays)
+    log(INFO, "item factors released: %d rounds over %d devices, rank %d%s", cfg.item_factors_rounds, len(nodes),
+        cfg.item_factors_rank, f", noise std {noise * cfg.item_factors_clip:.3f} per coordinate" if noise > 0
+        else " (no noise)")
+    return trainer.model
 
 
 def _secure_sum(grid: Grid, nodes: list[int], action: str, content: RecordDict,
@@ -387,10 +418,15 @@ def run(grid: Grid, cfg: FederationConfig) -> None:
     if cfg.item_stats:
         stats = release_item_stats(grid, nodes, cfg, discovery_noise, cfg.round_timeout)
         extra["item-stats"] = ArrayRecord({k: Array(v) for k, v in stats.to_arrays().items()})
+    if cfg.item_factors_rounds:
+        factors = release_item_factors(grid, nodes, cfg, discovery_noise, cfg.round_timeout)
+        extra["item-factors"] = ArrayRecord({k: Array(v) for k, v in factors.to_arrays().items()} |
+                                            {"reg": Array(np.array([cfg.item_factors_reg], np.float32))})
     node_persona, eval_nodes, persona_info = discover_personas(grid, nodes, cfg, discovery_noise, cfg.round_timeout)
     cfg = replace(cfg, num_personas=persona_info["k"])  # K may have been chosen from the data
     registry = PersonaRegistry(out, lora=cfg.lora, base_model=cfg.base_model,
-                               serving={"item_stats": cfg.item_stats, "residual_to_bias": cfg.residual_to_bias})
+                               serving={"item_stats": cfg.item_stats, "residual_to_bias": cfg.residual_to_bias,
+                                        "item_factors": bool(cfg.item_factors_rounds)})
     rollouts = Rollouts(registry)
     heads, fresh = starting_versions(registry, rollouts, cfg, version_zero_privacy(dp, prior))
     histories = resumed_histories(registry, heads, fresh, prior) if dp else {}

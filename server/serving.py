@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from common.config import PromptConfig
 from common.model import load_base_model
 from common.personas import FeatureSpace, Onboarding, cold_start_persona
+from common.item_factors import ItemFactors, predict as mf_predict, zero_user
 from common.item_stats import ItemStats, predict as bias_predict
 from common.prompt import PromptBuilder, item_stats_text, movie_text
 from common.scoring import RatingHead, predict_with_prefix
@@ -36,6 +37,7 @@ from server.registry import PersonaRegistry, RegistryError
 
 ONBOARDING_FILE = "onboarding.json"  # per-persona onboarding counts (aggregates), written by the ServerApp
 ITEM_STATS_FILE = "item_stats.npz"  # the released per-movie statistics, written by the ServerApp with item-stats
+ITEM_FACTORS_FILE = "item_factors.npz"  # the released item half of MF, written with item-factors-rounds > 0
 
 
 def save_onboarding(path: Path, space: FeatureSpace, features: np.ndarray, counts: np.ndarray) -> None:
@@ -93,6 +95,8 @@ class ColdStartService:
         # quote them in each movie's prompt, and residual versions correct the item-bias model they give.
         stats_file = registry.root / ITEM_STATS_FILE
         self.stats = ItemStats.from_arrays(dict(np.load(stats_file))) if stats_file.is_file() else None
+        factors_file = registry.root / ITEM_FACTORS_FILE
+        self.factors = ItemFactors.from_arrays(dict(np.load(factors_file))) if factors_file.is_file() else None
         tables = json.loads((registry.root / ONBOARDING_FILE).read_text())
         self.space = FeatureSpace(tuple(tables["space"]["occupations"]), tuple(tables["space"]["genres"]))
         self.features, self.counts = np.asarray(tables["features"]), np.asarray(tables["counts"])
@@ -129,23 +133,29 @@ class ColdStartService:
         with self.lock:
             for version in sorted({v for v, _, _ in jobs}):
                 self.activate(version)
-                quote, residual = self._serving(version)
+                quote, residual, factors = self._serving(version)
                 for i, (v, profile, movies) in enumerate(jobs):
                     if v == version:
                         suffixes = [self.builder.suffix_ids(self._movie(m, quote)) for m in movies]
-                        # a user known from sign-up answers only has no user bias: the item-bias model is the base
-                        base = bias_predict(0.0, np.asarray(movies), self.stats) if residual else None
+                        # a user known from sign-up answers only has no user half: the item half is the base (MF's
+                        # zero user, or the item-bias model)
+                        base = None if not residual else (
+                            mf_predict(zero_user(self.factors), np.asarray(movies), self.factors) if factors
+                            else bias_predict(0.0, np.asarray(movies), self.stats))
                         out[i] = predict_with_prefix(self.model, self.head, self.builder.prefix_ids(profile), suffixes,
                                                      base=base)
         return out
 
-    def _serving(self, version: int) -> tuple[bool, bool]:
-        """(quote the statistics, correct the item-bias model) for a version, from its manifest."""
+    def _serving(self, version: int) -> tuple[bool, bool, bool]:
+        """(quote the statistics, correct a private base, that base is MF) for a version, from its manifest."""
         serving = self.registry.version(version)["manifest"].get("serving", {})
-        wants = bool(serving.get("item_stats")), bool(serving.get("residual_to_bias"))
+        wants = bool(serving.get("item_stats")), bool(serving.get("residual_to_bias")), bool(serving.get("item_factors"))
         if any(wants) and self.stats is None:
             raise RegistryError(f"version {version} was trained with the released item statistics, which are "
                                 f"missing from the registry ({ITEM_STATS_FILE})", 409)
+        if wants[2] and self.factors is None:
+            raise RegistryError(f"version {version} was trained with the released item factors, which are "
+                                f"missing from the registry ({ITEM_FACTORS_FILE})", 409)
         return wants
 
     def _movie(self, item: int, quote: bool) -> str:

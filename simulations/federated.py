@@ -138,7 +138,12 @@ def _memory(cfg: FederationConfig) -> str:
 
 
 def _target(cfg: FederationConfig) -> str:
-    return ", residual to private bias" if cfg.residual_to_bias else ""
+    return f", residual to {_base(cfg)}" if cfg.residual_to_bias else ""
+
+
+def _base(cfg: FederationConfig) -> str:
+    """The private base model's name: MF with released item factors, else the user+item bias model."""
+    return "private MF" if cfg.item_factors_rounds else "private bias"
 
 
 def _row(method, personas, true, pred, users, wall, buckets: pd.Series) -> dict:
@@ -155,7 +160,7 @@ def dp_level(epsilon: float, device_noise: float) -> dict:
     return {"dp-user-target-epsilon": float(epsilon), "dp-device-noise": float(device_noise)}
 
 
-def federated_rows(name: str, k: int, history: dict) -> list[dict]:
+def federated_rows(name: str, k: int, history: dict, base: str = "private bias") -> list[dict]:
     """The persona and personal adapters' rows; with blend sums (item-stats and validation-fraction on) also the
     private bias model's row and each adapter blended with it (weight fitted on validation; no MAE: the pooled sums
     give the blend's squared error at any weight, not its absolute error)."""
@@ -163,8 +168,9 @@ def federated_rows(name: str, k: int, history: dict) -> list[dict]:
     last = evals[max(evals, key=int)]
     paths = [("persona", "persona adapter"), ("personal", "personal adapter")]
     if "bias_rmse" in last:
-        paths += [("bias", "private user+item bias (released item statistics)")]
-        paths += [(f"{p}_blend", f"{label} + private bias, w={last[f'{p}_blend_weight']:.2f} on validation")
+        paths += [("bias", "private MF (released item factors + on-device user factors)" if base == "private MF"
+                   else "private user+item bias (released item statistics)")]
+        paths += [(f"{p}_blend", f"{label} + {base}, w={last[f'{p}_blend_weight']:.2f} on validation")
                   for p, label in paths[:2]]
     return [{"method": f"{name}: {label}", "K": k, "users": int(last["users"]),
              "test_ratings": int(last["ratings"]), "rmse": last[f"{path}_rmse"], "mae": last.get(f"{path}_mae"),
@@ -400,7 +406,8 @@ def main(argv: list[str] | None = None) -> None:
                                           "num-personas": k if k != "elbow" else 1, "out-dir": str(out / run_dir),
                                           "device-dir": str(out / "devices" / run_dir)}, nodes)
                 histories.setdefault(name, []).append(history)
-                repeats.append(federated_rows(name + _memory(cfg) + _target(cfg), history["personas"]["k"], history))
+                repeats.append(federated_rows(name + _memory(cfg) + _target(cfg), history["personas"]["k"], history,
+                                               _base(cfg)))
             rows += summarise(repeats)
 
         table = markdown(rows) + "\n\nRMSE by user activity (training ratings per user):\n\n" + activity_markdown(rows)

@@ -34,11 +34,12 @@ import numpy as np
 from client.device import Device, runtime
 from common.config import FederationConfig, ScoringConfig, split_preset
 from common.data import load_movielens
+from common.item_factors import ItemFactors
 from common.item_stats import ItemStats
 from common.metrics import rmse
 from common.split import sample_users, temporal_split, validation_split
 from server.registry import PersonaRegistry
-from server.serving import ITEM_STATS_FILE
+from server.serving import ITEM_FACTORS_FILE, ITEM_STATS_FILE
 from simulations.centralised import paired_vs
 from simulations.classical import Biases, GlobalMean, ItemBias, tune_mf
 
@@ -64,12 +65,15 @@ class FinishedRun:
     arrays: dict[str, np.ndarray]  # the stable persona version the last evaluation served
     released: ItemStats | None
     rt: object
+    factors: tuple | None = None  # (ItemFactors, penalty) with item-factors-rounds: MF is the private base
 
     def device(self, user) -> Device:
         """The evaluation device of `user`, set up as its client app sets it up."""
         d = Device(int(user), self.data, self.fit[self.fit["user"] == user], self.test[self.test["user"] == user],
                    self.rt, ScoringConfig(), self.cfg.memory_items, val=self.val[self.val["user"] == user],
                    residual=self.cfg.residual_to_bias)
+        if self.factors is not None:
+            d.use_item_factors(*self.factors)
         return d.use_item_stats(self.released) if self.released is not None else d
 
 
@@ -110,7 +114,16 @@ def load_run(out: Path, eval_users: int | None = None, cold_only: bool = False,
     return FinishedRun(out, history, cfg, data, fit, val, test, np.asarray(users),
                        registry.arrays(registry.rollout(0)["stable"]),
                        ItemStats.from_arrays(dict(np.load(stats_file))) if stats_file.is_file() else None,
-                       runtime(cfg.base_model, cfg.lora))
+                       runtime(cfg.base_model, cfg.lora), _released_factors(out))
+
+
+def _released_factors(out: Path) -> tuple[ItemFactors, float] | None:
+    """The run's released item factors and their penalty (`item_factors.npz`), None if it released none."""
+    path = out / ITEM_FACTORS_FILE
+    if not path.is_file():
+        return None
+    arrays = dict(np.load(path))
+    return ItemFactors.from_arrays(arrays), float(arrays["reg"].reshape(-1)[0])
 
 
 BASELINES = ("global mean", "item bias only", "user+item bias", "matrix factorisation")

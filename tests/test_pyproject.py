@@ -140,3 +140,40 @@ def test_counts_and_rates_refuse_nan_zero_negative_and_wrong_types_naming_the_ke
     for wrong in (2.5, "3", True, None):  # the dataclass itself, not only from_run_config's conversion
         with pytest.raises(ValueError, match="num-rounds"):
             FederationConfig(num_rounds=wrong)
+
+
+def test_item_factor_settings_refuse_bad_values_and_combinations_naming_the_key():
+    import pytest
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    on = {"item_stats": True, "item_factors_rounds": 3}
+
+    @settings(max_examples=200, deadline=None)
+    @given(key=st.sampled_from(["item-factors-reg", "item-factors-lr", "item-factors-clip"]),
+           value=st.floats(allow_nan=True, allow_infinity=True))
+    def positive(key, value):
+        field = key.replace("-", "_")
+        if 0 < value < float("inf"):
+            assert getattr(FederationConfig(**on, **{field: value}), field) == value
+        else:
+            with pytest.raises(ValueError, match=key):
+                FederationConfig(**on, **{field: value})
+
+    @settings(max_examples=100, deadline=None)
+    @given(key=st.sampled_from(["item-factors-rounds", "item-factors-rank"]), value=st.integers(-2**70, 2**70))
+    def counts(key, value):
+        field = key.replace("-", "_")
+        if value >= (0 if key == "item-factors-rounds" else 1):
+            assert getattr(FederationConfig(item_stats=True, **{field: value}), field) == value
+        else:
+            with pytest.raises(ValueError, match=key):
+                FederationConfig(item_stats=True, **{field: value})
+
+    positive()
+    counts()
+    with pytest.raises(ValueError, match="needs item-stats"):  # the factors extend the released statistics
+        FederationConfig(item_factors_rounds=2)
+    with pytest.raises(ValueError, match="secure aggregation"):  # refused, not silently sent in the clear
+        FederationConfig(**on, secure_aggregation=True)
+    assert FederationConfig(**on).item_factors_rounds == 3

@@ -334,3 +334,31 @@ def test_under_secure_aggregation_training_and_evaluation_replies_carry_public_k
                                                   "keys": ConfigRecord({"c/x": b"1"})})):
         out = handlers(kind, {}, content)
         assert out.has_error() and out.error.reason == "error", kind
+
+
+def test_item_factor_answers_are_clipped_gradients_and_hostile_releases_get_an_error_category(handlers):
+    from common.data import load_movielens
+    from common.item_factors import ItemFactors, norm
+
+    n_items = int(load_movielens(handlers.dataset).items.index.max())
+    model = ItemFactors.initial(n_items, 4, seed=1)
+
+    def ask(arrays: dict, reg=0.2, clip=50.0) -> Message:
+        content = {"item-factors": ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()}),
+                   "config": ConfigRecord({"item-factors-reg": reg})}
+        return handlers("query.itemfactors", {"item-stats": True, "item-factors-rounds": 1,
+                                              "item-factors-clip": clip}, content)
+
+    answer = ask(model.to_arrays()).content["arrays"]
+    grads = {k: answer[k].numpy() for k in ("mu", "bias", "factors")}
+    assert grads["factors"].shape == (n_items, 4) and np.count_nonzero(grads["bias"]) > 0
+    assert norm(grads) > 0.5  # so the bound below binds
+    clipped = ask(model.to_arrays(), clip=0.5).content["arrays"]
+    assert norm({k: clipped[k].numpy() for k in grads}) <= 0.5 + 1e-5
+    good = model.to_arrays()
+    for hostile, reg in (({**good, "factors": np.full((n_items, 4), np.nan, np.float32)}, 0.2),
+                         ({**good, "bias": np.zeros(n_items + 3, np.float32)}, 0.2),
+                         ({k: v for k, v in good.items() if k != "mu"}, 0.2),
+                         (good, float("inf")), (good, -1.0)):
+        reply = ask(hostile, reg)
+        assert reply.has_error() and reply.error.reason == "error"

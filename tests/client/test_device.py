@@ -141,3 +141,61 @@ def test_a_residual_device_trains_and_predicts_a_correction_to_its_private_bias_
     b, _ = plain.train_adapter(start, cfg)
     assert np.isfinite(metrics["train_loss"])
     assert any(not np.allclose(a[k], b[k]) for k in a)
+
+
+def test_with_released_item_factors_the_private_base_is_mf_and_training_targets_get_out_of_fold_bases(ml100k_dir):
+    from dataclasses import replace as with_
+
+    from client.device import read_serving_context
+    from common.item_factors import ItemFactors, fit_user, predict
+    from common.item_stats import ItemStats
+
+    device = with_(_device(ml100k_dir), residual=True)
+    n_items = int(device.data.items.index.max())
+    rng = np.random.default_rng(3)
+    device.use_item_stats(ItemStats(rng.uniform(2, 4.5, n_items), rng.integers(0, 50, n_items).astype(float), 3.4))
+    factors = ItemFactors(3.5, 0.3 * rng.standard_normal(n_items), 0.4 * rng.standard_normal((n_items, 4)))
+    device.use_item_factors(factors, 0.1)
+    items, ratings = device.train["item"].to_numpy(), device.train["rating"].to_numpy()
+    # held-out ratings: MF with this device's own user factors, fitted on all its training ratings
+    test_items = device.test["item"].to_numpy()
+    np.testing.assert_allclose(device.bases(test_items),
+                               predict(fit_user(items, ratings, factors, 0.1), test_items, factors))
+    # training targets: each from user factors fitted without it (its fold), so none scores its own rating
+    bases = device.training_bases()
+    targets = device._target_rows
+    assert len(bases) == len(targets) and np.isfinite(bases).all()
+    in_sample = predict(fit_user(items, ratings, factors, 0.1), targets["item"].to_numpy(), factors)
+    assert not np.allclose(bases, in_sample)
+    j = 0  # change one target's rating: its own base stays, the other folds' bases move
+    flipped = device.train.copy()
+    pos = device.train.index.get_loc(targets.index[j])
+    flipped.iloc[pos, flipped.columns.get_loc("rating")] = 1 if flipped.iloc[pos]["rating"] >= 3 else 5
+    other = with_(device, train=flipped)
+    other.use_item_factors(factors, 0.1)
+    assert other.training_bases()[j] == pytest.approx(bases[j])
+    assert not np.allclose(np.delete(other.training_bases(), j), np.delete(bases, j))
+    # the serving context carries the factors, so on-device serving scores against the same base
+    stats, residual, (back, reg) = read_serving_context(device.serving_context())
+    assert residual and reg == pytest.approx(0.1) and stats is not None
+    np.testing.assert_allclose(back.factors, factors.factors, rtol=1e-6)
+    served = with_(_device(ml100k_dir), residual=False).use_serving_context(device.serving_context())
+    np.testing.assert_allclose(served.bases(test_items), device.bases(test_items), rtol=1e-5)
+
+
+def test_a_tampered_serving_context_with_item_factors_is_refused(ml100k_dir):
+    import io
+
+    from client.device import read_serving_context
+    from common.item_factors import ItemFactors
+
+    device = _device(ml100k_dir)
+    n_items = int(device.data.items.index.max())
+    device.use_item_factors(ItemFactors.initial(n_items, 3), 0.2)
+    good = dict(np.load(io.BytesIO(device.serving_context())))
+    for key, bad in (("mf-reg", np.array([0.0])), ("mf-reg", np.array([np.nan])),
+                     ("mf-factors", np.full((n_items, 3), np.inf)), ("mf-bias", np.zeros(n_items + 1))):
+        buf = io.BytesIO()
+        np.savez(buf, **{**good, key: bad})
+        with pytest.raises(ValueError):
+            read_serving_context(buf.getvalue())

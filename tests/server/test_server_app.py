@@ -40,6 +40,17 @@ def test_privacy_plan_meets_the_user_level_target_including_discovery():
     assert privacy_plan(FederationConfig(), 216) == (None, 0.0, [])
 
 
+def test_every_round_of_item_factors_is_a_discovery_release_the_target_covers():
+    cfg = FederationConfig(num_personas=4, kmeans_iters=3, num_rounds=5, fraction_train=0.06, item_stats=True,
+                           item_factors_rounds=20, dp_user_target_epsilon=8.0)
+    assert discovery_releases(cfg) == 3 + 1 + 1 + 20  # k-means, onboarding, item statistics, each factor round
+    dp, discovery_noise, prior = privacy_plan(cfg, num_nodes=216)
+    total = epsilon(prior + [(dp.noise_multiplier, 0.06, cfg.num_rounds)], cfg.dp_delta)
+    assert total == pytest.approx(8.0, rel=0.03) and total <= 8.0
+    without = privacy_plan(FederationConfig(**{**cfg.__dict__, "item_factors_rounds": 0}), 216)
+    assert discovery_noise > without[1]  # the rounds are paid for with more noise on every release
+
+
 def _answer(node: int, **arrays) -> "Message":
     from flwr.app import Array, ArrayRecord, Message, MessageType, RecordDict
 

@@ -148,12 +148,14 @@ def test_versions_trained_against_the_released_statistics_are_served_against_the
     from common.item_stats import ItemStats, predict as bias_predict
     from common.prompt import PromptBuilder, item_stats_text, movie_text
     from common.scoring import RatingHead, predict_with_prefix
-    from server.serving import ITEM_STATS_FILE
+    from common.item_factors import ItemFactors, predict as mf_predict, zero_user
+    from server.serving import ITEM_FACTORS_FILE, ITEM_STATS_FILE
 
     data = load_movielens(str(write_grouplens_100k(tmp_path / "ml", *make_data(n_users=6, n_items=30, seed=5))))
     space = FeatureSpace.of(data)
     kinds = {"plain": {}, "quoted": {"item_stats": True},
-             "residual": {"item_stats": True, "residual_to_bias": True}}
+             "residual": {"item_stats": True, "residual_to_bias": True},
+             "mf": {"item_stats": True, "residual_to_bias": True, "item_factors": True}}
     adapter, versions = _adapter(0), {}
     for kind, serving in kinds.items():
         registry = PersonaRegistry(tmp_path / kind, lora=LoraSettings(), base_model="tiny", serving=serving)
@@ -168,9 +170,15 @@ def test_versions_trained_against_the_released_statistics_are_served_against_the
     assert refused.value.status == 409
     rng = np.random.default_rng(0)
     stats = ItemStats(rng.uniform(1.5, 4.8, 30), rng.integers(1, 40, 30).astype(float), 3.3)
+    factors = ItemFactors(3.6, rng.normal(0, 0.8, 30), rng.normal(0, 0.5, (30, 4)))
     served = {}
     for kind, (registry, version) in versions.items():
         np.savez(registry.root / ITEM_STATS_FILE, **stats.to_arrays())
+        if kind == "mf":  # without the released factors on disk, an MF-residual version is refused the same way
+            with pytest.raises(RegistryError, match=ITEM_FACTORS_FILE) as refused:
+                ColdStartService(registry, "tiny", data.items).score([(version, "profile", movies)])
+            assert refused.value.status == 409
+            np.savez(registry.root / ITEM_FACTORS_FILE, **factors.to_arrays(), reg=np.array([0.2]))
         served[kind] = ColdStartService(registry, "tiny", data.items).score([(version, "profile", movies)])[0]
     # the reference: the same adapter scored directly with the prompt and prior each kind was trained with
     model_, tok = _model_with(adapter)
@@ -183,8 +191,13 @@ def test_versions_trained_against_the_released_statistics_are_served_against_the
     np.testing.assert_allclose(served["quoted"], predict_with_prefix(model_, head, prefix, quoted), atol=1e-5)
     np.testing.assert_allclose(served["residual"], predict_with_prefix(
         model_, head, prefix, quoted, base=bias_predict(0.0, np.array(movies), stats)), atol=1e-5)
+    # an MF-residual version: a new user has no user factors, so MF's item half alone is the base
+    factors = ItemFactors.from_arrays(factors.to_arrays())  # as served: float32 on disk
+    np.testing.assert_allclose(served["mf"], predict_with_prefix(
+        model_, head, prefix, quoted, base=mf_predict(zero_user(factors), np.array(movies), factors)), atol=1e-5)
     assert not np.allclose(served["quoted"], served["plain"], atol=1e-4)
     assert not np.allclose(served["residual"], served["quoted"], atol=1e-4)
+    assert not np.allclose(served["mf"], served["residual"], atol=1e-4)
 
 
 def _model_with(arrays: dict):

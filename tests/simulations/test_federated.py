@@ -513,3 +513,46 @@ def test_devices_keep_what_their_personal_adapter_was_trained_against_for_servin
             assert stats.mu == pytest.approx(released.mu, rel=1e-6)
             kept += 1
     assert kept >= 1
+
+
+def test_released_item_factors_make_mf_the_private_base_the_adapters_correct(tmp_path):
+    """item-factors-rounds: the coordinator learns MF's item half from the devices' gradients, every device fits
+    its own user factors, and the private baseline, blend and residual prior are that MF. Recomputed outside the
+    federation from the released file and each user's own ratings, the pooled private-base RMSE is the devices'."""
+    from common.config import split_preset
+    from common.data import load_movielens
+    from common.item_factors import ItemFactors, fit_user, predict
+    from common.split import temporal_split, validation_split
+    from simulations.rescore import rescore
+
+    ratings, items, users = make_data(n_users=6, n_items=40, per_user=30, seed=4)
+    data_dir = write_grouplens_100k(tmp_path / "ml", ratings, items, users)
+    overrides = {"base-model": "tiny", "dataset": str(data_dir), "split": "default", "num-personas": 1,
+                 "num-rounds": 1, "fraction-train": 1.0, "eval-every": 1, "eval-users": 6, "eval-min-devices": 1,
+                 "lr": 0.01, "personal-steps": 1, "item-stats": True, "validation-fraction": 0.2,
+                 "residual-to-bias": True, "item-factors-rounds": 4, "item-factors-rank": 3,
+                 "out-dir": str(tmp_path / "out"), "device-dir": str(tmp_path / "devices")}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(KEY_ENV, RawKey.generate().raw.hex())
+        history = run_federation(overrides, num_nodes=6)
+    out = tmp_path / "out"
+    arrays = dict(np.load(out / "item_factors.npz"))
+    released = ItemFactors.from_arrays(arrays)
+    assert released.factors.shape[1] == 3 and float(arrays["reg"][0]) == pytest.approx(0.2)
+    assert np.abs(released.factors - ItemFactors.initial(len(released.bias), 3, 0).factors).max() > 1e-4  # trained
+    data = load_movielens(str(data_dir))
+    split = temporal_split(data.ratings, split_preset("default"))
+    fit, _ = validation_split(split.train, 0.2)
+    sse = n = 0.0
+    for user, test in split.test.groupby("user"):
+        mine = fit[fit["user"] == user]
+        pred = predict(fit_user(mine["item"].to_numpy(), mine["rating"].to_numpy(), released, 0.2), test["item"],
+                       released)
+        sse, n = sse + float(((pred - test["rating"].to_numpy()) ** 2).sum()), n + len(test)
+    final = history["evaluate"][str(max(map(int, history["evaluate"])))]
+    np.testing.assert_allclose(final["bias_rmse"], np.sqrt(sse / n), rtol=1e-5)
+    manifest = json.loads(next(out.glob("personas/p0/r0001/manifest.json")).read_text())
+    assert manifest["serving"]["item_factors"] is True
+    # rescored from the released version and factors, the persona adapter scores what the devices reported
+    run = rescore(out)
+    assert np.sqrt(np.mean((run["persona"] - run["y"]) ** 2)) == pytest.approx(run["reported"], rel=1e-5)
