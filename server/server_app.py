@@ -140,7 +140,8 @@ def release_item_factors(grid: Grid, nodes: list[int], cfg: FederationConfig, no
     n_items = int(load_movielens(cfg.dataset).items.index.max())  # the public catalogue
     trainer = ItemFactorTrainer(ItemFactors.initial(n_items, cfg.item_factors_rank, cfg.seed), lr=cfg.item_factors_lr)
     shapes = {"mu": (1,), "bias": (n_items,), "factors": (n_items, cfg.item_factors_rank)}
-    for _ in range(cfg.item_factors_rounds):
+    started = time.time()
+    for t in range(1, cfg.item_factors_rounds + 1):
         release = ArrayRecord({k: Array(v) for k, v in trainer.model.to_arrays().items()})
         content = RecordDict({"item-factors": release,
                               "config": ConfigRecord({"item-factors-reg": cfg.item_factors_reg})})
@@ -149,6 +150,9 @@ def release_item_factors(grid: Grid, nodes: list[int], cfg: FederationConfig, no
                       clip_always=True)
         # Adam is invariant to the gradient's scale; dividing by the device count only keeps the numbers tame
         trainer.step(dict(zip(shapes, summed)), float(len(nodes)))
+        if t % 10 == 0 or t == cfg.item_factors_rounds:
+            log(INFO, "item factors: round %d/%d (%.0f s)", t, cfg.item_factors_rounds, time.time() - started,
+                extra=PROGRESS)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     arrays = {**trainer.model.to_arrays(), "reg": np.array([cfg.item_factors_reg], np.float32)}
