@@ -17,7 +17,6 @@ prints the table and writes `results/item_factors/table.{md,json}`.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 from pathlib import Path
@@ -25,14 +24,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common.config import split_preset
-from common.data import load_movielens
 from common.item_factors import ItemFactors, ItemFactorTrainer, clip, contribution, fit_user, predict
 from common.metrics import rmse
 from common.privacy import noise_for_target
-from common.split import sample_users, temporal_split, validation_split
+from common.split import validation_split
 from simulations.centralised import paired_vs
 from simulations.classical import Biases, tune_mf
+from simulations.item_stats import evaluation_split, save_table
 
 
 def federate(train: pd.DataFrame, n_items: int, rounds: int, noise_multiplier: float, args: argparse.Namespace,
@@ -72,11 +70,7 @@ def _scorer(train: pd.DataFrame, held: pd.DataFrame):
 
 
 def run(args: argparse.Namespace) -> dict:
-    data = load_movielens(args.dataset)
-    split = temporal_split(data.ratings, split_preset(args.split))
-    n_items = int(data.items.index.max())
-    users = split.users if args.eval_users == 0 else sample_users(split.users, args.eval_users, args.eval_seed)
-    test = split.test[split.test["user"].isin(users)].reset_index(drop=True)
+    split, n_items, users, test = evaluation_split(args)
     y, who, what = test["rating"].to_numpy(), test["user"].to_numpy(), test["item"].to_numpy()
     fit_part, valid = validation_split(split.train, args.val_fraction)
     valid = valid.reset_index(drop=True)
@@ -177,13 +171,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", default="results/item_factors")
     args = ap.parse_args(argv)
     args.round_grid = args.round_grid or [args.rounds]
-    result = run(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "table.json").write_text(json.dumps(result, default=float))
-    (out / "table.md").write_text(markdown(result) + "\n")
-    print(markdown(result))
-    return result
+    return save_table(run(args), Path(args.out), markdown)
 
 
 if __name__ == "__main__":

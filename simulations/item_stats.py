@@ -48,12 +48,18 @@ def release(train: pd.DataFrame, n_items: int, bound: float, noise_multiplier: f
     return sums, weights, volume, std
 
 
-def run(args: argparse.Namespace) -> dict:
+def evaluation_split(args: argparse.Namespace):
+    """(split, catalogue size, evaluation users, their test ratings) of `args.dataset` / `args.split`:
+    `args.eval_users` sampled with `args.eval_seed`, 0 for every user."""
     data = load_movielens(args.dataset)
     split = temporal_split(data.ratings, split_preset(args.split))
-    n_items = int(data.items.index.max())
     users = split.users if args.eval_users == 0 else sample_users(split.users, args.eval_users, args.eval_seed)
     test = split.test[split.test["user"].isin(users)].reset_index(drop=True)
+    return split, int(data.items.index.max()), users, test
+
+
+def run(args: argparse.Namespace) -> dict:
+    split, n_items, users, test = evaluation_split(args)
     y, who, what = test["rating"].to_numpy(), test["user"].to_numpy(), test["item"].to_numpy()
     own = {int(u): (g["item"].to_numpy(), g["rating"].to_numpy()) for u, g in split.train.groupby("user")}
     classical = Biases().fit(split.train).predict(who, what)
@@ -118,12 +124,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--eval-seed", type=int, default=0)
     ap.add_argument("--out", default="results/item_stats")
     args = ap.parse_args(argv)
-    result = run(args)
-    out = Path(args.out)
+    return save_table(run(args), Path(args.out), markdown)
+
+
+def save_table(result: dict, out: Path, render) -> dict:
+    """Write `result` to out/table.json and its `render`ed markdown to out/table.md, and print the table."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "table.json").write_text(json.dumps(result, default=float))
-    (out / "table.md").write_text(markdown(result) + "\n")
-    print(markdown(result))
+    (out / "table.md").write_text(render(result) + "\n")
+    print(render(result))
     return result
 
 
