@@ -507,8 +507,8 @@ def test_devices_keep_what_their_personal_adapter_was_trained_against_for_servin
         for user in store.users():
             if not store.versions(user, PERSONAL):
                 continue
-            stats, residual = read_serving_context(store.get_bytes(user, SERVING))
-            assert residual  # residual-to-bias: served on top of the bias model's prior
+            stats, residual, factors = read_serving_context(store.get_bytes(user, SERVING))
+            assert residual and factors is None  # residual-to-bias: on top of the bias model's prior (no MF here)
             np.testing.assert_allclose(stats.mean, released.mean, rtol=1e-6)
             assert stats.mu == pytest.approx(released.mu, rel=1e-6)
             kept += 1
