@@ -183,6 +183,19 @@ def federated_rows(name: str, k: int, history: dict, base: str = "private bias")
             for path, label in paths]
 
 
+def missing_evaluations(history: dict, expected: int) -> str | None:
+    """Why a run's last evaluation is not comparable, or None: fewer users replied than were sampled (a device that
+    misses the round timeout, e.g. on a loaded machine, is silently left out of the pooled figures)."""
+    evals = history.get("evaluate") or {}
+    if not evals:
+        return None
+    got = int(evals[max(evals, key=int)].get("users", expected))
+    if got >= expected:
+        return None
+    return (f"the last evaluation pooled {got} of {expected} evaluation users (the others missed the round "
+            f"timeout?); its rows are not comparable with runs that pooled all of them")
+
+
 def _mean_rmse(runs: list[dict], rnd: int, path_name: str) -> float | None:
     """A federation's RMSE on one path at one evaluated round, the mean over its repeats (None if withheld)."""
     values = [h["evaluate"].get(str(rnd), {}).get(f"{path_name}_rmse") for h in runs]
@@ -406,6 +419,8 @@ def main(argv: list[str] | None = None) -> None:
                                           "num-personas": k if k != "elbow" else 1, "out-dir": str(out / run_dir),
                                           "device-dir": str(out / "devices" / run_dir)}, nodes)
                 histories.setdefault(name, []).append(history)
+                if (short := missing_evaluations(history, len(eval_users))):
+                    print(f"WARNING: {short}", flush=True)
                 repeats.append(federated_rows(name + _memory(cfg) + _target(cfg), history["personas"]["k"], history,
                                                _base(cfg)))
             rows += summarise(repeats)

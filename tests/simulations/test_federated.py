@@ -556,3 +556,12 @@ def test_released_item_factors_make_mf_the_private_base_the_adapters_correct(tmp
     # rescored from the released version and factors, the persona adapter scores what the devices reported
     run = rescore(out)
     assert np.sqrt(np.mean((run["persona"] - run["y"]) ** 2)) == pytest.approx(run["reported"], rel=1e-5)
+
+
+def test_a_run_whose_evaluation_pooled_fewer_users_than_sampled_is_flagged():
+    from simulations.federated import missing_evaluations
+
+    history = {"evaluate": {"5": {"users": 11.0}, "10": {"users": 11.0}}}
+    assert "11 of 40" in missing_evaluations(history, 40)
+    assert missing_evaluations({"evaluate": {"5": {"users": 40.0}}}, 40) is None
+    assert missing_evaluations({"evaluate": {}}, 40) is None
