@@ -263,7 +263,10 @@ class FederationConfig:
     item_factors_rank: int = 32
     item_factors_reg: float = 0.2  # per-rating L2 penalty, as classical MF's (chosen on validation: docs/results.md)
     item_factors_lr: float = 0.02  # the coordinator's Adam step on the item half
-    item_factors_clip: float = 50.0  # L2 bound on one device's gradient (always applied: sensitivity under DP)
+    # L2 bound on one device's gradient, always applied. 50 rarely binds (a device's gradient norm is 10-40 at the
+    # start), so without DP every rating counts in full; under DP it is the sensitivity the noise scales with, and a
+    # smaller bound pays better (the LM-free runs use 5: docs/results.md).
+    item_factors_clip: float = 50.0
     # Secure aggregation (off by default): every sampled device uploads its delta in its persona's slot of a
     # K-slot vector, quantised and masked (SecAgg: pairwise masks, Shamir-shared seeds), and the coordinator
     # unmasks only the K per-persona sums and counts. The delta is clipped on the device to dp-user-clip under

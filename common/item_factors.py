@@ -134,9 +134,10 @@ def clip(arrays: dict[str, np.ndarray], bound: float) -> dict[str, np.ndarray]:
 class ItemFactorTrainer:
     """The coordinator's side: Adam on the item half from the (clipped, noised) sum of the devices' gradients.
 
-    `ratings` is the number of ratings the gradients sum over (released by the item statistics' volume slot, or
-    a public estimate): dividing by it makes the step the mean-loss gradient of centralised MF, so `lr` means the
-    same thing here as in `simulations.classical.MatrixFactorization`."""
+    `ratings` divides the summed gradient before the step: the number of ratings it sums over makes it the
+    mean-loss gradient of centralised MF (the LM-free measurement passes that); the coordinator, which does not know
+    it, passes the device count. Adam's step is invariant to that scale (up to its eps), so `lr` means the same thing
+    either way, and the same as in `simulations.classical.MatrixFactorization`."""
 
     model: ItemFactors
     lr: float = 0.02
