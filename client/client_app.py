@@ -45,7 +45,6 @@ from client.store import EncryptedStore
 from common.config import DeviceDP, FederationConfig, ScoringConfig, TrainConfig, split_preset
 from common.data import load_movielens
 from common import item_factors
-from common.item_factors import ItemFactors
 from common.item_stats import ItemStats, contribution
 from common.personas import (cold_start_persona, discovery_dim, embed_profiles, embedding_sse, genre_deviation,
                              initial_slot, nearest, onboarding_space, slot_sums)
@@ -114,16 +113,8 @@ def _with_item_stats(device: Device, message: Message) -> Device:
         device.use_item_stats(ItemStats.from_arrays({k: record[k].numpy() for k in ("mean", "count", "mu")}))
     if "item-factors" in message.content:
         record = message.content["item-factors"]
-        device.use_item_factors(*_item_factors(record, float(record["reg"].numpy().reshape(-1)[0])))
+        device.use_item_factors(*item_factors.read_release({k: record[k].numpy() for k in record}))
     return device
-
-
-def _item_factors(record, reg: float) -> tuple[ItemFactors, float]:
-    """The item half of MF from a message, refused (ValueError, the device answers with an error) when a field is
-    missing, misshapen or non-finite, or the penalty is not a finite positive number."""
-    if not 0.0 < reg < float("inf"):
-        raise ValueError(f"item factors: the penalty must be finite and > 0, got {reg}")
-    return ItemFactors.from_arrays({k: record[k].numpy() for k in ("mu", "bias", "factors")}), reg
 
 
 def _k(message: Message, cfg: FederationConfig) -> int:
@@ -394,8 +385,9 @@ def build_app(overrides: dict | None = None, mods: Iterable[Mod] = ()) -> Client
         # here; only the gradient for the item half leaves, clipped to the bound the coordinator's noise covers.
         # Every device answers (an empty answer is all zeros, as for the item statistics).
         device, cfg = _device(context, overrides)
-        model, reg = _item_factors(message.content["item-factors"],
-                                   float(message.content["config"]["item-factors-reg"]))
+        record = message.content["item-factors"]
+        model, reg = item_factors.read_release({**{k: record[k].numpy() for k in record},
+                                                "reg": message.content["config"]["item-factors-reg"]})
         answer = item_factors.clip(item_factors.contribution(device.train["item"].to_numpy(),
                                                              device.train["rating"].to_numpy(), model, reg),
                                    cfg.item_factors_clip)

@@ -18,7 +18,7 @@ from common import blend
 from common.adapters import adapter_arrays, add_lora, load_adapter_arrays
 from common.config import DeviceDP, LoraSettings, PromptConfig, ScoringConfig, TrainConfig
 from common.data import MovieLens
-from common.item_factors import ItemFactors, fit_user, predict as mf_predict
+from common.item_factors import ItemFactors, fit_user, predict as mf_predict, read_release, release_arrays
 from common.item_stats import ItemStats, predict as bias_predict, user_bias
 from common.memory import catalogue_embeddings, recalled_text
 from common.model import load_base_model
@@ -94,8 +94,7 @@ class Device:
         so on-device serving scores the way that adapter was trained (npz; no pickles)."""
         buf = io.BytesIO()
         factors = {} if self.factors is None else {
-            **{f"mf-{k}": v for k, v in self.factors.to_arrays().items()},
-            "mf-reg": np.array([self.factors_reg], np.float32)}
+            f"mf-{k}": v for k, v in release_arrays(self.factors, self.factors_reg).items()}
         np.savez(buf, residual=np.array([self.residual]),
                  **({} if self.released is None else self.released.to_arrays()), **factors)
         return buf.getvalue()
@@ -309,12 +308,7 @@ def read_serving_context(payload: bytes) -> tuple[ItemStats | None, bool, tuple[
         arrays = {k: stored[k] for k in stored.files}
     residual = bool(arrays.pop("residual").reshape(-1)[0])
     mf = {k[3:]: arrays.pop(k) for k in list(arrays) if k.startswith("mf-")}
-    factors = None
-    if mf:
-        reg = float(np.asarray(mf.pop("reg")).reshape(-1)[0])
-        if not 0.0 < reg < float("inf"):
-            raise ValueError(f"serving context: the item factors' penalty must be finite and > 0, got {reg}")
-        factors = (ItemFactors.from_arrays(mf), reg)
+    factors = read_release(mf) if mf else None
     return (ItemStats.from_arrays(arrays) if arrays else None), residual, factors
 
 

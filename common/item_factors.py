@@ -62,6 +62,21 @@ class ItemFactors:
         return cls(float(np.clip(mu[0], 1.0, 5.0)), bias, factors)
 
 
+def release_arrays(model: ItemFactors, reg: float) -> dict[str, np.ndarray]:
+    """What is released and stored (`item_factors.npz`, messages, a device's serving context): the item half and
+    the per-rating penalty devices must fit their user half with."""
+    return {**model.to_arrays(), "reg": np.array([reg], np.float32)}
+
+
+def read_release(arrays) -> tuple[ItemFactors, float]:
+    """`release_arrays`' inverse, refused (ValueError) when a field is missing, misshapen or non-finite, or the
+    penalty is not a finite positive number."""
+    reg = float(np.asarray(arrays["reg"]).reshape(-1)[0])
+    if not 0.0 < reg < float("inf"):
+        raise ValueError(f"item factors: the penalty must be finite and > 0, got {reg}")
+    return ItemFactors.from_arrays({k: np.asarray(arrays[k]) for k in ("mu", "bias", "factors")}), reg
+
+
 def _known(items: np.ndarray, ratings: np.ndarray, n_items: int) -> tuple[np.ndarray, np.ndarray]:
     """0-based indices and ratings of the rows a device can use: movies in the catalogue, finite ratings (clipped
     to the scale), each movie once (its last rating)."""

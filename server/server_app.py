@@ -32,7 +32,7 @@ from common.adapters import adapter_arrays, add_lora
 from common.config import FederationConfig, UserDP
 from common.data import load_movielens
 from common import secure_vector
-from common.item_factors import ItemFactors, ItemFactorTrainer
+from common.item_factors import ItemFactors, ItemFactorTrainer, release_arrays
 from common.item_stats import ItemStats, estimate, sensitivity
 from common.model import load_base_model
 from common.personas import EMBED_DIM, discovery_dim, elbow, onboarding_space, update_centroids
@@ -155,8 +155,7 @@ def release_item_factors(grid: Grid, nodes: list[int], cfg: FederationConfig, no
                 extra=PROGRESS)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    arrays = {**trainer.model.to_arrays(), "reg": np.array([cfg.item_factors_reg], np.float32)}
-    np.savez(out / ITEM_FACTORS_FILE, **arrays)
+    np.savez(out / ITEM_FACTORS_FILE, **release_arrays(trainer.model, cfg.item_factors_reg))
     log(INFO, "item factors released: %d rounds over %d devices, rank %d%s", cfg.item_factors_rounds, len(nodes),
         cfg.item_factors_rank, f", noise std {noise * cfg.item_factors_clip:.3f} per coordinate" if noise > 0
         else " (no noise)")
@@ -424,8 +423,8 @@ def run(grid: Grid, cfg: FederationConfig) -> None:
         extra["item-stats"] = ArrayRecord({k: Array(v) for k, v in stats.to_arrays().items()})
     if cfg.item_factors_rounds:
         factors = release_item_factors(grid, nodes, cfg, discovery_noise, cfg.round_timeout)
-        extra["item-factors"] = ArrayRecord({k: Array(v) for k, v in factors.to_arrays().items()} |
-                                            {"reg": Array(np.array([cfg.item_factors_reg], np.float32))})
+        extra["item-factors"] = ArrayRecord({k: Array(v) for k, v in
+                                             release_arrays(factors, cfg.item_factors_reg).items()})
     node_persona, eval_nodes, persona_info = discover_personas(grid, nodes, cfg, discovery_noise, cfg.round_timeout)
     cfg = replace(cfg, num_personas=persona_info["k"])  # K may have been chosen from the data
     registry = PersonaRegistry(out, lora=cfg.lora, base_model=cfg.base_model,

@@ -34,7 +34,7 @@ import numpy as np
 from client.device import Device, runtime
 from common.config import FederationConfig, ScoringConfig, split_preset
 from common.data import load_movielens
-from common.item_factors import ItemFactors
+from common.item_factors import ItemFactors, read_release
 from common.item_stats import ItemStats
 from common.metrics import rmse
 from common.split import sample_users, temporal_split, validation_split
@@ -122,8 +122,7 @@ def _released_factors(out: Path) -> tuple[ItemFactors, float] | None:
     path = out / ITEM_FACTORS_FILE
     if not path.is_file():
         return None
-    arrays = dict(np.load(path))
-    return ItemFactors.from_arrays(arrays), float(arrays["reg"].reshape(-1)[0])
+    return read_release(dict(np.load(path)))
 
 
 BASELINES = ("global mean", "item bias only", "user+item bias", "matrix factorisation")
