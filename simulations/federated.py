@@ -6,8 +6,9 @@
     python -m simulations.federated --set split=default   # all 943 users, 80/20 split
     python -m simulations.federated --personas 2,4,8,elbow --epsilons 1,4,8 --repeats 3   # the full comparison
 
-Runs, on the same split and the same seeded evaluation users (`MAIN_JOB` below: item statistics, residual adapters,
-a validation split, genre-deviation personas; `--set` changes any setting):
+Runs, on the same split and the same seeded evaluation users (`MAIN_JOB` below: item statistics, a private MF base
+from 30 rounds of federated item factors, adapters that correct it, a validation split, genre-deviation personas;
+`--set` changes any setting):
   classical baselines and the SLM with vanilla prompting (no adapter),
   the federation with K=1 (one shared adapter) and with K personas,
   optionally the K-persona federation under user-level DP at several epsilons (`--epsilons`),
@@ -50,8 +51,9 @@ from simulations.classical import Biases, GlobalMean, ItemBias, tune_mf
 # the embeddings, survive user-level DP at epsilon 8 (docs/personas_and_dp_scaling.md; the product default too).
 # pyproject.toml's defaults (what `flwr run .` and a deployment use) keep the rest opt-in; `--set` overrides any.
 MAIN_JOB = {"item-stats": True, "validation-fraction": 0.1, "residual-to-bias": True, "eval-users": 40,
-            "eval-every": 5, "discovery-features": "genre-deviation"}
-QUICK = {"num-rounds": 2, "eval-every": 2, "eval-users": 6, "fraction-train": 0.025, "kmeans-iters": 2}
+            "eval-every": 5, "discovery-features": "genre-deviation", "item-factors-rounds": 30}
+QUICK = {"num-rounds": 2, "eval-every": 2, "eval-users": 6, "fraction-train": 0.025, "kmeans-iters": 2,
+         "item-factors-rounds": 5}
 
 
 def run_federation(overrides: dict, num_nodes: int, cpus_per_node: float | None = None, mods=()) -> dict:
@@ -311,7 +313,11 @@ def persona_runs(spec: str, overrides: dict, epsilons: str = "", dp_k: int = 4,
         if not eps > 0:
             raise SystemExit(f"--epsilons: each must be a number > 0, got {part!r}")
         name = f"{dp_k} personas, user-level ε={eps:g}" if dp_k > 1 else f"single adapter, user-level ε={eps:g}"
-        runs.append((name, dp_k, f"k{dp_k}-eps{eps:g}", {"persona-candidates": "", **dp_level(eps, device_noise)}))
+        # Under DP each MF round is one more discovery release, and at eps <= 8 the private MF was no better than the
+        # one-shot private bias model (docs/results.md, "Federated MF, without a language model"): the DP rows keep
+        # the bias base and its budget.
+        runs.append((name, dp_k, f"k{dp_k}-eps{eps:g}",
+                     {"persona-candidates": "", "item-factors-rounds": 0, **dp_level(eps, device_noise)}))
     return runs
 
 
@@ -421,8 +427,9 @@ def main(argv: list[str] | None = None) -> None:
                 histories.setdefault(name, []).append(history)
                 if (short := missing_evaluations(history, len(eval_users))):
                     print(f"WARNING: {short}", flush=True)
-                repeats.append(federated_rows(name + _memory(cfg) + _target(cfg), history["personas"]["k"], history,
-                                               _base(cfg)))
+                run_cfg = FederationConfig.from_run_config({**overrides, **extra})  # the DP rows' base differs
+                repeats.append(federated_rows(name + _memory(run_cfg) + _target(run_cfg), history["personas"]["k"],
+                                              history, _base(run_cfg)))
             rows += summarise(repeats)
 
         table = markdown(rows) + "\n\nRMSE by user activity (training ratings per user):\n\n" + activity_markdown(rows)

@@ -294,7 +294,8 @@ def test_main_job_writes_the_table_with_rmse_per_user_activity_bucket_and_privac
     out = tmp_path / "results"
     sets = {"base-model": "tiny", "dataset": str(_main_job_data(tmp_path)), "split": "default", "num-rounds": 1,
             "eval-every": 1, "eval-users": 6, "kmeans-iters": 2, "cold-start-threshold": 18, "memory-items": 2,
-            "lr": 0.01, "persona-candidates": "1,2,3", "eval-min-devices": 1}  # per-bucket RMSE of 2 and 4 users
+            "lr": 0.01, "persona-candidates": "1,2,3", "eval-min-devices": 1,  # per-bucket RMSE of 2 and 4 users
+            "item-factors-rounds": 2, "item-factors-rank": 3}
     args = ["--personas", "elbow", "--epsilons", "2", "--dp-personas", "2", "--out", str(out)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     run = subprocess.run([sys.executable, "-m", "simulations.federated", *args]
@@ -318,11 +319,14 @@ def test_main_job_writes_the_table_with_rmse_per_user_activity_bucket_and_privac
     # personas from genre deviations (the discovery that separates taste and survives DP), in every federation
     assert result["overrides"]["discovery-features"] == "genre-deviation"
     assert {h["config"]["discovery_features"] for hs in result["histories"].values() for h in hs} == {"genre-deviation"}
-    # the main job's defaults: adapters correcting the private bias model, blended with it on validation
-    variant = " + long-term memory (2), residual to private bias"
+    # the main job's defaults: adapters correcting the private MF base, blended with it on validation; the DP row
+    # keeps the bias base (MF rounds would be more discovery releases) and says so
+    variant = " + long-term memory (2), residual to private MF"
     assert {"SLM vanilla prompting + long-term memory (2)", f"single adapter{variant}: persona adapter",
-            f"2 personas, user-level ε=2{variant}: personal adapter",
-            f"single adapter{variant}: private user+item bias (released item statistics)"} <= set(rows)
+            "2 personas, user-level ε=2 + long-term memory (2), residual to private bias: personal adapter",
+            f"single adapter{variant}: private MF (released item factors + on-device user factors)"} <= set(rows)
+    assert result["histories"]["2 personas, user-level ε=2"][0]["config"]["item_factors_rounds"] == 0
+    assert (out / "k1" / "item_factors.npz").exists() and not (out / "k2-eps2" / "item_factors.npz").exists()
     elbow_row = rows[f"K at the elbow of 1,2,3{variant}: persona adapter"]
     assert elbow_row["K"] == result["histories"]["K at the elbow of 1,2,3"][0]["personas"]["k"] in (1, 2, 3)
     # The DP row is a user-level DP run: its persona versions carry the epsilon spent.
@@ -331,7 +335,7 @@ def test_main_job_writes_the_table_with_rmse_per_user_activity_bucket_and_privac
     for row in rows.values():
         assert set(row["activity"]) == {"ratings_0_19", "ratings_20_49"}, row["method"]
         # a pooled RMSE lies between its parts (not a blend's: each bucket pools its own weight)
-        if "+ private bias, w=" not in row["method"]:
+        if ", w=" not in row["method"]:
             assert min(row["activity"].values()) - 1e-9 <= row["rmse"] <= max(row["activity"].values()) + 1e-9
     table = (out / "results.md").read_text()
     assert "| method | 0-19 ratings | 20-49 ratings |" in table and "RMSE sd" not in table
@@ -407,14 +411,15 @@ def test_repeated_runs_use_other_training_seeds_on_the_same_evaluation_users(tmp
 
     out = tmp_path / "results"
     sets = {"base-model": "tiny", "dataset": str(_main_job_data(tmp_path)), "split": "default", "num-rounds": 1,
-            "eval-every": 1, "eval-users": 4, "fraction-train": 0.5, "lr": 0.01, "eval-min-devices": 1}
+            "eval-every": 1, "eval-users": 4, "fraction-train": 0.5, "lr": 0.01, "eval-min-devices": 1,
+            "item-factors-rounds": 2, "item-factors-rank": 3}
     main(["--personas", "", "--repeats", "2", "--no-slm-baseline", "--out", str(out)]
          + [a for k, v in sets.items() for a in ("--set", f"{k}={v}")])
     result = json.loads((out / "results.json").read_text())
     runs = result["histories"]["single adapter"]
     assert [h["config"]["seed"] for h in runs] == [0, 1]
     assert {h["evaluate"]["1"]["ratings"] for h in runs} == {result["rows"][0]["test_ratings"]}  # same users
-    row = next(r for r in result["rows"] if r["method"] == "single adapter, residual to private bias: persona adapter")
+    row = next(r for r in result["rows"] if r["method"] == "single adapter, residual to private MF: persona adapter")
     assert row["repeats"] == 2 and len(row["rmse_runs"]) == 2
     assert row["rmse"] == pytest.approx(np.mean(row["rmse_runs"]))
     assert row["rmse_sd"] == pytest.approx(np.std(row["rmse_runs"], ddof=1))
@@ -449,6 +454,7 @@ def test_persona_runs_always_start_with_the_single_adapter_and_refuse_bad_k():
     assert [(name, k, slug) for name, k, slug, _ in dp[1:]] == [
         ("4 personas, user-level ε=1", 4, "k4-eps1"), ("4 personas, user-level ε=0.5", 4, "k4-eps0.5")]
     assert dp[1][3]["dp-user-target-epsilon"] == 1.0 and dp[1][3]["dp-device-noise"] == 0.7
+    assert dp[1][3]["item-factors-rounds"] == 0  # DP rows keep the one-shot bias base
     with pytest.raises(SystemExit, match="integer >= 1"):
         persona_runs("2,x", {})
     with pytest.raises(SystemExit, match="number > 0"):
