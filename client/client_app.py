@@ -276,13 +276,16 @@ def _personal(device: Device, cfg: FederationConfig, context: Context, persona: 
 
     Derived afresh from each new persona version (FedAvg + local fine-tuning): continuing an adapter derived from an
     older version would keep that version's weights and miss what the federation learnt since. It never leaves the
-    device, so it trains without noise unless `dp-personal` is set."""
-    try:
-        with phase("model: personal training"):
-            personal, metrics = _train(device, cfg, context, persona, cfg.personal_train(),
-                                       cfg.device_dp_enabled and cfg.dp_personal, leaves=False)
-    except (BudgetExhausted, LedgerRolledBack):  # serve the persona adapter as it is
-        personal, metrics = persona, {}
+    device, so it trains without noise unless `dp-personal` is set. With `personal-steps` 0 it is the persona adapter
+    as received: still stored, so the device serves what the federation learnt rather than the bare base model."""
+    personal, metrics = persona, {}
+    if cfg.personal_steps > 0:
+        try:
+            with phase("model: personal training"):
+                personal, metrics = _train(device, cfg, context, persona, cfg.personal_train(),
+                                           cfg.device_dp_enabled and cfg.dp_personal, leaves=False)
+        except (BudgetExhausted, LedgerRolledBack):  # serve the persona adapter as it is
+            pass
     store = _store(device, cfg, context)
     # The context first: it is the same for every adapter of a run, so a crash between the two writes leaves the
     # previous adapter beside a context it was trained with.
@@ -464,8 +467,7 @@ def build_app(overrides: dict | None = None, mods: Iterable[Mod] = ()) -> Client
             return _skipped(message, claim, LEDGER_MISSING)
         delta = {k: trained[k] - persona[k] for k in persona}
         _save_state(device, cfg, context, contributed=int(message.content["config"]["server-round"]))
-        if cfg.personal_steps > 0:
-            _personal(device, cfg, context, persona)
+        _personal(device, cfg, context, persona)
         return device, cfg, delta, metrics
 
     @app.train()
@@ -509,11 +511,11 @@ def build_app(overrides: dict | None = None, mods: Iterable[Mod] = ()) -> Client
         device, cfg = _device(context, overrides)
         _with_item_stats(device, message)
         persona = from_record(message.content["arrays"])
-        personal = persona
-        if cfg.personal_steps > 0:
-            state = load_state(_store(device, cfg, context), str(device.user))
-            personal = _load_personal(device, cfg, context) if state.get("personal_from") == _digest(persona) else None
-            personal = _personal(device, cfg, context, persona)[0] if personal is None else personal
+        state = load_state(_store(device, cfg, context), str(device.user))
+        personal = _load_personal(device, cfg, context) if state.get("personal_from") == _digest(persona) else None
+        personal = _personal(device, cfg, context, persona)[0] if personal is None else personal
+        if cfg.personal_steps == 0:
+            personal = persona  # the same weights: `evaluation_sums` scores them once
         with phase("model: evaluation scoring"):
             sums = device.evaluation_sums({"persona": persona, "personal": personal})
         # The personal adapter trains without noise: under DP its distance from the persona stays on the device.

@@ -289,13 +289,16 @@ class Device:
             b_test, b_val, y_val = self.bias("test"), self.bias("val"), self.val_examples[1]
             out.update(bias_sse=float(((b_test - true) ** 2).sum()), bias_sae=float(np.abs(b_test - true).sum()),
                        n_val=float(len(y_val)))
+        scored: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}  # the same adapter under two names: scored once
         for name, arrays in adapters.items():
-            pred = self.predict(arrays)
+            if id(arrays) not in scored:
+                scored[id(arrays)] = (self.predict(arrays), self.predict(arrays, "val") if blend_ else None)
+            pred, pred_val = scored[id(arrays)]
             errors = _error_sums(pred, true)
             out.update({f"{name}_sse": errors["sse"], f"{name}_sae": errors["sae"]})
             if blend_:
                 for held_out, p, b, y in (("test", pred, b_test, true),
-                                          ("val", self.predict(arrays, "val"), b_val, y_val)):
+                                          ("val", pred_val, b_val, y_val)):
                     sums = blend.residual_sums(p, b, y)
                     out.update({f"{name}_{held_out}_{k}": sums[k] for k in ("rd", "dd")})
         return out

@@ -249,6 +249,26 @@ def test_the_personal_adapter_is_derived_afresh_from_each_new_persona_version(ha
     assert len(personal_versions()) == 2
 
 
+def test_with_no_personal_steps_the_device_keeps_and_serves_the_persona_adapter_as_received(handlers, tmp_path):
+    """personal-steps 0 (no fine-tuning): the device still stores the persona adapter it received as the one it
+    serves (before, it stored nothing and its local API served the bare base model), and evaluation reports the
+    same errors for both names."""
+    from client.device import runtime
+    from common.adapters import adapter_arrays
+
+    cfg = FederationConfig.from_run_config({"base-model": "tiny"})
+    persona = {k: v + np.float32(0.25) for k, v in adapter_arrays(runtime(cfg.base_model, cfg.lora).model).items()}
+    content = {"arrays": to_record(persona), "config": ConfigRecord({"persona": 0, "server-round": 1})}
+    assert "arrays" in handlers("train", {}, content).content
+    device, cfg_ = client_app._device(handlers.context, handlers.base)
+    stored = client_app._load_personal(device, cfg_, handlers.context)
+    assert stored is not None and stored.keys() == persona.keys()
+    for k in persona:
+        np.testing.assert_array_equal(stored[k], persona[k])
+    metrics = handlers("evaluate", {}, content).content["metrics"]
+    assert metrics["persona_sse"] == metrics["personal_sse"] and metrics["persona_sse"] > 0
+
+
 def test_enrol_budget_is_kept_in_the_encrypted_device_state_and_bounds_the_ledger(tmp_path, monkeypatch):
     from client.daemon import enrol, open_store, status
 
