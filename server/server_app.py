@@ -382,7 +382,8 @@ def round_summary(server_round: int, num_rounds: int, metrics: dict, seconds: fl
     if "persona_rmse" in evaluate:
         parts.append(f"evaluation by {int(evaluate['users'])} users: persona RMSE {evaluate['persona_rmse']:.4f}, "
                      f"personal RMSE {evaluate['personal_rmse']:.4f}"
-                     + (f", private bias {evaluate['bias_rmse']:.4f}, personal + bias "
+                     # the private base: MF with released item factors, else the user+item bias model
+                     + (f", private base {evaluate['bias_rmse']:.4f}, personal + base "
                         f"{evaluate['personal_blend_rmse']:.4f} (w {evaluate['personal_blend_weight']:.2f})"
                         if "bias_rmse" in evaluate else ""))
     parts.append(f"{seconds:.0f} s")

@@ -195,3 +195,17 @@ def test_a_dp_run_refuses_to_resume_from_a_version_released_without_dp(tmp_path)
     with pytest.raises(RuntimeError, match="without user-level DP"):
         resumed_histories(registry, {0: trained}, set(), [(1.0, 1.0, 1)])
     assert resumed_histories(registry, heads, set(), [(1.0, 1.0, 1)]) == {0: [(1.0, 1.0, 1)]}  # version 0: no data
+
+
+def test_the_round_line_names_the_private_base_whatever_it_is():
+    """The private base is MF with released item factors, else the user+item bias model: the console says "base"."""
+    from server.server_app import round_summary
+
+    metrics = {"train": {"p0_devices": 3, "train_loss": 1.2},
+               "evaluate": {"users": 4, "persona_rmse": 1.01, "personal_rmse": 1.02, "bias_rmse": 1.03,
+                            "personal_blend_rmse": 1.0, "personal_blend_weight": 0.5}}
+    line = round_summary(2, 5, metrics, 7.0)
+    assert line == ("round 2/5 | 3 devices trained, loss 1.200 | evaluation by 4 users: persona RMSE 1.0100, "
+                    "personal RMSE 1.0200, private base 1.0300, personal + base 1.0000 (w 0.50) | 7 s")
+    assert "private base" not in round_summary(2, 5, {"evaluate": {"users": 4, "persona_rmse": 1.0,
+                                                                   "personal_rmse": 1.0}}, 1.0)
