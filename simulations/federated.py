@@ -277,7 +277,7 @@ def markdown(rows: list[dict]) -> str:
     repeated = any(r.get("repeats", 1) > 1 for r in rows)
     paired = any(r.get("vs_bias") for r in rows)
     spread = " RMSE sd (runs) |" if repeated else ""
-    vs = " per-user MSE diff vs private bias [95% CI] |" if paired else ""
+    vs = " per-user MSE diff vs the private base (MF or bias model) [95% CI] |" if paired else ""
     lines = [f"| method | K | users | test ratings | RMSE |{spread} MAE | wall (s) |{vs}",
              "|---|---:|---:|---:|---:|" + ("---:|" if repeated else "") + "---:|---:|" + ("---|" if paired else "")]
     for r in rows:

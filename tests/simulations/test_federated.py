@@ -134,7 +134,7 @@ def test_private_bias_and_blends_are_pooled_from_the_released_statistics_and_val
         mean, lo, hi = (final[f"{path}_vs_bias_{k}"] for k in ("mean", "lo", "hi"))
         assert lo <= mean <= hi and np.isfinite(hi - lo)
     assert rows[blend_row[0]]["vs_bias"] == [final[f"personal_blend_vs_bias_{k}"] for k in ("mean", "lo", "hi")]
-    assert "per-user MSE diff vs private bias [95% CI]" in markdown(list(rows.values()))
+    assert "per-user MSE diff vs the private base (MF or bias model) [95% CI]" in markdown(list(rows.values()))
 
 
 def test_the_wall_breakdown_adds_up_and_names_where_the_time_went(federation):
