@@ -512,10 +512,12 @@ def build_app(overrides: dict | None = None, mods: Iterable[Mod] = ()) -> Client
         _with_item_stats(device, message)
         persona = from_record(message.content["arrays"])
         state = load_state(_store(device, cfg, context), str(device.user))
-        personal = _load_personal(device, cfg, context) if state.get("personal_from") == _digest(persona) else None
+        personal = None
+        if state.get("personal_from") == _digest(persona):  # already derived from this version
+            # with no fine-tuning the stored adapter is these very weights: no need to decrypt it
+            personal = persona if cfg.personal_steps == 0 else _load_personal(device, cfg, context)
+        # (with no fine-tuning `_personal` returns `persona` itself, which `evaluation_sums` scores once)
         personal = _personal(device, cfg, context, persona)[0] if personal is None else personal
-        if cfg.personal_steps == 0:
-            personal = persona  # the same weights: `evaluation_sums` scores them once
         with phase("model: evaluation scoring"):
             sums = device.evaluation_sums({"persona": persona, "personal": personal})
         # The personal adapter trains without noise: under DP its distance from the persona stays on the device.

@@ -8,8 +8,7 @@
 
 Runs, on the same split and the same seeded evaluation users (`MAIN_JOB` below: item statistics, a private MF base
 from 30 rounds of federated item factors, adapters that correct it, no personal fine-tuning (the validation ratings
-chose none), a validation split, genre-deviation personas;
-`--set` changes any setting):
+chose none), a validation split, genre-deviation personas; `--set` changes any setting):
   classical baselines and the SLM with vanilla prompting (no adapter),
   the federation with K=1 (one shared adapter) and with K personas,
   optionally the K-persona federation under user-level DP at several epsilons (`--epsilons`),
