@@ -389,10 +389,12 @@ def build_app(overrides: dict | None = None, mods: Iterable[Mod] = ()) -> Client
         # Every device answers (an empty answer is all zeros, as for the item statistics).
         device, cfg = _device(context, overrides)
         record = message.content["item-factors"]
-        model, reg = item_factors.read_release({**{k: record[k].numpy() for k in record},
-                                                "reg": message.content["config"]["item-factors-reg"]})
+        penalty = message.content["config"]
+        model, reg, prior = item_factors.read_release({**{k: record[k].numpy() for k in record},
+                                                       "reg": penalty["item-factors-reg"],
+                                                       "prior": penalty.get("item-factors-prior", 0.0)})
         answer = item_factors.clip(item_factors.contribution(device.train["item"].to_numpy(),
-                                                             device.train["rating"].to_numpy(), model, reg),
+                                                             device.train["rating"].to_numpy(), model, reg, prior),
                                    cfg.item_factors_clip)
         return _reply(message, {}, {k: _array(v.astype(np.float32)) for k, v in answer.items()})
 

@@ -70,10 +70,12 @@ class Device:
     # the adapter learns a correction to the private user+item bias model (`residual-to-bias`): its logits are
     # added to a prior whose expected rating is that model's prediction, in training and in every prediction
     residual: bool = False
-    # released item factors (`common.item_factors`, `item-factors-rounds`) and their per-rating penalty: with
-    # them the private base is MF (this device's user factors, fitted here) instead of the bias model; None: bias
+    # released item factors (`common.item_factors`, `item-factors-rounds`) and the penalty (per rating, prior
+    # count) to fit the user half with: with them the private base is MF (this device's user factors, fitted
+    # here) instead of the bias model; None: bias
     factors: ItemFactors | None = None
     factors_reg: float = 0.2
+    factors_prior: float = 0.0
     FOLDS = 5  # out-of-fold user factors for the training targets' base (`training_bases`)
 
     def use_item_stats(self, stats: ItemStats) -> "Device":
@@ -82,8 +84,8 @@ class Device:
             self.__dict__.pop(derived, None)
         return self
 
-    def use_item_factors(self, factors: ItemFactors, reg: float) -> "Device":
-        self.factors, self.factors_reg = factors, reg
+    def use_item_factors(self, factors: ItemFactors, reg: float, prior: float = 0.0) -> "Device":
+        self.factors, self.factors_reg, self.factors_prior = factors, reg, prior
         for derived in ("_user_half", "_out_of_fold"):  # fitted against the previous release, if any
             self.__dict__.pop(derived, None)
         return self
@@ -94,7 +96,7 @@ class Device:
         so on-device serving scores the way that adapter was trained (npz; no pickles)."""
         buf = io.BytesIO()
         factors = {} if self.factors is None else {
-            f"mf-{k}": v for k, v in release_arrays(self.factors, self.factors_reg).items()}
+            f"mf-{k}": v for k, v in release_arrays(self.factors, self.factors_reg, self.factors_prior).items()}
         np.savez(buf, residual=np.array([self.residual]),
                  **({} if self.released is None else self.released.to_arrays()), **factors)
         return buf.getvalue()
@@ -240,7 +242,7 @@ class Device:
     @cached_property
     def _user_half(self) -> tuple[float, np.ndarray]:
         return fit_user(self.train["item"].to_numpy(), self.train["rating"].to_numpy(), self.factors,
-                        self.factors_reg)
+                        self.factors_reg, self.factors_prior)
 
     def training_bases(self) -> np.ndarray | None:
         """The base the adapter corrects on its own training targets (`_target_rows`), None without `residual`.
@@ -263,7 +265,8 @@ class Device:
         for f in range(self.FOLDS):
             held = fold[target] == f
             if held.any():
-                user = fit_user(items[fold != f], ratings[fold != f], self.factors, self.factors_reg)
+                user = fit_user(items[fold != f], ratings[fold != f], self.factors, self.factors_reg,
+                                self.factors_prior)
                 out[held] = mf_predict(user, items[target[held]], self.factors)
         return out
 
@@ -304,8 +307,8 @@ class Device:
         return out
 
 
-def read_serving_context(payload: bytes) -> tuple[ItemStats | None, bool, tuple[ItemFactors, float] | None]:
-    """(released statistics or None, residual flag, (item factors, penalty) or None) from
+def read_serving_context(payload: bytes) -> tuple[ItemStats | None, bool, tuple[ItemFactors, float, float] | None]:
+    """(released statistics or None, residual flag, (item factors, penalty, prior count) or None) from
     `Device.serving_context`'s bytes."""
     with np.load(io.BytesIO(payload), allow_pickle=False) as stored:
         arrays = {k: stored[k] for k in stored.files}

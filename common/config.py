@@ -262,6 +262,9 @@ class FederationConfig:
     item_factors_rounds: int = 0
     item_factors_rank: int = 32
     item_factors_reg: float = 0.2  # per-rating L2 penalty, as classical MF's (chosen on validation: docs/results.md)
+    # a device fits its user half with reg x (its ratings + this many): exact minimisation otherwise fits a light
+    # user's few ratings harder than classical MF's early-stopped descent does (`common.item_factors.fit_user`)
+    item_factors_prior: float = 0.0
     item_factors_lr: float = 0.02  # the coordinator's Adam step on the item half
     # L2 bound on one device's gradient, always applied. 50 rarely binds (a device's gradient norm is 10-40 at the
     # start), so without DP every rating counts in full; under DP it is the sensitivity the noise scales with, and a
@@ -320,6 +323,8 @@ class FederationConfig:
         for name in ("item_factors_reg", "item_factors_lr", "item_factors_clip"):
             if not 0.0 < getattr(self, name) < float("inf"):
                 raise ValueError(f"{name.replace('_', '-')} must be finite and > 0, got {getattr(self, name)!r}")
+        if not 0.0 <= self.item_factors_prior < float("inf"):
+            raise ValueError(f"item-factors-prior must be finite and >= 0, got {self.item_factors_prior!r}")
         if self.residual_to_bias and not self.item_stats:
             raise ValueError("residual-to-bias corrects the private bias model, which needs item-stats = true")
         if self.memory_items < 0:

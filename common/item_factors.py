@@ -62,19 +62,23 @@ class ItemFactors:
         return cls(float(np.clip(mu[0], 1.0, 5.0)), bias, factors)
 
 
-def release_arrays(model: ItemFactors, reg: float) -> dict[str, np.ndarray]:
+def release_arrays(model: ItemFactors, reg: float, prior: float = 0.0) -> dict[str, np.ndarray]:
     """What is released and stored (`item_factors.npz`, messages, a device's serving context): the item half and
-    the per-rating penalty devices must fit their user half with."""
-    return {**model.to_arrays(), "reg": np.array([reg], np.float32)}
+    the penalty devices must fit their user half with (per rating, and the prior count: `fit_user`)."""
+    return {**model.to_arrays(), "reg": np.array([reg], np.float32), "prior": np.array([prior], np.float32)}
 
 
-def read_release(arrays) -> tuple[ItemFactors, float]:
-    """`release_arrays`' inverse, refused (ValueError) when a field is missing, misshapen or non-finite, or the
-    penalty is not a finite positive number."""
+def read_release(arrays) -> tuple[ItemFactors, float, float]:
+    """`release_arrays`' inverse, (item half, penalty, prior count), refused (ValueError) when a field is missing,
+    misshapen or non-finite, the penalty is not a finite positive number or the prior count not a finite one >= 0.
+    A release without a prior count (written before it existed) has none."""
     reg = float(np.asarray(arrays["reg"]).reshape(-1)[0])
     if not 0.0 < reg < float("inf"):
         raise ValueError(f"item factors: the penalty must be finite and > 0, got {reg}")
-    return ItemFactors.from_arrays({k: np.asarray(arrays[k]) for k in ("mu", "bias", "factors")}), reg
+    prior = float(np.asarray(arrays["prior"]).reshape(-1)[0]) if "prior" in arrays else 0.0
+    if not 0.0 <= prior < float("inf"):
+        raise ValueError(f"item factors: the prior count must be finite and >= 0, got {prior}")
+    return ItemFactors.from_arrays({k: np.asarray(arrays[k]) for k in ("mu", "bias", "factors")}), reg, prior
 
 
 def _known(items: np.ndarray, ratings: np.ndarray, n_items: int) -> tuple[np.ndarray, np.ndarray]:
@@ -88,15 +92,18 @@ def _known(items: np.ndarray, ratings: np.ndarray, n_items: int) -> tuple[np.nda
     return items[last], ratings[last]
 
 
-def fit_user(items: np.ndarray, ratings: np.ndarray, model: ItemFactors, reg: float) -> tuple[float, np.ndarray]:
+def fit_user(items: np.ndarray, ratings: np.ndarray, model: ItemFactors, reg: float, prior: float = 0.0
+             ) -> tuple[float, np.ndarray]:
     """The device's own (b_u, p_u): ridge regression of its residuals r - mu - b_i on [1, q_i], with the per-rating
-    penalty of centralised MF (reg x its number of ratings). No ratings: the zero user (the item half alone)."""
+    penalty of centralised MF (reg x its number of ratings) plus `prior` ratings' worth more. The prior count is what
+    exact minimisation lacks against classical MF, whose early-stopped gradient descent grows a light user's factors
+    only as far as their few ratings pull them. No ratings: the zero user (the item half alone)."""
     idx, r = _known(items, ratings, len(model.bias))
     if len(idx) == 0:
         return zero_user(model)
     x = np.hstack([np.ones((len(idx), 1)), model.factors[idx]])
     y = r - model.mu - model.bias[idx]
-    theta = np.linalg.solve(x.T @ x + reg * len(idx) * np.eye(x.shape[1]), x.T @ y)
+    theta = np.linalg.solve(x.T @ x + reg * (len(idx) + prior) * np.eye(x.shape[1]), x.T @ y)
     return float(theta[0]), theta[1:]
 
 
@@ -116,7 +123,7 @@ def predict(user: tuple[float, np.ndarray], items: np.ndarray, model: ItemFactor
     return np.clip(model.mu + b_u + item_part, 1.0, 5.0)
 
 
-def contribution(items: np.ndarray, ratings: np.ndarray, model: ItemFactors, reg: float
+def contribution(items: np.ndarray, ratings: np.ndarray, model: ItemFactors, reg: float, prior: float = 0.0
                  ) -> dict[str, np.ndarray]:
     """One device's answer: the gradient of its own loss, sum over its ratings of (r - prediction)^2 plus
     reg (b_i^2 + |q_i|^2), with respect to (mu, b, Q), at its freshly fitted user half. Dense over the catalogue
@@ -126,7 +133,7 @@ def contribution(items: np.ndarray, ratings: np.ndarray, model: ItemFactors, reg
     idx, r = _known(items, ratings, n_items)
     if len(idx) == 0:
         return out
-    b_u, p_u = fit_user(idx + 1, r, model, reg)
+    b_u, p_u = fit_user(idx + 1, r, model, reg, prior)
     err = model.mu + b_u + model.bias[idx] + model.factors[idx] @ p_u - r  # unclipped: the loss is smooth
     out["mu"][0] = 2.0 * err.sum()
     out["bias"][idx] = 2.0 * err + 2.0 * reg * model.bias[idx]

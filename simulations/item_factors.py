@@ -34,7 +34,7 @@ from simulations.item_stats import evaluation_split, save_table
 
 
 def federate(train: pd.DataFrame, n_items: int, rounds: int, noise_multiplier: float, args: argparse.Namespace,
-             seed: int, reg: float, score=None) -> tuple[ItemFactors, list[tuple[int, float]]]:
+             seed: int, reg: float, prior: float = 0.0, score=None) -> tuple[ItemFactors, list[tuple[int, float]]]:
     """`rounds` rounds over every user of `train`; `score(model) -> float` is called every 10 rounds and at the
     end (the validation curve). With noise, each gradient is clipped to `args.bound` and the sum gets
     N(0, (noise_multiplier x bound)^2) per coordinate."""
@@ -45,7 +45,7 @@ def federate(train: pd.DataFrame, n_items: int, rounds: int, noise_multiplier: f
     for t in range(1, rounds + 1):
         total = None
         for items, ratings in devices:
-            c = contribution(items, ratings, trainer.model, reg)
+            c = contribution(items, ratings, trainer.model, reg, prior)
             if noise_multiplier > 0:  # the sensitivity DP needs; without noise, every gradient counts in full
                 c = clip(c, args.bound)
             total = c if total is None else {k: total[k] + c[k] for k in total}
@@ -60,11 +60,11 @@ def federate(train: pd.DataFrame, n_items: int, rounds: int, noise_multiplier: f
 def _scorer(train: pd.DataFrame, held: pd.DataFrame):
     own = {int(u): (g["item"].to_numpy(), g["rating"].to_numpy()) for u, g in train.groupby("user")}
 
-    def score(model: ItemFactors, reg: float) -> np.ndarray:
+    def score(model: ItemFactors, reg: float, prior: float) -> np.ndarray:
         pred = np.empty(len(held))
         for u, idx in held.groupby("user").indices.items():
             items, ratings = own.get(int(u), (np.array([], int), np.array([])))
-            pred[idx] = predict(fit_user(items, ratings, model, reg), held["item"].to_numpy()[idx], model)
+            pred[idx] = predict(fit_user(items, ratings, model, reg, prior), held["item"].to_numpy()[idx], model)
         return pred
     return score
 
@@ -85,19 +85,22 @@ def run(args: argparse.Namespace) -> dict:
     on_test = _scorer(split.train, test)
     tuned = {}
 
-    def noise_free(seed: int) -> tuple[float, int, float]:
-        """(validation RMSE, rounds, penalty): the best point over the penalties' noise-free curves."""
+    def noise_free(seed: int) -> tuple[float, int, float, float]:
+        """(validation RMSE, rounds, penalty, prior count): the best point over the (penalty, prior) curves."""
         if seed not in tuned:
-            tuned[seed] = (math.inf, args.rounds, args.regs[0])
+            tuned[seed] = (math.inf, args.rounds, args.regs[0], args.priors[0])
             for reg in args.regs:
-                _, curve = federate(fit_part, n_items, args.rounds, 0.0, args, seed, reg,
-                                    score=lambda m: rmse(on_valid(m, reg), valid["rating"].to_numpy()))
-                tuned[seed] = min(tuned[seed], min((e, t, reg) for t, e in curve))
+                for prior in args.priors:
+                    _, curve = federate(fit_part, n_items, args.rounds, 0.0, args, seed, reg, prior,
+                                        score=lambda m: rmse(on_valid(m, reg, prior), valid["rating"].to_numpy()))
+                    tuned[seed] = min(tuned[seed], min((e, t, reg, prior) for t, e in curve))
+                    print(f"  validation seed {seed}, reg {reg:g}, prior {prior:g}: "
+                          + ", ".join(f"{t}: {e:.4f}" for t, e in curve), flush=True)
         return tuned[seed]
 
     for eps in args.epsilons:
         result = {"method": "federated MF (device-side user factors)", "epsilon": eps, "rmse": [], "rounds": [],
-                  "reg": [], "diff_vs_mf": [], "noise_multiplier": None, "seconds": []}
+                  "reg": [], "prior": [], "diff_vs_mf": [], "noise_multiplier": None, "seconds": []}
         for seed in args.seeds:
             start = time.perf_counter()
             # tune on validation: without noise, the penalty and the best point of each penalty's curve; under DP,
@@ -106,24 +109,25 @@ def run(args: argparse.Namespace) -> dict:
             if math.isinf(eps):
                 best = noise_free(seed)
             else:
-                reg = noise_free(seed)[2]
-                best = (math.inf, args.rounds, reg)
+                _, _, reg, prior = noise_free(seed)
+                best = (math.inf, args.rounds, reg, prior)
                 for rounds in args.round_grid:
                     sigma = noise_for_target(eps, args.delta, 1.0, rounds)
-                    _, curve = federate(fit_part, n_items, rounds, sigma, args, seed, reg,
-                                        score=lambda m: rmse(on_valid(m, reg), valid["rating"].to_numpy()))
-                    best = min(best, (curve[-1][1], rounds, reg))
-            rounds, reg = best[1], best[2]
+                    _, curve = federate(fit_part, n_items, rounds, sigma, args, seed, reg, prior,
+                                        score=lambda m: rmse(on_valid(m, reg, prior), valid["rating"].to_numpy()))
+                    best = min(best, (curve[-1][1], rounds, reg, prior))
+            rounds, reg, prior = best[1], best[2], best[3]
             sigma = 0.0 if math.isinf(eps) else noise_for_target(eps, args.delta, 1.0, rounds)
-            model, _ = federate(split.train, n_items, rounds, sigma, args, seed, reg)
-            pred = on_test(model, reg)
+            model, _ = federate(split.train, n_items, rounds, sigma, args, seed, reg, prior)
+            pred = on_test(model, reg, prior)
             result["rmse"].append(rmse(pred, y))
             result["rounds"].append(rounds)
             result["reg"].append(reg)
+            result["prior"].append(prior)
             result["noise_multiplier"] = sigma
             result["diff_vs_mf"].append(paired_vs((pred - y) ** 2, reference, who))
             result["seconds"].append(time.perf_counter() - start)
-            print(f"eps {eps:g} seed {seed}: reg {reg:g}, {rounds} rounds (noise multiplier {sigma:.2f}), test RMSE "
+            print(f"eps {eps:g} seed {seed}: reg {reg:g}, prior {prior:g}, {rounds} rounds (noise multiplier {sigma:.2f}), test RMSE "
                   f"{result['rmse'][-1]:.4f}, vs MF {result['diff_vs_mf'][-1][0]:+.4f} "
                   f"({result['seconds'][-1]:.0f} s)", flush=True)
         rows.append(result)
@@ -159,6 +163,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--rank", type=int, default=32)
     ap.add_argument("--regs", type=floats, default=[0.1, 0.2, 0.4],
                     help="per-rating L2 penalties tried on validation (as classical MF's)")
+    ap.add_argument("--priors", type=floats, default=[0.0],
+                    help="prior counts tried on validation: a user's ridge penalty is reg x (ratings + prior)")
     ap.add_argument("--lr", type=float, default=0.02)
     ap.add_argument("--bound", type=float, default=5.0, help="L2 clip of one device's gradient, under DP")
     ap.add_argument("--rounds", type=int, default=100, help="rounds of the non-private validation curve")

@@ -65,7 +65,7 @@ class FinishedRun:
     arrays: dict[str, np.ndarray]  # the stable persona version the last evaluation served
     released: ItemStats | None
     rt: object
-    factors: tuple | None = None  # (ItemFactors, penalty) with item-factors-rounds: MF is the private base
+    factors: tuple | None = None  # (ItemFactors, penalty, prior count) with item-factors-rounds: MF is the private base
 
     def device(self, user) -> Device:
         """The evaluation device of `user`, set up as its client app sets it up."""
@@ -117,8 +117,9 @@ def load_run(out: Path, eval_users: int | None = None, cold_only: bool = False,
                        runtime(cfg.base_model, cfg.lora), _released_factors(out))
 
 
-def _released_factors(out: Path) -> tuple[ItemFactors, float] | None:
-    """The run's released item factors and their penalty (`item_factors.npz`), None if it released none."""
+def _released_factors(out: Path) -> tuple[ItemFactors, float, float] | None:
+    """The run's released item factors and their penalty (`item_factors.npz`: per rating, prior count), None if it
+    released none."""
     path = out / ITEM_FACTORS_FILE
     if not path.is_file():
         return None

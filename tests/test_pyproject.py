@@ -170,8 +170,18 @@ def test_item_factor_settings_refuse_bad_values_and_combinations_naming_the_key(
             with pytest.raises(ValueError, match=key):
                 FederationConfig(item_stats=True, **{field: value})
 
+    @settings(max_examples=100, deadline=None)
+    @given(value=st.floats(allow_nan=True, allow_infinity=True))
+    def prior(value):
+        if 0 <= value < float("inf"):
+            assert FederationConfig(**on, item_factors_prior=value).item_factors_prior == value
+        else:
+            with pytest.raises(ValueError, match="item-factors-prior"):
+                FederationConfig(**on, item_factors_prior=value)
+
     positive()
     counts()
+    prior()
     with pytest.raises(ValueError, match="needs item-stats"):  # the factors extend the released statistics
         FederationConfig(item_factors_rounds=2)
     with pytest.raises(ValueError, match="secure aggregation"):  # refused, not silently sent in the clear

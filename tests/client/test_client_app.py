@@ -363,9 +363,10 @@ def test_item_factor_answers_are_clipped_gradients_and_hostile_releases_get_an_e
     n_items = int(load_movielens(handlers.dataset).items.index.max())
     model = ItemFactors.initial(n_items, 4, seed=1)
 
-    def ask(arrays: dict, reg=0.2, clip=50.0) -> Message:
+    def ask(arrays: dict, reg=0.2, clip=50.0, prior=None) -> Message:
+        penalty = {"item-factors-reg": reg, **({} if prior is None else {"item-factors-prior": prior})}
         content = {"item-factors": ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()}),
-                   "config": ConfigRecord({"item-factors-reg": reg})}
+                   "config": ConfigRecord(penalty)}
         return handlers("query.itemfactors", {"item-stats": True, "item-factors-rounds": 1,
                                               "item-factors-clip": clip}, content)
 
@@ -373,6 +374,9 @@ def test_item_factor_answers_are_clipped_gradients_and_hostile_releases_get_an_e
     grads = {k: answer[k].numpy() for k in ("mu", "bias", "factors")}
     assert grads["factors"].shape == (n_items, 4) and np.count_nonzero(grads["bias"]) > 0
     assert norm(grads) > 0.5  # so the bound below binds
+    # the coordinator's prior count reaches the device's user fit (an absent one is 0: older coordinators)
+    assert np.array_equal(ask(model.to_arrays(), prior=0.0).content["arrays"]["factors"].numpy(), grads["factors"])
+    assert not np.allclose(ask(model.to_arrays(), prior=50.0).content["arrays"]["factors"].numpy(), grads["factors"])
     clipped = ask(model.to_arrays(), clip=0.5).content["arrays"]
     assert norm({k: clipped[k].numpy() for k in grads}) <= 0.5 + 1e-5
     good = model.to_arrays()
@@ -381,4 +385,7 @@ def test_item_factor_answers_are_clipped_gradients_and_hostile_releases_get_an_e
                          ({k: v for k, v in good.items() if k != "mu"}, 0.2),
                          (good, float("inf")), (good, -1.0)):
         reply = ask(hostile, reg)
+        assert reply.has_error() and reply.error.reason == "error"
+    for prior in (float("nan"), float("inf"), -1.0, "many"):
+        reply = ask(good, prior=prior)
         assert reply.has_error() and reply.error.reason == "error"

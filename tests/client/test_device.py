@@ -155,29 +155,29 @@ def test_with_released_item_factors_the_private_base_is_mf_and_training_targets_
     rng = np.random.default_rng(3)
     device.use_item_stats(ItemStats(rng.uniform(2, 4.5, n_items), rng.integers(0, 50, n_items).astype(float), 3.4))
     factors = ItemFactors(3.5, 0.3 * rng.standard_normal(n_items), 0.4 * rng.standard_normal((n_items, 4)))
-    device.use_item_factors(factors, 0.1)
+    device.use_item_factors(factors, 0.1, 3.0)
     items, ratings = device.train["item"].to_numpy(), device.train["rating"].to_numpy()
     # held-out ratings: MF with this device's own user factors, fitted on all its training ratings
     test_items = device.test["item"].to_numpy()
     np.testing.assert_allclose(device.bases(test_items),
-                               predict(fit_user(items, ratings, factors, 0.1), test_items, factors))
+                               predict(fit_user(items, ratings, factors, 0.1, 3.0), test_items, factors))
     # training targets: each from user factors fitted without it (its fold), so none scores its own rating
     bases = device.training_bases()
     targets = device._target_rows
     assert len(bases) == len(targets) and np.isfinite(bases).all()
-    in_sample = predict(fit_user(items, ratings, factors, 0.1), targets["item"].to_numpy(), factors)
+    in_sample = predict(fit_user(items, ratings, factors, 0.1, 3.0), targets["item"].to_numpy(), factors)
     assert not np.allclose(bases, in_sample)
     j = 0  # change one target's rating: its own base stays, the other folds' bases move
     flipped = device.train.copy()
     pos = device.train.index.get_loc(targets.index[j])
     flipped.iloc[pos, flipped.columns.get_loc("rating")] = 1 if flipped.iloc[pos]["rating"] >= 3 else 5
     other = with_(device, train=flipped)
-    other.use_item_factors(factors, 0.1)
+    other.use_item_factors(factors, 0.1, 3.0)
     assert other.training_bases()[j] == pytest.approx(bases[j])
     assert not np.allclose(np.delete(other.training_bases(), j), np.delete(bases, j))
     # the serving context carries the factors, so on-device serving scores against the same base
-    stats, residual, (back, reg) = read_serving_context(device.serving_context())
-    assert residual and reg == pytest.approx(0.1) and stats is not None
+    stats, residual, (back, reg, prior) = read_serving_context(device.serving_context())
+    assert residual and reg == pytest.approx(0.1) and prior == pytest.approx(3.0) and stats is not None
     np.testing.assert_allclose(back.factors, factors.factors, rtol=1e-6)
     served = with_(_device(ml100k_dir), residual=False).use_serving_context(device.serving_context())
     np.testing.assert_allclose(served.bases(test_items), device.bases(test_items), rtol=1e-5)

@@ -32,7 +32,8 @@ def _users(seed: int = 1, n: int = 6):
     return out
 
 
-def test_the_summed_answers_are_the_gradient_of_the_centralised_loss():
+@pytest.mark.parametrize("prior", [0.0, 7.5])
+def test_the_summed_answers_are_the_gradient_of_the_centralised_loss(prior):
     model, reg = _model(), 0.2
     users = _users()
     mu = torch.tensor([model.mu], dtype=torch.float64, requires_grad=True)
@@ -40,33 +41,49 @@ def test_the_summed_answers_are_the_gradient_of_the_centralised_loss():
     q = torch.tensor(model.factors, requires_grad=True)
     loss = 0.0
     for items, ratings in users:
-        b_u, p_u = fit_user(items, ratings, model, reg)  # the user's half at its optimum, as each device fits it
+        b_u, p_u = fit_user(items, ratings, model, reg, prior)  # the user's half at its optimum, as each device fits it
         i = torch.tensor(items - 1)
         err = mu + b_u + bias[i] + q[i] @ torch.tensor(p_u) - torch.tensor(ratings)
         loss = loss + (err ** 2).sum() + reg * (bias[i] ** 2 + (q[i] ** 2).sum(1)).sum()
     loss.backward()
     total = {"mu": 0, "bias": 0, "factors": 0}
     for items, ratings in users:
-        c = contribution(items, ratings, model, reg)
+        c = contribution(items, ratings, model, reg, prior)
         total = {k: total[k] + c[k] for k in total}
     np.testing.assert_allclose(total["mu"], mu.grad.numpy(), rtol=1e-9, atol=1e-9)
     np.testing.assert_allclose(total["bias"], bias.grad.numpy(), rtol=1e-9, atol=1e-9)
     np.testing.assert_allclose(total["factors"], q.grad.numpy(), rtol=1e-9, atol=1e-9)
 
 
-def test_the_user_fit_is_the_ridge_minimum():
+@pytest.mark.parametrize("prior", [0.0, 4.0])
+def test_the_user_fit_is_the_ridge_minimum(prior):
     model, reg = _model(), 0.3
     items, ratings = _users(n=1)[0]
-    b_u, p_u = fit_user(items, ratings, model, reg)
+    b_u, p_u = fit_user(items, ratings, model, reg, prior)
     theta = np.concatenate([[b_u], p_u])
 
     def objective(t):
         err = model.mu + t[0] + model.bias[items - 1] + model.factors[items - 1] @ t[1:] - ratings
-        return np.sum(err ** 2) + reg * len(items) * np.sum(t ** 2)
+        return np.sum(err ** 2) + reg * (len(items) + prior) * np.sum(t ** 2)
     base = objective(theta)
     rng = np.random.default_rng(0)
     for _ in range(20):  # a minimum: every small move costs
         assert objective(theta + 1e-3 * rng.standard_normal(len(theta))) > base
+
+
+@settings(max_examples=80, deadline=None)
+@given(seed=st.integers(0, 10**6), priors=st.lists(st.floats(0.0, 1e4), min_size=2, max_size=2))
+def test_a_larger_prior_count_shrinks_the_user_half_toward_the_item_half_alone(seed, priors):
+    """The prior only adds penalty: the user's (b_u, p_u) never grows with it, and at a huge prior the user predicts
+    what a cold-start user (the zero user) would."""
+    model = _model(seed % 7)
+    items, ratings = _users(seed, n=1)[0]
+    small, large = sorted(priors)
+    size = [np.linalg.norm(np.concatenate([[b], p])) for b, p in (fit_user(items, ratings, model, 0.2, c)
+                                                                    for c in (small, large))]
+    assert size[1] <= size[0] * (1 + 1e-9) + 1e-12
+    huge = fit_user(items, ratings, model, 0.2, 1e12)
+    np.testing.assert_allclose(predict(huge, items, model), predict((0.0, np.zeros(RANK)), items, model), atol=1e-6)
 
 
 _values = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-10**6, 10**6).map(float))
