@@ -139,8 +139,8 @@ def run(args: argparse.Namespace) -> dict:
 def markdown(result: dict) -> str:
     lines = [f"{result['devices']} devices; {result['users']} evaluation users, {result['test_ratings']:,} test "
              f"ratings; epsilon over all rounds (delta {result['args']['delta']:g})", "",
-             "| method | epsilon | rounds | RMSE (mean) | sd over seeds | paired MSE diff vs classical MF, "
-             "mean over seeds [95% CI] |", "|---|---:|---:|---:|---:|---|"]
+             "| method | epsilon | rounds | penalty / prior count | RMSE (mean) | sd over seeds | paired MSE diff vs "
+             "classical MF, mean over seeds [95% CI] |", "|---|---:|---:|---:|---:|---:|---|"]
     for r in result["rows"]:
         eps = "-" if r["epsilon"] is None else ("no noise" if math.isinf(r["epsilon"]) else f"{r['epsilon']:g}")
         sd = f"{np.std(r['rmse'], ddof=1):.4f}" if len(r["rmse"]) > 1 else "-"
@@ -148,7 +148,9 @@ def markdown(result: dict) -> str:
         cell = "-" if not d else (f"{np.mean([m for m, _, _ in d]):+.4f} "
                                   f"[{np.mean([lo for _, lo, _ in d]):+.4f}, {np.mean([hi for _, _, hi in d]):+.4f}]")
         rounds = ", ".join(str(t) for t in r["rounds"]) if r.get("rounds") else "-"
-        lines.append(f"| {r['method']} | {eps} | {rounds} | {np.mean(r['rmse']):.4f} | {sd} | {cell} |")
+        penalty = ", ".join(f"{g:g} / {c:g}" for g, c in zip(r["reg"], r.get("prior", [0.0] * len(r["reg"])))
+                            ) if r.get("reg") else "-"
+        lines.append(f"| {r['method']} | {eps} | {rounds} | {penalty} | {np.mean(r['rmse']):.4f} | {sd} | {cell} |")
     return "\n".join(lines)
 
 
