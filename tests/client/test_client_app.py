@@ -89,6 +89,29 @@ def test_simulated_device_takes_the_long_term_memory_setting_from_the_run_config
     assert "Similar movies they rated" in device.rt.tokenizer.decode(device.test_examples[0][0])
 
 
+def test_a_simulated_device_is_rebuilt_per_message_from_its_own_rows_cut_once(ml100k_dir):
+    """Every message rebuilds the device; its ratings are the user's own rows of the split (validation hold-out
+    included) and are cut out of the whole split once per process, not per message."""
+    import pandas as pd
+
+    from client.client_app import _device
+    from common.config import split_preset
+    from common.data import load_movielens
+    from common.split import temporal_split, validation_split
+
+    overrides = {"base-model": "tiny", "dataset": str(ml100k_dir), "split": "default", "validation-fraction": 0.2}
+    first, cfg = _device(_context({"partition-id": 3}), overrides)
+    again, _ = _device(_context({"partition-id": 3}), overrides)
+    other, _ = _device(_context({"partition-id": 4}), overrides)
+    whole = temporal_split(load_movielens(cfg.dataset).ratings, split_preset(cfg.split))
+    train, val = validation_split(whole.train[whole.train["user"] == first.user], 0.2)
+    pd.testing.assert_frame_equal(first.train, train)
+    pd.testing.assert_frame_equal(first.val, val)
+    pd.testing.assert_frame_equal(first.test, whole.test[whole.test["user"] == first.user])
+    assert len(val) > 0 and first is not again and first.train is again.train  # a new device over the same cut
+    assert other.user != first.user and set(other.train["user"]) == {other.user}
+
+
 # --- The ClientApp's handlers on real messages: what leaves the device, and what a refusal says --------------
 
 import re
