@@ -14,6 +14,13 @@ and over several k-means seeds:
   the mean of per-user differences of squared error, with a 95% interval. A last row, `each user`, puts every
   user in a persona of their own: the most a taste term of this kind can gain (a personal genre/item bias).
 
+`--base mf` measures the same on top of what the federation's adapters now correct (`item-factors-rounds`):
+federated MF without noise (`common.item_factors`, the LM-free rounds of `simulations.item_factors`). "warm" is
+MF with the user's own factors (the persona term is fitted on out-of-fold residuals, as a device's training targets
+are: `client.device.Device.training_bases`), "cold" is MF's item half alone (mu + b_item: a user with no factors).
+MF's user factors already carry each user's taste, so this is what a persona adapter can add over one shared
+adapter on that base.
+
 Groupings:
 - `profile-embedding`: what the federation's discovery does today (all-MiniLM-L6-v2 embeddings of the prompt's
   profile text, Lloyd iterations from a random partition: the same math as federated k-means, without DP noise).
@@ -106,20 +113,55 @@ def separation(x: np.ndarray, labels: np.ndarray) -> float:
     return float(1 - within / total) if total > 0 else 0.0
 
 
-def persona_errors(train: pd.DataFrame, test: pd.DataFrame, items: pd.DataFrame, persona: dict, warm: bool,
-                   level: str) -> np.ndarray:
-    """Per-test-rating squared errors of mu (+ b_user if warm) + b_item + a persona term, clipped to 1..5.
-
-    level "item": b_(persona,item); level "genre": the mean of b_(persona,genre) over the movie's genres. Both are
-    fitted on training residuals of the K=1 model and shrunk towards 0."""
+def bias_base(train: pd.DataFrame, test: pd.DataFrame, warm: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(training, test) predictions of mu (+ b_user if warm) + b_item, the user+item bias baseline's model."""
     base = Biases().fit(train)
     bu = base.bu if warm else {}
 
     def fitted(df: pd.DataFrame) -> np.ndarray:
         return (base.mu + df["user"].map(bu).fillna(0.0).to_numpy()
                 + df["item"].map(base.bi).fillna(0.0).to_numpy())
+    return fitted(train), fitted(test)
 
-    res = train.assign(p=train["user"].map(persona), r=train["rating"].to_numpy() - fitted(train))
+
+def mf_bases(train: pd.DataFrame, test: pd.DataFrame, n_items: int, rounds: int, reg: float, prior: float,
+             rank: int = 32, folds: int = 5) -> dict[bool, tuple[np.ndarray, np.ndarray]]:
+    """{warm: (training, test) predictions} of federated MF without noise. Warm training predictions are out of
+    fold (user factors fitted on the user's other ratings, as `Device.training_bases` does), test ones from all
+    of the user's training ratings; cold is the item half alone."""
+    from argparse import Namespace
+
+    from common.item_factors import fit_user, predict, zero_user
+    from simulations.item_factors import federate
+
+    model, _ = federate(train, n_items, rounds, 0.0, Namespace(rank=rank, lr=0.02, bound=1.0), 0, reg, prior)
+    warm_train, warm_test = np.empty(len(train)), np.empty(len(test))
+    test_rows = test.groupby("user").indices
+    for u, idx in train.groupby("user").indices.items():
+        items, ratings = train["item"].to_numpy()[idx], train["rating"].to_numpy()[idx]
+        fold = np.random.default_rng(int(u)).integers(0, folds, size=len(idx))
+        for f in range(folds):
+            held = fold == f
+            if held.any():
+                warm_train[idx[held]] = predict(fit_user(items[~held], ratings[~held], model, reg, prior),
+                                                items[held], model)
+        if u in test_rows:
+            t = test_rows[u]
+            warm_test[t] = predict(fit_user(items, ratings, model, reg, prior), test["item"].to_numpy()[t], model)
+    cold = zero_user(model)
+    return {True: (warm_train, warm_test), False: (predict(cold, train["item"].to_numpy(), model),
+                                                   predict(cold, test["item"].to_numpy(), model))}
+
+
+def persona_errors(train: pd.DataFrame, test: pd.DataFrame, items: pd.DataFrame, persona: dict, warm: bool,
+                   level: str, bases: dict | None = None) -> np.ndarray:
+    """Per-test-rating squared errors of a base model plus a persona term, clipped to 1..5. The base is mu
+    (+ b_user if warm) + b_item, or `bases[warm]` = (training, test) predictions of another model (`mf_bases`).
+
+    level "item": b_(persona,item); level "genre": the mean of b_(persona,genre) over the movie's genres. Both are
+    fitted on training residuals of the K=1 model and shrunk towards 0."""
+    on_train, on_test = bases[warm] if bases is not None else bias_base(train, test, warm)
+    res = train.assign(p=train["user"].map(persona), r=train["rating"].to_numpy() - on_train)
     keys_test = test.assign(p=test["user"].map(persona))
     if level == "genre":
         res = res.assign(key=items.loc[res["item"], "genres"].to_numpy()).explode("key")
@@ -131,7 +173,7 @@ def persona_errors(train: pd.DataFrame, test: pd.DataFrame, items: pd.DataFrame,
     terms = pd.Series([bias.get((p, k), 0.0) for p, k in zip(keys_test["p"], keys_test["key"])],
                       index=keys_test.index)
     extra = terms.groupby(level=0).mean().reindex(test.index).fillna(0.0).to_numpy()
-    pred = np.clip(fitted(test) + extra, 1.0, 5.0)
+    pred = np.clip(on_test + extra, 1.0, 5.0)
     return (pred - test["rating"].to_numpy()) ** 2
 
 
@@ -147,10 +189,12 @@ def paired(a: np.ndarray, b: np.ndarray, users: np.ndarray) -> tuple[float, floa
 
 def run(split: str = "paper", ks: tuple[int, ...] = (2, 4, 8), seeds: int = 5, iters: int = 4,
         groupings: tuple[str, ...] = ("profile-embedding", "genre-deviation", "random"),
-        data=None, dp_epsilon: float = 0.0, dp_rounds: int = 5, dp_sample_rate: float = 0.06) -> list[dict]:
+        data=None, dp_epsilon: float = 0.0, dp_rounds: int = 5, dp_sample_rate: float = 0.06,
+        mf: tuple[int, float, float] | None = None) -> list[dict]:
     """With `dp_epsilon` > 0 the profile-embedding and genre-deviation groupings are formed again under the
     coordinator's user-level DP noise for that epsilon (rows "<grouping>, user-level DP ε=<e>"), every user of
-    the split contributing (the federation's cold-start devices send zeros instead; the paper split has none)."""
+    the split contributing (the federation's cold-start devices send zeros instead; the paper split has none).
+    With `mf` = (rounds, penalty, prior count) the base is federated MF (`mf_bases`) instead of the bias model."""
     data = data if data is not None else load_movielens("ml-100k")
     sp = temporal_split(data.ratings, split_preset(split))
     train, test = sp.train, sp.test
@@ -166,8 +210,9 @@ def run(split: str = "paper", ks: tuple[int, ...] = (2, 4, 8), seeds: int = 5, i
         from common.prompt import user_profile
 
         features["profile-embedding"] = embed_profiles([user_profile(by_user[u], data.items) for u in users])
+    bases = mf_bases(train, test, int(data.items.index.max()), *mf) if mf else None
     one = {u: 0 for u in users}
-    base = {(w, lv): persona_errors(train, test, data.items, one, w == "warm", lv) for w, lv in MODELS}
+    base = {(w, lv): persona_errors(train, test, data.items, one, w == "warm", lv, bases) for w, lv in MODELS}
     rows = []
     private = [(f"{g}, user-level DP ε={dp_epsilon:g}", g) for g in groupings if g != "random"] if dp_epsilon else []
     for name, source in [(g, g) for g in groupings] + private:
@@ -185,7 +230,7 @@ def run(split: str = "paper", ks: tuple[int, ...] = (2, 4, 8), seeds: int = 5, i
                 out = {"separation": separation(x_genre, labels), "sizes": sizes.tolist(),
                        "non_empty": int((sizes > 0).sum()), **({"noise_std": noise} if noise else {})}
                 for w, lv in MODELS:
-                    err = persona_errors(train, test, data.items, persona, w == "warm", lv)
+                    err = persona_errors(train, test, data.items, persona, w == "warm", lv, bases)
                     out[f"rmse_{w}_{lv}"] = float(np.sqrt(err.mean()))
                     out[f"diff_{w}_{lv}"] = paired(err, base[(w, lv)], test["user"].to_numpy())
                 per_seed.append(out)
@@ -205,7 +250,7 @@ def run(split: str = "paper", ks: tuple[int, ...] = (2, 4, 8), seeds: int = 5, i
             "separation": 1.0, "separation_sd": 0.0, "non_empty": float(len(users)), "non_empty_sd": 0.0,
             "seeds": [{}]}
     for w, lv in MODELS:
-        err = persona_errors(train, test, data.items, own, w == "warm", lv)
+        err = persona_errors(train, test, data.items, own, w == "warm", lv, bases)
         last[f"rmse_{w}_{lv}"], last[f"rmse_{w}_{lv}_sd"] = float(np.sqrt(err.mean())), 0.0
         last["seeds"][0][f"diff_{w}_{lv}"] = paired(err, base[(w, lv)], test["user"].to_numpy())
     rows.append(last)
@@ -243,11 +288,20 @@ def main(argv: list[str] | None = None) -> None:
                          "per persona (discovery, item statistics and --dp-rounds persona releases accounted)")
     ap.add_argument("--dp-rounds", type=int, default=5, help="persona releases the epsilon also covers")
     ap.add_argument("--dp-sample-rate", type=float, default=0.06, help="the federation's fraction-train")
+    ap.add_argument("--groupings", default="profile-embedding,genre-deviation,random")
+    ap.add_argument("--base", choices=("bias", "mf"), default="bias",
+                    help="the model the persona term corrects: user+item bias, or federated MF (no noise)")
+    ap.add_argument("--mf", default="20,0.2,0",
+                    help="with --base mf: rounds, per-rating penalty, prior count (simulations.item_factors' "
+                         "validation choices: 20,0.2,0 on the paper split, 20,0.1,50 on the default split)")
     ap.add_argument("--out", default="results/persona_separation")
     args = ap.parse_args(argv)
     t0 = time.time()
+    rounds, reg, prior = args.mf.split(",")
     rows = run(args.split, tuple(int(k) for k in args.ks.split(",")), args.seeds, args.iters,
-               dp_epsilon=args.dp_epsilon, dp_rounds=args.dp_rounds, dp_sample_rate=args.dp_sample_rate)
+               tuple(args.groupings.split(",")), dp_epsilon=args.dp_epsilon, dp_rounds=args.dp_rounds,
+               dp_sample_rate=args.dp_sample_rate,
+               mf=(int(rounds), float(reg), float(prior)) if args.base == "mf" else None)
     table = markdown(rows)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -255,7 +309,7 @@ def main(argv: list[str] | None = None) -> None:
     (out / "results.json").write_text(json.dumps(rows, indent=1))
     print(table)
     print(f"\n{rows[0]['users']} users, {rows[0]['test_ratings']} test ratings, split {args.split}, "
-          f"{args.seeds} seeds, {time.time() - t0:.0f} s; written to {out}/")
+          f"base {args.base}, {args.seeds} seeds, {time.time() - t0:.0f} s; written to {out}/")
 
 
 if __name__ == "__main__":

@@ -84,3 +84,40 @@ def test_private_discovery_uses_the_coordinators_noise_and_drowns_under_too_much
     assert len(private) == 1 and 1 <= private[0]["non_empty"] <= 3
     assert all(s["noise_std"] == discovery_noise_std(8.0, 60, 3, 6, 5, 0.06) for s in private[0]["seeds"])
     assert not any("random, user-level" in r["grouping"] for r in rows)
+
+
+def test_on_the_mf_base_user_factors_carry_the_planted_taste_and_cold_users_still_gain_from_personas():
+    """`--base mf`: MF's own user factors capture a low-rank group taste, so a persona term on top of warm MF
+    gains far less than on top of the bias model; for cold users (MF's item half alone) true groups still pay."""
+    from simulations.persona_separation import mf_bases
+
+    data, group = _planted()
+    data = MovieLens("planted", data.ratings.assign(item=data.ratings["item"] + 1),
+                     data.items.set_axis(data.items.index + 1), data.users)  # MovieLens ids start at 1
+    train = data.ratings[data.ratings["ts"] < 30].reset_index(drop=True)
+    test = data.ratings[data.ratings["ts"] >= 30].reset_index(drop=True)
+    bases = mf_bases(train, test, int(data.items.index.max()), rounds=60, reg=0.05, prior=0.0, rank=4)
+    true, one = dict(enumerate(group)), {u: 0 for u in range(60)}
+
+    def mse(persona, warm, b=None):
+        return persona_errors(train, test, data.items, persona, warm, "genre", b).mean()
+    # warm MF alone beats warm user+item bias: its user factors hold the taste
+    assert mse(one, True, bases) < 0.8 * mse(one, True)
+    gain_bias = mse(one, True) - mse(true, True)
+    gain_mf = mse(one, True, bases) - mse(true, True, bases)
+    assert gain_mf < 0.5 * gain_bias
+    assert mse(true, False, bases) < 0.8 * mse(one, False, bases)  # no user factors: the group term pays
+    # warm training predictions are out of fold (as a device's training targets): further from the ratings than
+    # the in-sample fit, which has absorbed part of each rating's own residual
+    from argparse import Namespace
+
+    from common.item_factors import fit_user, predict
+    from simulations.item_factors import federate
+
+    model, _ = federate(train, int(data.items.index.max()), 60, 0.0, Namespace(rank=4, lr=0.02, bound=1.0), 0, 0.05)
+    in_sample = np.concatenate([predict(fit_user(g["item"].to_numpy(), g["rating"].to_numpy(), model, 0.05),
+                                        g["item"].to_numpy(), model) for _, g in train.groupby("user")])
+    by_user = np.concatenate([g["rating"].to_numpy() for _, g in train.groupby("user")])
+    order = np.concatenate([g.index.to_numpy() for _, g in train.groupby("user")])
+    warm_train = bases[True][0][order]
+    assert np.mean((warm_train - by_user) ** 2) > 1.1 * np.mean((in_sample - by_user) ** 2)
