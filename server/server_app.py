@@ -143,9 +143,8 @@ def release_item_factors(grid: Grid, nodes: list[int], cfg: FederationConfig, no
     started = time.time()
     for t in range(1, cfg.item_factors_rounds + 1):
         release = ArrayRecord({k: Array(v) for k, v in trainer.model.to_arrays().items()})
-        content = RecordDict({"item-factors": release,
-                              "config": ConfigRecord({"item-factors-reg": cfg.item_factors_reg,
-                                                                      "item-factors-prior": cfg.item_factors_prior})})
+        penalty = ConfigRecord({"item-factors-reg": cfg.item_factors_reg, "item-factors-prior": cfg.item_factors_prior})
+        content = RecordDict({"item-factors": release, "config": penalty})
         replies = _query(grid, nodes, "itemfactors", content, timeout)
         summed = _sum(replies, shapes, cfg.item_factors_clip, noise, "itemfactors", cfg.reproducible,
                       clip_always=True)
@@ -156,7 +155,8 @@ def release_item_factors(grid: Grid, nodes: list[int], cfg: FederationConfig, no
                 extra=PROGRESS)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    np.savez(out / ITEM_FACTORS_FILE, **release_arrays(trainer.model, cfg.item_factors_reg, cfg.item_factors_prior))
+    np.savez(out / ITEM_FACTORS_FILE,
+             **release_arrays(trainer.model, cfg.item_factors_reg, cfg.item_factors_prior))
     log(INFO, "item factors released: %d rounds over %d devices, rank %d%s", cfg.item_factors_rounds, len(nodes),
         cfg.item_factors_rank, f", noise std {noise * cfg.item_factors_clip:.3f} per coordinate" if noise > 0
         else " (no noise)")
@@ -425,9 +425,8 @@ def run(grid: Grid, cfg: FederationConfig) -> None:
         extra["item-stats"] = ArrayRecord({k: Array(v) for k, v in stats.to_arrays().items()})
     if cfg.item_factors_rounds:
         factors = release_item_factors(grid, nodes, cfg, discovery_noise, cfg.round_timeout)
-        extra["item-factors"] = ArrayRecord({k: Array(v) for k, v in
-                                             release_arrays(factors, cfg.item_factors_reg,
-                                                                            cfg.item_factors_prior).items()})
+        released = release_arrays(factors, cfg.item_factors_reg, cfg.item_factors_prior)
+        extra["item-factors"] = ArrayRecord({k: Array(v) for k, v in released.items()})
     node_persona, eval_nodes, persona_info = discover_personas(grid, nodes, cfg, discovery_noise, cfg.round_timeout)
     cfg = replace(cfg, num_personas=persona_info["k"])  # K may have been chosen from the data
     registry = PersonaRegistry(out, lora=cfg.lora, base_model=cfg.base_model,

@@ -127,8 +127,8 @@ def run(args: argparse.Namespace) -> dict:
             result["noise_multiplier"] = sigma
             result["diff_vs_mf"].append(paired_vs((pred - y) ** 2, reference, who))
             result["seconds"].append(time.perf_counter() - start)
-            print(f"eps {eps:g} seed {seed}: reg {reg:g}, prior {prior:g}, {rounds} rounds (noise multiplier {sigma:.2f}), test RMSE "
-                  f"{result['rmse'][-1]:.4f}, vs MF {result['diff_vs_mf'][-1][0]:+.4f} "
+            print(f"eps {eps:g} seed {seed}: reg {reg:g}, prior {prior:g}, {rounds} rounds (noise multiplier "
+                  f"{sigma:.2f}), test RMSE {result['rmse'][-1]:.4f}, vs MF {result['diff_vs_mf'][-1][0]:+.4f} "
                   f"({result['seconds'][-1]:.0f} s)", flush=True)
         rows.append(result)
     return {"args": {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in vars(args).items()},
@@ -148,8 +148,7 @@ def markdown(result: dict) -> str:
         cell = "-" if not d else (f"{np.mean([m for m, _, _ in d]):+.4f} "
                                   f"[{np.mean([lo for _, lo, _ in d]):+.4f}, {np.mean([hi for _, _, hi in d]):+.4f}]")
         rounds = ", ".join(str(t) for t in r["rounds"]) if r.get("rounds") else "-"
-        penalty = ", ".join(f"{g:g} / {c:g}" for g, c in zip(r["reg"], r.get("prior", [0.0] * len(r["reg"])))
-                            ) if r.get("reg") else "-"
+        penalty = ", ".join(f"{g:g} / {c:g}" for g, c in zip(r["reg"], r["prior"])) if r.get("reg") else "-"
         lines.append(f"| {r['method']} | {eps} | {rounds} | {penalty} | {np.mean(r['rmse']):.4f} | {sd} | {cell} |")
     return "\n".join(lines)
 

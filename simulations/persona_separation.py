@@ -135,7 +135,10 @@ def mf_bases(train: pd.DataFrame, test: pd.DataFrame, n_items: int, rounds: int,
     from simulations.item_factors import federate
 
     model, _ = federate(train, n_items, rounds, 0.0, Namespace(rank=rank, lr=0.02, bound=1.0), 0, reg, prior)
-    warm_train, warm_test = np.empty(len(train)), np.empty(len(test))
+    cold = zero_user(model)
+    cold_train, cold_test = (predict(cold, df["item"].to_numpy(), model) for df in (train, test))
+    # a test user without training ratings is a cold-start user: the item half alone, warm or not
+    warm_train, warm_test = np.empty(len(train)), cold_test.copy()
     test_rows = test.groupby("user").indices
     for u, idx in train.groupby("user").indices.items():
         items, ratings = train["item"].to_numpy()[idx], train["rating"].to_numpy()[idx]
@@ -148,9 +151,7 @@ def mf_bases(train: pd.DataFrame, test: pd.DataFrame, n_items: int, rounds: int,
         if u in test_rows:
             t = test_rows[u]
             warm_test[t] = predict(fit_user(items, ratings, model, reg, prior), test["item"].to_numpy()[t], model)
-    cold = zero_user(model)
-    return {True: (warm_train, warm_test), False: (predict(cold, train["item"].to_numpy(), model),
-                                                   predict(cold, test["item"].to_numpy(), model))}
+    return {True: (warm_train, warm_test), False: (cold_train, cold_test)}
 
 
 def persona_errors(train: pd.DataFrame, test: pd.DataFrame, items: pd.DataFrame, persona: dict, warm: bool,
