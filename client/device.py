@@ -18,7 +18,8 @@ from common import blend
 from common.adapters import adapter_arrays, add_lora, load_adapter_arrays
 from common.config import DeviceDP, LoraSettings, PromptConfig, ScoringConfig, TrainConfig
 from common.data import MovieLens
-from common.item_factors import ItemFactors, fit_user, predict as mf_predict, read_release, release_arrays
+from common.item_factors import (ItemFactors, fit_user, out_of_fold, predict as mf_predict, read_release,
+                                 release_arrays)
 from common.item_stats import ItemStats, predict as bias_predict, user_bias
 from common.memory import catalogue_embeddings, recalled_text
 from common.model import load_base_model
@@ -258,17 +259,9 @@ class Device:
 
     @cached_property
     def _out_of_fold(self) -> np.ndarray:
-        items, ratings = self.train["item"].to_numpy(), self.train["rating"].to_numpy()
-        fold = np.random.default_rng(self.user).integers(0, self.FOLDS, size=len(self.train))
-        target = self.train.index.get_indexer(self._target_rows.index)
-        out = np.empty(len(target))
-        for f in range(self.FOLDS):
-            held = fold[target] == f
-            if held.any():
-                user = fit_user(items[fold != f], ratings[fold != f], self.factors, self.factors_reg,
-                                self.factors_prior)
-                out[held] = mf_predict(user, items[target[held]], self.factors)
-        return out
+        every = out_of_fold(self.train["item"].to_numpy(), self.train["rating"].to_numpy(), self.factors,
+                            self.factors_reg, self.factors_prior, self.FOLDS, seed=self.user)
+        return every[self.train.index.get_indexer(self._target_rows.index)]
 
     @cached_property
     def _user_bias(self) -> float:

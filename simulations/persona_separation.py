@@ -131,7 +131,7 @@ def mf_bases(train: pd.DataFrame, test: pd.DataFrame, n_items: int, rounds: int,
     of the user's training ratings; cold is the item half alone."""
     from argparse import Namespace
 
-    from common.item_factors import fit_user, predict, zero_user
+    from common.item_factors import fit_user, out_of_fold, predict, zero_user
     from simulations.item_factors import federate
 
     model, _ = federate(train, n_items, rounds, 0.0, Namespace(rank=rank, lr=0.02, bound=1.0), 0, reg, prior)
@@ -142,12 +142,7 @@ def mf_bases(train: pd.DataFrame, test: pd.DataFrame, n_items: int, rounds: int,
     test_rows = test.groupby("user").indices
     for u, idx in train.groupby("user").indices.items():
         items, ratings = train["item"].to_numpy()[idx], train["rating"].to_numpy()[idx]
-        fold = np.random.default_rng(int(u)).integers(0, folds, size=len(idx))
-        for f in range(folds):
-            held = fold == f
-            if held.any():
-                warm_train[idx[held]] = predict(fit_user(items[~held], ratings[~held], model, reg, prior),
-                                                items[held], model)
+        warm_train[idx] = out_of_fold(items, ratings, model, reg, prior, folds, seed=int(u))
         if u in test_rows:
             t = test_rows[u]
             warm_test[t] = predict(fit_user(items, ratings, model, reg, prior), test["item"].to_numpy()[t], model)

@@ -65,7 +65,8 @@ class FinishedRun:
     arrays: dict[str, np.ndarray]  # the stable persona version the last evaluation served
     released: ItemStats | None
     rt: object
-    factors: tuple | None = None  # (ItemFactors, penalty, prior count) with item-factors-rounds: MF is the private base
+    # (ItemFactors, penalty, prior count) with item-factors-rounds: MF is the private base
+    factors: tuple | None = None
 
     def device(self, user) -> Device:
         """The evaluation device of `user`, set up as its client app sets it up."""
