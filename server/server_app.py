@@ -453,7 +453,8 @@ def run(grid: Grid, cfg: FederationConfig) -> None:
                                aggregation=cfg.aggregation, trim_fraction=cfg.trim_fraction,
                                max_update_norm=cfg.max_update_norm, max_examples=cfg.max_examples,
                                extra_content=extra, secure=cfg.secure,
-                               secure_timeout=cfg.round_timeout, server_lr=cfg.server_lr)
+                               secure_timeout=cfg.round_timeout, server_lr=cfg.server_lr,
+                               server_lr_schedule=cfg.server_lr_schedule)
     if cfg.secure:
         log(INFO, "secure aggregation: threshold %.2f of each cohort, coordinate range %g, device clip %g",
             cfg.secure.threshold, cfg.secure.coord_range, cfg.secure.clip)

@@ -152,6 +152,10 @@ EVAL_SUMS = ("persona_sse", "persona_sae", "personal_sse", "personal_sae")
 # The L2 distance between a device's personal adapter and its persona's (persona adapters' own norm is ~10):
 # far below this in any real run; the bound only keeps a device from overflowing the pooled sums.
 MAX_PERSONAL_DISTANCE = 1e6
+# How the server step size moves over the rounds: "constant", or "cosine" from server-lr at round 1 down towards 0
+# at the last round (half a cosine period), so late rounds refine what early ones learnt instead of replacing it
+# with the noise of another small cohort (docs/results.md: 10 constant rounds drifted).
+SERVER_LR_SCHEDULES = ("constant", "cosine")
 # With item statistics and a validation hold-out, devices also send the private bias model's test error sums and
 # each adapter's blend sums (`common.blend`: r = y - b and d = p - b both lie in [-4, 4], so every sum of squares
 # or products is within 16 per rating in absolute value). All or none of them.
@@ -271,6 +275,7 @@ class PersonaStrategy(FedAvg):
         secure: SecureAggregation | None = None,
         secure_timeout: float = FederationConfig.round_timeout,
         server_lr: float = FederationConfig.server_lr,
+        server_lr_schedule: str = FederationConfig.server_lr_schedule,
     ) -> None:
         """`dp`: user-level DP on every persona release; `prior_releases`: user-level events the persona's users
         already took part in (its lineage from earlier runs, then this run's persona discovery; one list for every
@@ -285,10 +290,16 @@ class PersonaStrategy(FedAvg):
         training and evaluation message carries besides the adapter (the released item statistics). With
         `secure`, each round's updates arrive as masked K-slot vectors and only their per-persona sums are
         unmasked (`_secure_sums`); `secure_timeout` bounds each of its three extra exchanges. `server_lr` scales
-        each persona's aggregate delta before it is added (FedAvg's server step size; 1 = plain FedAvg)."""
+        each persona's aggregate delta before it is added (FedAvg's server step size; 1 = plain FedAvg), over the
+        rounds as `server_lr_schedule` says (`server_step`)."""
         if not 0 < server_lr < float("inf"):
             raise ValueError(f"server_lr must be finite and > 0, got {server_lr}")
+        if server_lr_schedule not in SERVER_LR_SCHEDULES:
+            raise ValueError(f"server_lr_schedule must be one of {SERVER_LR_SCHEDULES}, got {server_lr_schedule!r}")
+        if server_lr_schedule == "cosine" and not num_rounds:
+            raise ValueError("server_lr_schedule 'cosine' needs num_rounds (it decays over the whole run)")
         self.server_lr = float(server_lr)
+        self.server_lr_schedule = server_lr_schedule
         if aggregation not in ("mean", "trimmed-mean", "median"):
             raise ValueError(f"unknown aggregation {aggregation!r}")
         if secure and aggregation != "mean":
@@ -440,11 +451,18 @@ class PersonaStrategy(FedAvg):
             acc.add(arrays, weight, metrics)
         return self._release(server_round, running, counts, max_norm)
 
+    def server_step(self, server_round: int) -> float:
+        """The step size on round `server_round`'s mean delta (1-based): server_lr, decayed by the schedule."""
+        if self.server_lr_schedule == "constant":
+            return self.server_lr
+        progress = min(max(server_round - 1, 0), self.num_rounds) / self.num_rounds
+        return self.server_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
     def _release(self, server_round: int, running: dict[int, "_Running"], counts: dict[str, int],
                  max_norm: float | None) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Each persona's new version from its aggregate (plain or secure), through DP when that is on."""
         new = {p: dict(arrs) for p, arrs in self._current.items()}
-        metrics = MetricRecord()
+        metrics = MetricRecord({"server_step": self.server_step(server_round)})
         # Under DP every persona is released every round (noise only without updates); otherwise only updated ones.
         released = [p for p in sorted(self._current) if self.sizes.get(p, 0)] if self.dp else sorted(running)
         for persona in list(released):
@@ -456,7 +474,7 @@ class PersonaStrategy(FedAvg):
                 mean_delta, privacy = acc.combine(self.aggregation, self.trim_fraction), {"dp": False}
             with np.errstate(over="ignore", invalid="ignore"):  # an overflow is caught just below
                 # The server step: post-processing of the (noised, under DP) aggregate, so it costs no privacy.
-                candidate = {k: (v + self.server_lr * mean_delta[k]).astype(np.float32)
+                candidate = {k: (v + self.server_step(server_round) * mean_delta[k]).astype(np.float32)
                              for k, v in self._current[persona].items()}
             if not all(np.isfinite(v).all() for v in candidate.values()):
                 # Never stored, served or promoted: a NaN/Inf version would be refused by every device, and

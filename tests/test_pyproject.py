@@ -62,6 +62,18 @@ def test_personal_lr_zero_follows_lr_and_bad_values_are_refused():
             FederationConfig.from_run_config({"personal-lr": bad})
 
 
+def test_the_server_lr_schedule_is_one_the_strategy_knows():
+    import pytest
+
+    from server.strategy import SERVER_LR_SCHEDULES
+
+    for schedule in SERVER_LR_SCHEDULES:
+        assert FederationConfig.from_run_config({"server-lr-schedule": schedule}).server_lr_schedule == schedule
+    for bad in ("linear", "", "Cosine", 1):
+        with pytest.raises(ValueError, match="server-lr-schedule"):
+            FederationConfig.from_run_config({"server-lr-schedule": bad})
+
+
 DP_POSITIVE = ("dp-device-clip", "dp-user-clip")
 
 

@@ -92,6 +92,32 @@ def test_the_server_step_scales_each_personas_mean_delta(server_lr):
             _strategy(node_persona, server_lr=bad)
 
 
+def test_a_cosine_server_step_decays_over_the_run_and_scales_that_rounds_delta():
+    node_persona = {11: 0, 12: 0}
+    strategy, _ = _strategy(node_persona, server_lr=2.0, server_lr_schedule="cosine", num_rounds=10)
+    steps = [strategy.server_step(r) for r in range(1, 11)]
+    assert steps[0] == pytest.approx(2.0)  # the first round takes the full step
+    assert all(a > b > 0 for a, b in zip(steps, steps[1:]))  # then strictly smaller, never zero
+    # about half the constant total: sum over k < T of (1 + cos(pi k / T)) / 2 is (T + 1) / 2
+    assert steps[-1] < 0.05 * 2.0 and sum(steps) == pytest.approx(2.0 * (10 + 1) / 2)
+    arrays = join_personas({0: _persona(0.0)})
+    for server_round in (1, 6):
+        by_node = {m.metadata.dst_node_id: m for m in strategy.configure_train(server_round, arrays, ConfigRecord(),
+                                                                                FakeGrid(node_persona))}
+        new, metrics = strategy.aggregate_train(server_round, [_reply(by_node[11], _persona(1.0), 10),
+                                                               _reply(by_node[12], _persona(3.0), 10)])
+        moved = split_personas(new)[0]["a.lora_A.weight"] - split_personas(arrays)[0]["a.lora_A.weight"]
+        np.testing.assert_allclose(moved, steps[server_round - 1] * 2.0, rtol=1e-6)
+        assert metrics["server_step"] == pytest.approx(steps[server_round - 1])
+        arrays = new
+    constant, _ = _strategy(node_persona, server_lr=2.0, num_rounds=10)
+    assert {constant.server_step(r) for r in range(1, 11)} == {2.0}
+    with pytest.raises(ValueError, match="server_lr_schedule"):
+        _strategy(node_persona, server_lr_schedule="linear", num_rounds=10)
+    with pytest.raises(ValueError, match="num_rounds"):
+        _strategy(node_persona, server_lr_schedule="cosine")
+
+
 @pytest.mark.parametrize("bad", [
     {"a.lora_A.weight": np.full((2, 3), np.nan, np.float32), "a.lora_B.weight": np.zeros((3, 2), np.float32)},
     {"a.lora_A.weight": np.zeros((3, 3), np.float32), "a.lora_B.weight": np.zeros((3, 2), np.float32)},
