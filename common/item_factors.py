@@ -167,6 +167,14 @@ def clip(arrays: dict[str, np.ndarray], bound: float) -> dict[str, np.ndarray]:
     return {k: np.asarray(v, np.float64) * scale for k, v in arrays.items()}
 
 
+def cohort_size(devices: int, fraction: float) -> int:
+    """How many of `devices` one item-factors round asks: ceil(fraction x devices), at least two (a sum of one
+    device's gradient would be that device's) and at most all of them. `fraction` must be in (0, 1]."""
+    if not 0.0 < fraction <= 1.0:  # also refuses NaN
+        raise ValueError(f"item-factors fraction must be in (0, 1], got {fraction!r}")
+    return min(devices, max(2, math.ceil(fraction * devices - 1e-9)))
+
+
 @dataclass
 class ItemFactorTrainer:
     """The coordinator's side: Adam on the item half from the (clipped, noised) sum of the devices' gradients.
