@@ -269,6 +269,9 @@ class FederationConfig:
     # user's few ratings harder than classical MF's early-stopped descent does (`common.item_factors.fit_user`)
     item_factors_prior: float = 0.0
     item_factors_lr: float = 0.02  # the coordinator's Adam step on the item half
+    # Share of the devices each item-factors round asks (a fresh uniform sample a round, at least two; 1: all).
+    # Under DP each round is still accounted as if every device took part (no amplification claimed).
+    item_factors_fraction: float = 1.0
     # L2 bound on one device's gradient, always applied. 50 rarely binds (a device's gradient norm is 10-40 at the
     # start), so without DP every rating counts in full; under DP it is the sensitivity the noise scales with, and a
     # smaller bound pays better (the LM-free runs use 5: docs/results.md).
@@ -328,6 +331,8 @@ class FederationConfig:
         for name in ("item_factors_reg", "item_factors_lr", "item_factors_clip"):
             if not 0.0 < getattr(self, name) < float("inf"):
                 raise ValueError(f"{name.replace('_', '-')} must be finite and > 0, got {getattr(self, name)!r}")
+        if not 0.0 < self.item_factors_fraction <= 1.0:  # also refuses NaN
+            raise ValueError(f"item-factors-fraction must be in (0, 1], got {self.item_factors_fraction!r}")
         if not 0.0 <= self.item_factors_prior < float("inf"):
             raise ValueError(f"item-factors-prior must be finite and >= 0, got {self.item_factors_prior!r}")
         if self.residual_to_bias and not self.item_stats:

@@ -173,6 +173,15 @@ def test_item_factor_settings_refuse_bad_values_and_combinations_naming_the_key(
                 FederationConfig(**on, **{field: value})
 
     @settings(max_examples=100, deadline=None)
+    @given(value=st.floats(allow_nan=True, allow_infinity=True))
+    def fraction(value):
+        if 0 < value <= 1:
+            assert FederationConfig(**on, item_factors_fraction=value).item_factors_fraction == value
+        else:
+            with pytest.raises(ValueError, match="item-factors-fraction"):
+                FederationConfig(**on, item_factors_fraction=value)
+
+    @settings(max_examples=100, deadline=None)
     @given(key=st.sampled_from(["item-factors-rounds", "item-factors-rank"]), value=st.integers(-2**70, 2**70))
     def counts(key, value):
         field = key.replace("-", "_")
@@ -194,6 +203,7 @@ def test_item_factor_settings_refuse_bad_values_and_combinations_naming_the_key(
     positive()
     counts()
     prior()
+    fraction()
     with pytest.raises(ValueError, match="needs item-stats"):  # the factors extend the released statistics
         FederationConfig(item_factors_rounds=2)
     with pytest.raises(ValueError, match="secure aggregation"):  # refused, not silently sent in the clear

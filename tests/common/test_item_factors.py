@@ -175,3 +175,24 @@ def test_rounds_learn_planted_low_rank_taste_a_bias_model_misses():
     mf_rmse = float(np.sqrt(np.mean((pred - y) ** 2)))
     bias_rmse = float(np.sqrt(np.mean((bias - held.sort_values("user")["rating"].to_numpy()) ** 2)))
     assert mf_rmse < 0.5 < 0.9 < bias_rmse
+
+
+def test_a_rounds_cohort_is_a_share_of_the_devices_never_one_and_never_more_than_all():
+    import pytest
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from common.item_factors import cohort_size
+
+    @settings(max_examples=300, deadline=None)
+    @given(devices=st.integers(2, 10 ** 6), fraction=st.floats(1e-9, 1.0))
+    def share(devices, fraction):
+        size = cohort_size(devices, fraction)
+        assert 2 <= size <= devices and size >= fraction * devices - 1e-6
+        assert size == 2 or size - 1 < fraction * devices + 1e-6  # no more than the share asks, rounded up
+
+    share()
+    assert cohort_size(943, 1.0) == 943 and cohort_size(943, 0.25) == 236 and cohort_size(1, 0.5) == 1
+    for bad in (0.0, -0.5, 1.5, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="fraction"):
+            cohort_size(10, bad)

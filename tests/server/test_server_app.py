@@ -51,6 +51,44 @@ def test_every_round_of_item_factors_is_a_discovery_release_the_target_covers():
     assert discovery_noise > without[1]  # the rounds are paid for with more noise on every release
 
 
+@pytest.mark.parametrize("fraction", [1.0, 0.25, 0.01])
+def test_each_item_factors_round_asks_a_fresh_sample_of_the_devices_and_steps_on_its_sum(fraction, monkeypatch,
+                                                                                       tmp_path):
+    import server.server_app as app
+    from common.item_factors import cohort_size
+
+    nodes = [10 ** 12 + 7 * i for i in range(40)]  # Flower's node ids are large integers
+    asked, counts = [], []
+
+    def query(grid, who, action, content, timeout):
+        assert action == "itemfactors" and content["config"]["item-factors-reg"] == 0.2
+        asked.append(list(who))
+        return list(who)
+
+    def summed(replies, shapes, bound, noise, action, reproducible, clip_always):
+        return [np.ones(shape) for shape in shapes.values()]
+
+    monkeypatch.setattr(app, "_query", query)
+    monkeypatch.setattr(app, "_sum", summed)
+    monkeypatch.setattr(app.ItemFactorTrainer, "step", lambda self, g, n: counts.append(n) or self.model)
+    cfg = FederationConfig(item_stats=True, item_factors_rounds=6, item_factors_rank=2, item_factors_fraction=fraction,
+                           dataset="ml-100k", reproducible=True, out_dir=str(tmp_path))
+    monkeypatch.setattr(app, "load_movielens", lambda name: type("D", (), {"items": type("I", (), {
+        "index": np.arange(1, 51)})})())
+    app.release_item_factors(None, nodes, cfg, noise=0.0)
+    size = cohort_size(len(nodes), fraction)
+    assert size == (40 if fraction == 1.0 else 10 if fraction == 0.25 else 2)  # at least two, never one device
+    assert len(asked) == 6 and all(len(a) == len(set(a)) == size and set(a) <= set(nodes) for a in asked)
+    assert counts == [float(size)] * 6  # the step divides by the devices asked
+    if fraction < 1.0:
+        assert len({tuple(sorted(a)) for a in asked}) > 1  # a fresh sample each round
+        again = []
+        monkeypatch.setattr(app, "_query", lambda grid, who, *rest: again.append(list(who)) or list(who))
+        app.release_item_factors(None, nodes, cfg, noise=0.0)
+        assert again == asked  # a reproducible simulation replays its samples
+    assert (tmp_path / app.ITEM_FACTORS_FILE).exists()
+
+
 def _answer(node: int, **arrays) -> "Message":
     from flwr.app import Array, ArrayRecord, Message, MessageType, RecordDict
 
