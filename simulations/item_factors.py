@@ -34,14 +34,15 @@ from simulations.item_stats import evaluation_split, save_table
 
 
 def federate(train: pd.DataFrame, n_items: int, rounds: int, noise_multiplier: float, args: argparse.Namespace,
-             seed: int, reg: float, prior: float = 0.0, score=None) -> tuple[ItemFactors, list[tuple[int, float]]]:
-    """`rounds` rounds over the users of `train` (each round a fresh sample of `args.fraction` of them, as the
+             seed: int, reg: float, prior: float = 0.0, score=None, fraction: float = 1.0
+             ) -> tuple[ItemFactors, list[tuple[int, float]]]:
+    """`rounds` rounds over the users of `train` (each round a fresh sample of `fraction` of them, as the
     coordinator's `item-factors-fraction` draws); `score(model) -> float` is called every 10 rounds and at the
     end (the validation curve). With noise, each gradient is clipped to `args.bound` and the sum gets
     N(0, (noise_multiplier x bound)^2) per coordinate."""
     rng = np.random.default_rng(10_000 + seed)
     devices = [(g["item"].to_numpy(), g["rating"].to_numpy()) for _, g in train.groupby("user")]
-    cohort = cohort_size(len(devices), getattr(args, "fraction", 1.0))
+    cohort = cohort_size(len(devices), fraction)
     trainer = ItemFactorTrainer(ItemFactors.initial(n_items, args.rank, seed), lr=args.lr)
     curve = []
     for t in range(1, rounds + 1):
@@ -95,7 +96,8 @@ def run(args: argparse.Namespace) -> dict:
             for reg in args.regs:
                 for prior in args.priors:
                     _, curve = federate(fit_part, n_items, args.rounds, 0.0, args, seed, reg, prior,
-                                        score=lambda m: rmse(on_valid(m, reg, prior), valid["rating"].to_numpy()))
+                                        score=lambda m: rmse(on_valid(m, reg, prior), valid["rating"].to_numpy()),
+                                        fraction=args.fraction)
                     tuned[seed] = min(tuned[seed], min((e, t, reg, prior) for t, e in curve))
                     print(f"  validation seed {seed}, reg {reg:g}, prior {prior:g}: "
                           + ", ".join(f"{t}: {e:.4f}" for t, e in curve), flush=True)
@@ -117,11 +119,12 @@ def run(args: argparse.Namespace) -> dict:
                 for rounds in args.round_grid:
                     sigma = noise_for_target(eps, args.delta, 1.0, rounds)
                     _, curve = federate(fit_part, n_items, rounds, sigma, args, seed, reg, prior,
-                                        score=lambda m: rmse(on_valid(m, reg, prior), valid["rating"].to_numpy()))
+                                        score=lambda m: rmse(on_valid(m, reg, prior), valid["rating"].to_numpy()),
+                                        fraction=args.fraction)
                     best = min(best, (curve[-1][1], rounds, reg, prior))
             rounds, reg, prior = best[1], best[2], best[3]
             sigma = 0.0 if math.isinf(eps) else noise_for_target(eps, args.delta, 1.0, rounds)
-            model, _ = federate(split.train, n_items, rounds, sigma, args, seed, reg, prior)
+            model, _ = federate(split.train, n_items, rounds, sigma, args, seed, reg, prior, fraction=args.fraction)
             pred = on_test(model, reg, prior)
             result["rmse"].append(rmse(pred, y))
             result["rounds"].append(rounds)

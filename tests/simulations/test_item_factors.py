@@ -23,3 +23,40 @@ def test_item_factors_table_end_to_end(ml100k_dir, tmp_path, capsys):
     assert max(free["rmse"]) < min(noisy["rmse"])  # a release at eps 0.5 over its rounds is mostly noise
     assert all(len(d) == 3 and d[1] <= d[0] <= d[2] for d in free["diff_vs_mf"])
     assert "paired MSE diff vs classical MF" in capsys.readouterr().out
+
+
+def test_sampled_rounds_ask_a_fresh_share_of_the_devices_and_still_learn(ml100k_dir, monkeypatch):
+    """--fraction: each round sums the gradients of a fresh sample of ceil(f x devices) users, and a sampled
+    federation still learns (its validation curve falls) without being the full federation."""
+    import argparse
+
+    import numpy as np
+
+    from common import item_factors
+    from common.data import load_movielens
+    from common.split import temporal_split
+    from common.config import split_preset
+    from simulations.item_factors import federate
+
+    data = load_movielens(str(ml100k_dir))
+    train = temporal_split(data.ratings, split_preset("default")).train
+    n_users, n_items = train["user"].nunique(), int(data.items.index.max())
+    seen = []
+    real = item_factors.contribution
+    monkeypatch.setattr("simulations.item_factors.contribution",
+                        lambda items, *a: seen.append(tuple(items)) or real(items, *a))
+    args = argparse.Namespace(rank=4, lr=0.02, bound=5.0)
+    full, _ = federate(train, n_items, 3, 0.0, args, 0, 0.1)
+    assert len(seen) == 3 * n_users
+    seen.clear()
+    sampled, _ = federate(train, n_items, 20, 0.0, args, 0, 0.1, fraction=0.5)
+    per_round = item_factors.cohort_size(n_users, 0.5)
+    assert per_round < n_users and len(seen) == 20 * per_round
+    assert set(seen[:per_round]) != set(seen[per_round:2 * per_round])  # a fresh sample each round
+    items, y = train["item"].to_numpy() - 1, train["rating"].to_numpy()
+
+    def bias_mse(m):  # the global part of MF (mean + item bias) on the training ratings
+        return float(np.mean((m.mu + m.bias[items] - y) ** 2))
+
+    assert bias_mse(sampled) < bias_mse(item_factors.ItemFactors.initial(n_items, 4, 0)) - 0.01  # it learnt
+    assert not np.allclose(sampled.factors, full.factors)
