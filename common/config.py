@@ -125,6 +125,7 @@ class SecureAggregation:
 
 AGGREGATIONS = ("mean", "trimmed-mean", "median")
 DISCOVERY_FEATURES = ("profile-embedding", "genre-deviation")
+SERVER_LR_SCHEDULES = ("constant", "cosine")  # the server step over the rounds (PersonaStrategy.server_step)
 
 
 # DP settings where 0 means "off" or "no limit" and anything else must be a finite positive number.
@@ -155,8 +156,8 @@ class FederationConfig:
     # 1 is plain FedAvg. Averaging 13 devices' few Adam steps moves a persona about as far as one device's steps,
     # so each round is a few steps of progress; a larger server step takes more of it per round.
     server_lr: float = 1.0
-    # "constant" or "cosine": server-lr decayed over num-rounds (server.strategy.SERVER_LR_SCHEDULES), so more rounds
-    # refine rather than drift.
+    # One of SERVER_LR_SCHEDULES: "cosine" decays server-lr over num-rounds (`server.strategy.PersonaStrategy.
+    # server_step`), so more rounds can refine rather than drift.
     server_lr_schedule: str = "constant"
     lora_rank: int = 8
     lora_alpha: int = 16
@@ -318,8 +319,9 @@ class FederationConfig:
             raise ValueError(f"secure-aggregation-group must be >= 3, got {self.secure_aggregation_group}")
         if not 0.0 < self.server_lr <= 100.0:
             raise ValueError(f"server-lr must be in (0, 100], got {self.server_lr}")
-        if self.server_lr_schedule not in ("constant", "cosine"):
-            raise ValueError(f"server-lr-schedule must be 'constant' or 'cosine', got {self.server_lr_schedule!r}")
+        if self.server_lr_schedule not in SERVER_LR_SCHEDULES:
+            raise ValueError(f"server-lr-schedule must be one of {SERVER_LR_SCHEDULES}, "
+                             f"got {self.server_lr_schedule!r}")
         if not 0.0 <= self.personal_lr <= 1.0:  # also rejects NaN
             raise ValueError(f"personal-lr must be in [0, 1] (0: lr), got {self.personal_lr}")
         if not 0.0 <= self.validation_fraction <= 0.5:

@@ -136,8 +136,8 @@ def release_item_factors(grid: Grid, nodes: list[int], cfg: FederationConfig, no
     the current item half to the round's devices (all, or a sample: `item-factors-fraction`), each fits its own
     user factors and answers with its gradient, each answer is clipped to `item-factors-clip` (always: no device
     moves a round by more than one user can), the sum gets the discovery noise under user-level DP, and the
-    coordinator takes an Adam step. Each round is a release counted
-    in `discovery_releases`. Written next to the registry (`item_factors.npz`, no per-device data)."""
+    coordinator takes an Adam step. Each round is a release counted in `discovery_releases`. Written next to the
+    registry (`item_factors.npz`, no per-device data)."""
     n_items = int(load_movielens(cfg.dataset).items.index.max())  # the public catalogue
     trainer = ItemFactorTrainer(ItemFactors.initial(n_items, cfg.item_factors_rank, cfg.seed), lr=cfg.item_factors_lr)
     shapes = {"mu": (1,), "bias": (n_items,), "factors": (n_items, cfg.item_factors_rank)}
@@ -165,9 +165,9 @@ def release_item_factors(grid: Grid, nodes: list[int], cfg: FederationConfig, no
     out.mkdir(parents=True, exist_ok=True)
     np.savez(out / ITEM_FACTORS_FILE,
              **release_arrays(trainer.model, cfg.item_factors_reg, cfg.item_factors_prior))
+    noised = f", noise std {noise * cfg.item_factors_clip:.3f} per coordinate" if noise > 0 else " (no noise)"
     log(INFO, "item factors released: %d rounds of %d of %d devices, rank %d%s", cfg.item_factors_rounds, cohort,
-        len(nodes), cfg.item_factors_rank, f", noise std {noise * cfg.item_factors_clip:.3f} per coordinate" if noise > 0
-        else " (no noise)")
+        len(nodes), cfg.item_factors_rank, noised)
     return trainer.model
 
 

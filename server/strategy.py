@@ -40,7 +40,7 @@ from flwr.supercore.differential_privacy import (add_gaussian_noise_inplace, cli
 from common import blend, kslot, scoped_sums
 from common.scoped_sums import ACTIVITY_EDGES, activity_bucket  # noqa: F401 -- also this module's public names
 from common.scoped_sums import PAIRED_TERMS, paired_terms
-from common.config import FederationConfig, SecureAggregation, UserDP
+from common.config import SERVER_LR_SCHEDULES, FederationConfig, SecureAggregation, UserDP
 from common.timing import phase
 from common.privacy import Event, epsilon, poisson_rate
 from server.rollouts import Rollouts
@@ -152,10 +152,6 @@ EVAL_SUMS = ("persona_sse", "persona_sae", "personal_sse", "personal_sae")
 # The L2 distance between a device's personal adapter and its persona's (persona adapters' own norm is ~10):
 # far below this in any real run; the bound only keeps a device from overflowing the pooled sums.
 MAX_PERSONAL_DISTANCE = 1e6
-# How the server step size moves over the rounds: "constant", or "cosine" from server-lr at round 1 down towards 0
-# at the last round (half a cosine period), so late rounds refine what early ones learnt instead of replacing it
-# with the noise of another small cohort (docs/results.md: 10 constant rounds drifted).
-SERVER_LR_SCHEDULES = ("constant", "cosine")
 # With item statistics and a validation hold-out, devices also send the private bias model's test error sums and
 # each adapter's blend sums (`common.blend`: r = y - b and d = p - b both lie in [-4, 4], so every sum of squares
 # or products is within 16 per rating in absolute value). All or none of them.
@@ -452,7 +448,9 @@ class PersonaStrategy(FedAvg):
         return self._release(server_round, running, counts, max_norm)
 
     def server_step(self, server_round: int) -> float:
-        """The step size on round `server_round`'s mean delta (1-based): server_lr, decayed by the schedule."""
+        """The step size on round `server_round`'s mean delta (1-based): server_lr, constant, or with "cosine" from
+        server_lr at round 1 down towards 0 at the last round (half a cosine period), so late rounds refine what
+        early ones learnt instead of replacing it with another small cohort's noise."""
         if self.server_lr_schedule == "constant":
             return self.server_lr
         progress = min(max(server_round - 1, 0), self.num_rounds) / self.num_rounds

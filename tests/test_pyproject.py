@@ -65,7 +65,7 @@ def test_personal_lr_zero_follows_lr_and_bad_values_are_refused():
 def test_the_server_lr_schedule_is_one_the_strategy_knows():
     import pytest
 
-    from server.strategy import SERVER_LR_SCHEDULES
+    from common.config import SERVER_LR_SCHEDULES
 
     for schedule in SERVER_LR_SCHEDULES:
         assert FederationConfig.from_run_config({"server-lr-schedule": schedule}).server_lr_schedule == schedule
