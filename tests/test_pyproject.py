@@ -62,7 +62,7 @@ def test_personal_lr_zero_follows_lr_and_bad_values_are_refused():
             FederationConfig.from_run_config({"personal-lr": bad})
 
 
-def test_the_server_lr_schedule_is_one_the_strategy_knows():
+def test_the_server_lr_schedule_must_be_a_known_one():
     import pytest
 
     from common.config import SERVER_LR_SCHEDULES
