@@ -460,7 +460,8 @@ class PersonaStrategy(FedAvg):
                  max_norm: float | None) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Each persona's new version from its aggregate (plain or secure), through DP when that is on."""
         new = {p: dict(arrs) for p, arrs in self._current.items()}
-        metrics = MetricRecord({"server_step": self.server_step(server_round)})
+        step = self.server_step(server_round)
+        metrics = MetricRecord({"server_step": step})
         # Under DP every persona is released every round (noise only without updates); otherwise only updated ones.
         released = [p for p in sorted(self._current) if self.sizes.get(p, 0)] if self.dp else sorted(running)
         for persona in list(released):
@@ -472,7 +473,7 @@ class PersonaStrategy(FedAvg):
                 mean_delta, privacy = acc.combine(self.aggregation, self.trim_fraction), {"dp": False}
             with np.errstate(over="ignore", invalid="ignore"):  # an overflow is caught just below
                 # The server step: post-processing of the (noised, under DP) aggregate, so it costs no privacy.
-                candidate = {k: (v + self.server_step(server_round) * mean_delta[k]).astype(np.float32)
+                candidate = {k: (v + step * mean_delta[k]).astype(np.float32)
                              for k, v in self._current[persona].items()}
             if not all(np.isfinite(v).all() for v in candidate.values()):
                 # Never stored, served or promoted: a NaN/Inf version would be refused by every device, and
