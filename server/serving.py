@@ -46,6 +46,14 @@ def save_onboarding(path: Path, space: FeatureSpace, features: np.ndarray, count
                                       "counts": np.asarray(counts).tolist()}))
 
 
+def load_onboarding(path: Path) -> tuple[FeatureSpace, np.ndarray, np.ndarray]:
+    """The cold-start rule's tables as `save_onboarding` wrote them: (layout, per-persona feature counts K x F,
+    persona sizes K)."""
+    tables = json.loads(Path(path).read_text())
+    space = FeatureSpace(tuple(tables["space"]["occupations"]), tuple(tables["space"]["genres"]))
+    return space, np.asarray(tables["features"]), np.asarray(tables["counts"])
+
+
 def onboarding_profile(o: Onboarding) -> str:
     """What the prompt says about a user known only from sign-up answers."""
     liked = ", ".join(o.liked_genres) or "no genre in particular"
@@ -97,9 +105,7 @@ class ColdStartService:
         self.stats = ItemStats.from_arrays(dict(np.load(stats_file))) if stats_file.is_file() else None
         factors_file = registry.root / ITEM_FACTORS_FILE
         self.factors = ItemFactors.from_arrays(dict(np.load(factors_file))) if factors_file.is_file() else None
-        tables = json.loads((registry.root / ONBOARDING_FILE).read_text())
-        self.space = FeatureSpace(tuple(tables["space"]["occupations"]), tuple(tables["space"]["genres"]))
-        self.features, self.counts = np.asarray(tables["features"]), np.asarray(tables["counts"])
+        self.space, self.features, self.counts = load_onboarding(registry.root / ONBOARDING_FILE)
 
     def assign(self, onboarding: Onboarding) -> int:
         return cold_start_persona(self.space.encode(onboarding), self.features, self.counts, self.space)

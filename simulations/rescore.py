@@ -11,10 +11,13 @@ federation's own `persona_rmse`: a check that it scored what the devices scored.
 
     python -m simulations.rescore results/federated/k1 [results/federated-seed1/k1 ...]
 
-One persona only (K=1): which persona a device joined is kept on the device. Prints a table per run and, over
-several runs, each user's squared error averaged over runs, paired (as `simulations.centralised` does). Users
-with fewer than `cold-start-threshold` training ratings (`split=mixed`) get rows of their own: the cold-start
-comparison of #17 (persona adapter vs global mean and item bias only). `--cold-only` scores only those users:
+Which persona a warm device joined is kept on the device, so runs of several personas (K > 1) are rescored on
+cold-start users only (`--cold-only`): those are placed by the released onboarding tables
+(`common.personas.cold_start_persona` over `onboarding.json`), exactly as the coordinator placed them in the run
+and as its cold-start service places a new user. Prints a table per run and, over several runs, each user's
+squared error averaged over runs, paired (as `simulations.centralised` does). Users with fewer than
+`cold-start-threshold` training ratings (`split=mixed`) get rows of their own: the cold-start comparison of #17
+(persona adapter vs global mean and item bias only). `--cold-only` scores only those users:
 
     python -m simulations.rescore results/mixed/k1 results/mixed-seed1/k1 --eval-users 240 --cold-only
 
@@ -37,9 +40,10 @@ from common.data import load_movielens
 from common.item_factors import ItemFactors, read_release
 from common.item_stats import ItemStats
 from common.metrics import rmse
+from common.personas import cold_start_persona
 from common.split import sample_users, temporal_split, validation_split
 from server.registry import PersonaRegistry
-from server.serving import ITEM_FACTORS_FILE, ITEM_STATS_FILE
+from server.serving import ITEM_FACTORS_FILE, ITEM_STATS_FILE, ONBOARDING_FILE, load_onboarding
 from simulations.centralised import paired_vs
 from simulations.classical import Biases, GlobalMean, ItemBias, tune_mf
 
@@ -52,7 +56,7 @@ def config_of(history: dict) -> FederationConfig:
 
 @dataclasses.dataclass
 class FinishedRun:
-    """What a finished K=1 federation released, and the ratings its evaluation devices held."""
+    """What a finished federation released, and the ratings its evaluation devices held."""
 
     out: Path
     history: dict
@@ -62,11 +66,12 @@ class FinishedRun:
     val: object
     test: object  # the evaluation users' test ratings, in the devices' order
     users: np.ndarray
-    arrays: dict[str, np.ndarray]  # the stable persona version the last evaluation served
+    arrays: dict[int, dict[str, np.ndarray]]  # per persona, the stable version the last evaluation served
     released: ItemStats | None
     rt: object
     # (ItemFactors, penalty, prior count) with item-factors-rounds: MF is the private base
     factors: tuple | None = None
+    onboarding: tuple | None = None  # (layout, feature counts, persona sizes): the cold-start rule, with K > 1
 
     def device(self, user) -> Device:
         """The evaluation device of `user`, set up as its client app sets it up."""
@@ -76,6 +81,14 @@ class FinishedRun:
         if self.factors is not None:
             d.use_item_factors(*self.factors)
         return d.use_item_stats(self.released) if self.released is not None else d
+
+    def persona(self, device: Device) -> int:
+        """The persona `device` is served: the only one, or (K > 1, cold-start users only) the one the released
+        onboarding tables give its sign-up answers, as in the run's `cold` query and the cold-start service."""
+        if len(self.arrays) == 1:
+            return next(iter(self.arrays))
+        space, features, counts = self.onboarding
+        return cold_start_persona(space.encode(device.onboarding()), features, counts, space)
 
 
 def cold_users(fit, users, threshold: int) -> np.ndarray:
@@ -95,8 +108,10 @@ def load_run(out: Path, eval_users: int | None = None, cold_only: bool = False,
     the whole population's training ratings (more than the federation saw: the comparison favours them)."""
     history = json.loads((out / "history.json").read_text())
     cfg = config_of(history)
-    if history["personas"]["k"] != 1:
-        raise SystemExit(f"{out}: K={history['personas']['k']}; only a single persona can be rescored here")
+    k = history["personas"]["k"]
+    if k != 1 and not cold_only:
+        raise SystemExit(f"{out}: K={k}; with several personas only cold-start users can be rescored (--cold-only): "
+                         "a warm device's persona is kept on the device")
     data = load_movielens(cfg.dataset)
     preset = split_preset(cfg.split)
     if population is not None:
@@ -110,12 +125,13 @@ def load_run(out: Path, eval_users: int | None = None, cold_only: bool = False,
     if cold_only:
         users = cold_users(fit, users, cfg.cold_start_threshold)
     registry = PersonaRegistry(out)
+    arrays = {j: registry.arrays(registry.rollout(j)["stable"]) for j in range(k)}
     stats_file = out / ITEM_STATS_FILE
     test = split.test[split.test["user"].isin(users)].sort_values(["user", "ts", "item"], kind="stable")
-    return FinishedRun(out, history, cfg, data, fit, val, test, np.asarray(users),
-                       registry.arrays(registry.rollout(0)["stable"]),
+    return FinishedRun(out, history, cfg, data, fit, val, test, np.asarray(users), arrays,
                        ItemStats.from_arrays(dict(np.load(stats_file))) if stats_file.is_file() else None,
-                       runtime(cfg.base_model, cfg.lora), _released_factors(out))
+                       runtime(cfg.base_model, cfg.lora), _released_factors(out),
+                       load_onboarding(out / ONBOARDING_FILE) if k > 1 else None)
 
 
 def _released_factors(out: Path) -> tuple[ItemFactors, float, float] | None:
@@ -143,15 +159,18 @@ def rescore(out: Path, eval_users: int | None = None, cold_only: bool = False,
             population: str | None = None) -> dict:
     """Per-user predictions of the federation in `out` (its coordinator out-dir) and of the baselines."""
     run = load_run(out, eval_users, cold_only, population)
-    pred = []
+    pred, personas = [], []
     for user in run.users:
-        pred.append(run.device(user).predict(run.arrays))
-        print(f"  user {user}: {len(pred[-1])} ratings", flush=True)
+        device = run.device(user)
+        personas.append(run.persona(device))
+        pred.append(device.predict(run.arrays[personas[-1]]))
+        print(f"  user {user}: persona {personas[-1]}, {len(pred[-1])} ratings", flush=True)
     who, y = run.test["user"].to_numpy(), run.test["rating"].to_numpy()
     reported = run.history["evaluate"][max(run.history["evaluate"], key=int)]["persona_rmse"]
     counts = run.fit["user"].value_counts()
     cold = run.test["user"].map(counts).fillna(0).to_numpy() < run.cfg.cold_start_threshold
     return {"run": str(out), "seed": run.cfg.seed, "who": who, "y": y, "persona": np.concatenate(pred), "cold": cold,
+            "k": len(run.arrays), "sizes": np.bincount(personas, minlength=len(run.arrays)).tolist(),
             "reported": reported if eval_users in (None, run.cfg.eval_users) and not cold_only and population is None
             else float("nan"),
             **baselines(run, who, run.test["item"])}
@@ -178,7 +197,9 @@ def table(runs: list[dict]) -> str:
 
     for r in runs:
         err = (r["persona"] - r["y"]) ** 2
-        lines += rows(f"{r['run']} (seed {r['seed']})", err, r,
+        label = f"{r['run']} (seed {r['seed']}" + (f", K={r['k']}, users per persona {r['sizes']})" if r["k"] > 1
+                                                   else ")")
+        lines += rows(label, err, r,
                       lambda k, r=r: f"{rmse(r['persona'][k], r['y'][k]):.4f}" + (
                           f" ({r['reported']:.4f})" if k.all() and np.isfinite(r["reported"]) else ""))
     if len(runs) > 1:
@@ -193,7 +214,8 @@ def table(runs: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("runs", nargs="+", help="coordinator out-dirs of finished K=1 federations (history.json inside)")
+    ap.add_argument("runs", nargs="+", help="coordinator out-dirs of finished federations (history.json inside); "
+                                            "with K > 1, --cold-only")
     ap.add_argument("--eval-users", type=int, default=None,
                     help="score this many users (sampled with the run's eval-seed) instead of the run's own; "
                          "e.g. 216 for every paper-protocol user")

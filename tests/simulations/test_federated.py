@@ -137,6 +137,26 @@ def test_private_bias_and_blends_are_pooled_from_the_released_statistics_and_val
     assert "per-user MSE diff vs the private base (MF or bias model) [95% CI]" in markdown(list(rows.values()))
 
 
+def test_rescore_serves_cold_start_users_the_persona_their_devices_were_placed_in(federation):
+    """K=2: `simulations.rescore --cold-only` places each cold-start user with the released onboarding tables, as
+    the run's coordinator did: the pooled RMSE is the run's own cold-start figure, which serving each user the
+    other persona would not give. Warm users' personas stay on their devices, so without --cold-only it refuses."""
+    from common.metrics import rmse
+    from simulations.rescore import load_run, rescore
+
+    out = federation[1]
+    history = json.loads((out / "history.json").read_text())
+    last = history["evaluate"][max(history["evaluate"], key=int)]
+    with pytest.raises(SystemExit, match="--cold-only"):
+        rescore(out)
+    r = rescore(out, cold_only=True)
+    assert r["k"] == 2 and sum(r["sizes"]) == len(np.unique(r["who"])) == last["cold_users"] == 2 and r["cold"].all()
+    assert rmse(r["persona"], r["y"]) == pytest.approx(last["cold_persona_rmse"], rel=1e-5)
+    run = load_run(out, cold_only=True)
+    other = np.concatenate([run.device(u).predict(run.arrays[1 - run.persona(run.device(u))]) for u in run.users])
+    assert abs(rmse(other, r["y"]) - last["cold_persona_rmse"]) > 1e-4
+
+
 def test_the_wall_breakdown_adds_up_and_names_where_the_time_went(federation):
     timing = federation[0]["timing"]
     parts = timing["seconds"]
