@@ -44,10 +44,11 @@ def tune(run: FinishedRun, steps: list[int], lrs: list[float]) -> dict:
     start = time.perf_counter()
     for i, user in enumerate(run.users):
         device = run.device(user)
+        persona = run.arrays[run.persona(device)]
         for s, lr in settings:
-            arrays = run.arrays
+            arrays = persona
             if s:
-                arrays, _ = device.train_adapter(run.arrays, dataclasses.replace(run.cfg.train(s), lr=lr))
+                arrays, _ = device.train_adapter(persona, dataclasses.replace(run.cfg.train(s), lr=lr))
             for held_out in ("val", "test"):
                 pred[setting_name(s, lr)][held_out].append(device.predict(arrays, held_out))
         for held_out in ("val", "test"):

@@ -155,15 +155,20 @@ def baselines(run: FinishedRun, who: np.ndarray, items) -> dict[str, np.ndarray]
     return {name: models[name].predict(who, items) for name in BASELINES}
 
 
+PRIVATE_BASE = "private base"  # what the adapter corrects: released item half + the device's own user half
+
+
 def rescore(out: Path, eval_users: int | None = None, cold_only: bool = False,
             population: str | None = None) -> dict:
-    """Per-user predictions of the federation in `out` (its coordinator out-dir) and of the baselines."""
+    """Per-user predictions of the federation in `out` (its coordinator out-dir) and of the baselines; with released
+    item statistics and a validation hold-out also of the private base model each device fits (`PRIVATE_BASE`)."""
     run = load_run(out, eval_users, cold_only, population)
-    pred, personas = [], []
+    pred, personas, private = [], [], []
     for user in run.users:
         device = run.device(user)
         personas.append(run.persona(device))
         pred.append(device.predict(run.arrays[personas[-1]]))
+        private.append(device.bias("test") if device.can_blend else None)
         print(f"  user {user}: persona {personas[-1]}, {len(pred[-1])} ratings", flush=True)
     who, y = run.test["user"].to_numpy(), run.test["rating"].to_numpy()
     reported = run.history["evaluate"][max(run.history["evaluate"], key=int)]["persona_rmse"]
@@ -173,42 +178,53 @@ def rescore(out: Path, eval_users: int | None = None, cold_only: bool = False,
             "k": len(run.arrays), "sizes": np.bincount(personas, minlength=len(run.arrays)).tolist(),
             "reported": reported if eval_users in (None, run.cfg.eval_users) and not cold_only and population is None
             else float("nan"),
-            **baselines(run, who, run.test["item"])}
+            **baselines(run, who, run.test["item"]),
+            **({PRIVATE_BASE: np.concatenate(private)} if all(p is not None for p in private) else {})}
 
 
 def table(runs: list[dict]) -> str:
+    """Per run (and, over several, each user's squared error averaged over runs) the persona adapter's paired
+    per-user MSE difference with each baseline; the private base, which differs per run, is averaged the same way.
+    A last line gives each reference's RMSE on the same ratings."""
+    refs = [b for b in (*BASELINES, PRIVATE_BASE) if all(b in r for r in runs)]
     lines = ["| run | users | persona adapter RMSE (reported by the federation) | "
-             + " | ".join(f"vs {b}" for b in BASELINES) + " |", "|---|---:|---|" + "---|" * len(BASELINES)]
+             + " | ".join(f"vs {b}" for b in refs) + " |", "|---|---:|---|" + "---|" * len(refs)]
 
-    def row(label: str, err: np.ndarray, r: dict, rmse_text: str, keep: np.ndarray) -> str:
+    def row(label: str, err: np.ndarray, ref_err: dict[str, np.ndarray], who: np.ndarray, rmse_text: str,
+            keep: np.ndarray) -> str:
         cells = []
-        for b in BASELINES:
-            d = paired_vs(err[keep], ((r[b] - r["y"]) ** 2)[keep], r["who"][keep])
+        for b in refs:
+            d = paired_vs(err[keep], ref_err[b][keep], who[keep])
             cells.append(f"{d[0]:+.4f} [{d[1]:+.4f}, {d[2]:+.4f}]")
-        return f"| {label} | {len(np.unique(r['who'][keep]))} | {rmse_text} | " + " | ".join(cells) + " |"
+        return f"| {label} | {len(np.unique(who[keep]))} | {rmse_text} | " + " | ".join(cells) + " |"
 
-    def rows(label: str, err: np.ndarray, r: dict, rmse_of) -> list[str]:
+    def rows(label: str, err: np.ndarray, ref_err: dict, r: dict, rmse_of) -> list[str]:
         if r["cold"].all():  # --cold-only: one row
-            return [row(f"{label}, cold-start users only", err, r, rmse_of(r["cold"]), r["cold"])]
-        out = [row(label, err, r, rmse_of(np.ones_like(r["cold"])), np.ones_like(r["cold"]))]
+            return [row(f"{label}, cold-start users only", err, ref_err, r["who"], rmse_of(r["cold"]), r["cold"])]
+        everyone = np.ones_like(r["cold"])
+        out = [row(label, err, ref_err, r["who"], rmse_of(everyone), everyone)]
         if r["cold"].any():
-            out.append(row(f"{label}, cold-start users only", err, r, rmse_of(r["cold"]), r["cold"]))
+            out.append(row(f"{label}, cold-start users only", err, ref_err, r["who"], rmse_of(r["cold"]), r["cold"]))
         return out
 
     for r in runs:
         err = (r["persona"] - r["y"]) ** 2
         label = f"{r['run']} (seed {r['seed']}" + (f", K={r['k']}, users per persona {r['sizes']})" if r["k"] > 1
                                                    else ")")
-        lines += rows(label, err, r,
+        lines += rows(label, err, {b: (r[b] - r["y"]) ** 2 for b in refs}, r,
                       lambda k, r=r: f"{rmse(r['persona'][k], r['y'][k]):.4f}" + (
                           f" ({r['reported']:.4f})" if k.all() and np.isfinite(r["reported"]) else ""))
+    first = runs[0]
     if len(runs) > 1:
-        first = runs[0]
         if any(not np.array_equal(r["who"], first["who"]) or not np.array_equal(r["y"], first["y"]) for r in runs):
             raise SystemExit("the runs evaluated different users or ratings: they cannot be paired")
         err = np.mean([(r["persona"] - r["y"]) ** 2 for r in runs], axis=0)
-        lines += rows(f"over the {len(runs)} runs (each user's squared error averaged)", err, first,
+        ref_err = {b: np.mean([(r[b] - r["y"]) ** 2 for r in runs], axis=0) for b in refs}
+        lines += rows(f"over the {len(runs)} runs (each user's squared error averaged)", err, ref_err, first,
                       lambda k: f"{np.mean([rmse(r['persona'][k], r['y'][k]) for r in runs]):.4f} (mean)")
+    lines.append("\nRMSE on the same ratings: " + ", ".join(
+        f"{b} {np.mean([rmse(r[b], r['y']) for r in runs]):.4f}" for b in refs)
+        + (f" (the private base: mean over the {len(runs)} runs)" if len(runs) > 1 and PRIVATE_BASE in refs else ""))
     return "\n".join(lines)
 
 

@@ -142,7 +142,7 @@ def test_rescore_serves_cold_start_users_the_persona_their_devices_were_placed_i
     the run's coordinator did: the pooled RMSE is the run's own cold-start figure, which serving each user the
     other persona would not give. Warm users' personas stay on their devices, so without --cold-only it refuses."""
     from common.metrics import rmse
-    from simulations.rescore import load_run, rescore
+    from simulations.rescore import PRIVATE_BASE, load_run, rescore, table
 
     out = federation[1]
     history = json.loads((out / "history.json").read_text())
@@ -152,6 +152,9 @@ def test_rescore_serves_cold_start_users_the_persona_their_devices_were_placed_i
     r = rescore(out, cold_only=True)
     assert r["k"] == 2 and sum(r["sizes"]) == len(np.unique(r["who"])) == last["cold_users"] == 2 and r["cold"].all()
     assert rmse(r["persona"], r["y"]) == pytest.approx(last["cold_persona_rmse"], rel=1e-5)
+    # the private base each device fitted (here the bias model over the released statistics) is the run's too
+    assert rmse(r[PRIVATE_BASE], r["y"]) == pytest.approx(last["cold_bias_rmse"], rel=1e-5)
+    assert "| vs private base |" in table([r]) and f"private base {last['cold_bias_rmse']:.4f}" in table([r])
     run = load_run(out, cold_only=True)
     other = np.concatenate([run.device(u).predict(run.arrays[1 - run.persona(run.device(u))]) for u in run.users])
     assert abs(rmse(other, r["y"]) - last["cold_persona_rmse"]) > 1e-4
