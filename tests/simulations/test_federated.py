@@ -160,6 +160,38 @@ def test_rescore_serves_cold_start_users_the_persona_their_devices_were_placed_i
     assert abs(rmse(other, r["y"]) - last["cold_persona_rmse"]) > 1e-4
 
 
+def test_rescore_simulates_cold_start_by_keeping_each_users_oldest_ratings(federation):
+    """`--first 3`: every evaluation user (warm ones too) keeps their 3 oldest training ratings and no validation
+    ratings, keeps every test rating, is placed by the onboarding rule and compared only with baselines that have no
+    user term (fitted on everything, a user term would know the history given up) and the private base."""
+    from simulations.rescore import PRIVATE_BASE, load_run, rescore
+
+    out = federation[1]
+    history = json.loads((out / "history.json").read_text())
+    run = load_run(out, first=3)
+    whole = run.baseline_fit  # every training rating (minus validation), as the devices held them in the run
+    assert len(run.users) == 6 and run.val[run.val["user"].isin(run.users)].empty
+    for u in run.users:
+        oldest = whole[whole["user"] == u].sort_values(["ts", "item"], kind="stable").head(3)
+        assert len(oldest) == 3 and len(whole[whole["user"] == u]) > 3
+        assert run.device(u).train[["item", "rating", "ts"]].equals(oldest[["item", "rating", "ts"]])
+    # every test rating the run's evaluation scored is still scored
+    assert len(run.test) == history["evaluate"][max(history["evaluate"], key=int)]["ratings"]
+    r = rescore(out, first=3)
+    assert r["cold"].all() and sum(r["sizes"]) == 6
+    assert set(r) >= {"global mean", "item bias only", PRIVATE_BASE}
+    assert not {"user+item bias", "matrix factorisation"} & set(r)
+    expected = np.concatenate([run.device(u).predict(run.arrays[run.persona(run.device(u))]) for u in run.users])
+    np.testing.assert_allclose(r["persona"], expected, atol=1e-6)
+    # the item half of the baselines comes from every training rating, not only what the users kept
+    from simulations.classical import ItemBias
+    np.testing.assert_allclose(r["item bias only"], ItemBias().fit(whole).predict(r["who"], run.test["item"]))
+    assert not np.allclose(r["item bias only"], ItemBias().fit(run.fit).predict(r["who"], run.test["item"]))
+    for bad in (0, 15):  # the fixture's cold-start threshold is 15
+        with pytest.raises(SystemExit, match="--first"):
+            load_run(out, first=bad)
+
+
 def test_the_wall_breakdown_adds_up_and_names_where_the_time_went(federation):
     timing = federation[0]["timing"]
     parts = timing["seconds"]
