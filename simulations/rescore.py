@@ -81,6 +81,7 @@ class FinishedRun:
     onboarding: tuple | None = None  # (layout, feature counts, persona sizes): the cold-start rule, with K > 1
     first: int | None = None  # simulated cold start: the evaluation users kept only their first `first` ratings
     baseline_fit: object = None  # what the classical baselines are fitted on (`fit` before any truncation)
+    ratings: tuple = ()  # (dataset, split preset, validation fraction): which ratings `baseline_fit` holds
 
     def device(self, user) -> Device:
         """The evaluation device of `user`, set up as its client app sets it up."""
@@ -153,7 +154,8 @@ def load_run(out: Path, eval_users: int | None = None, cold_only: bool = False,
     return FinishedRun(out, history, cfg, data, fit, val, test, np.asarray(users), arrays,
                        ItemStats.from_arrays(dict(np.load(stats_file))) if stats_file.is_file() else None,
                        runtime(cfg.base_model, cfg.lora), _released_factors(out),
-                       load_onboarding(out / ONBOARDING_FILE) if k > 1 else None, first, baseline_fit)
+                       load_onboarding(out / ONBOARDING_FILE) if k > 1 else None, first, baseline_fit,
+                       (cfg.dataset, population or cfg.split, cfg.validation_fraction))
 
 
 def _released_factors(out: Path) -> tuple[ItemFactors, float, float] | None:
@@ -166,6 +168,7 @@ def _released_factors(out: Path) -> tuple[ItemFactors, float, float] | None:
 
 
 BASELINES = ("global mean", "item bias only", "user+item bias", "matrix factorisation")
+_FITTED: dict[tuple, object] = {}  # (ratings, baseline) -> fitted model, shared by the runs of one invocation
 
 
 def baselines(run: FinishedRun, who: np.ndarray, items) -> dict[str, np.ndarray]:
@@ -178,7 +181,10 @@ def baselines(run: FinishedRun, who: np.ndarray, items) -> dict[str, np.ndarray]
               "user+item bias": lambda: Biases().fit(run.baseline_fit),
               # MF's own seed fixed, so runs of several training seeds are paired with one MF
               "matrix factorisation": lambda: tune_mf(run.baseline_fit, seed=0)}
-    return {name: models[name]().predict(who, items) for name in names}
+    for name in names:  # runs on the same ratings (several seeds) share one fit: tuning MF is most of a rescore
+        if (run.ratings, name) not in _FITTED:
+            _FITTED[run.ratings, name] = models[name]()
+    return {name: _FITTED[run.ratings, name].predict(who, items) for name in names}
 
 
 PRIVATE_BASE = "private base"  # what the adapter corrects: released item half + the device's own user half
