@@ -257,6 +257,15 @@ def table(runs: list[dict]) -> str:
     lines.append("\nRMSE on the same ratings: " + ", ".join(
         f"{b} {np.mean([rmse(r[b], r['y']) for r in runs]):.4f}" for b in refs)
         + (f" (the private base: mean over the {len(runs)} runs)" if len(runs) > 1 and PRIVATE_BASE in refs else ""))
+    if "item bias only" in refs:
+        # What these users and ratings can resolve: the references themselves against item bias only, paired the
+        # same way (a gap a reference cannot show here, the adapter cannot either).
+        ref_err = {b: np.mean([(r[b] - r["y"]) ** 2 for r in runs], axis=0) for b in refs}
+        lines += ["", "| reference, paired with item bias only | per-user MSE diff [95% CI] |", "|---|---|"]
+        for b in refs:
+            if b != "item bias only":
+                d = paired_vs(ref_err[b], ref_err["item bias only"], first["who"])
+                lines.append(f"| {b} | {d[0]:+.4f} [{d[1]:+.4f}, {d[2]:+.4f}] |")
     return "\n".join(lines)
 
 

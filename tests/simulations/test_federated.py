@@ -154,7 +154,13 @@ def test_rescore_serves_cold_start_users_the_persona_their_devices_were_placed_i
     assert rmse(r["persona"], r["y"]) == pytest.approx(last["cold_persona_rmse"], rel=1e-5)
     # the private base each device fitted (here the bias model over the released statistics) is the run's too
     assert rmse(r[PRIVATE_BASE], r["y"]) == pytest.approx(last["cold_bias_rmse"], rel=1e-5)
-    assert "| vs private base |" in table([r]) and f"private base {last['cold_bias_rmse']:.4f}" in table([r])
+    text = table([r])
+    assert "| vs private base |" in text and f"private base {last['cold_bias_rmse']:.4f}" in text
+    # and what these users can resolve: each reference paired with item bias only
+    from simulations.centralised import paired_vs
+    d = paired_vs((r[PRIVATE_BASE] - r["y"]) ** 2, (r["item bias only"] - r["y"]) ** 2, r["who"])
+    assert f"| {PRIVATE_BASE} | {d[0]:+.4f} [{d[1]:+.4f}, {d[2]:+.4f}] |" in text
+    assert "| item bias only | " not in text.split("paired with item bias only")[1]
     run = load_run(out, cold_only=True)
     other = np.concatenate([run.device(u).predict(run.arrays[1 - run.persona(run.device(u))]) for u in run.users])
     assert abs(rmse(other, r["y"]) - last["cold_persona_rmse"]) > 1e-4
