@@ -1,6 +1,6 @@
 """The whole system on one machine: a Flower simulation with one node per MovieLens user.
 
-    python -m simulations.federated            # real SmolLM2-135M, ML-100K paper protocol: ~45 min on 2 CPU cores (estimated from its parts)
+    python -m simulations.federated            # real SmolLM2-135M, ML-100K paper protocol: ~30 min on 2 CPU cores
     python -m simulations.federated --quick    # 2 rounds, 6 evaluation users: under 10 minutes
     python -m simulations.federated --set split=mixed     # 240 users of every activity level, cold start included
     python -m simulations.federated --set split=default   # all 943 users, 80/20 split
