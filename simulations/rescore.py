@@ -15,7 +15,9 @@ Which persona a warm device joined is kept on the device, so runs of several per
 cold-start users only (`--cold-only`): those are placed by the released onboarding tables
 (`common.personas.cold_start_persona` over `onboarding.json`), exactly as the coordinator placed them in the run
 and as its cold-start service places a new user. Prints a table per run and, over several runs, each user's
-squared error averaged over runs, paired (as `simulations.centralised` does). Users with fewer than
+squared error averaged over runs, paired (as `simulations.centralised` does); runs of several K are pooled per K and
+each K paired with the smallest (`... k1-seed0 k1-seed1 k4-seed0 k4-seed1 --cold-only`: personas against one
+shared adapter on the same users). Users with fewer than
 `cold-start-threshold` training ratings (`split=mixed`) get rows of their own: the cold-start comparison of #17
 (persona adapter vs global mean and item bias only). `--cold-only` scores only those users:
 
@@ -250,10 +252,29 @@ def table(runs: list[dict]) -> str:
     if len(runs) > 1:
         if any(not np.array_equal(r["who"], first["who"]) or not np.array_equal(r["y"], first["y"]) for r in runs):
             raise SystemExit("the runs evaluated different users or ratings: they cannot be paired")
-        err = np.mean([(r["persona"] - r["y"]) ** 2 for r in runs], axis=0)
-        ref_err = {b: np.mean([(r[b] - r["y"]) ** 2 for r in runs], axis=0) for b in refs}
-        lines += rows(f"over the {len(runs)} runs (each user's squared error averaged)", err, ref_err, first,
-                      lambda k: f"{np.mean([rmse(r['persona'][k], r['y'][k]) for r in runs]):.4f} (mean)")
+        # Runs of one K are pooled (seeds); runs of several K are pooled per K and then paired with the smallest K.
+        by_k: dict[int, list[dict]] = {}
+        for r in runs:
+            by_k.setdefault(r["k"], []).append(r)
+        pooled = {}
+        for k, group in sorted(by_k.items()):
+            pooled[k] = np.mean([(r["persona"] - r["y"]) ** 2 for r in group], axis=0)
+            if len(group) == 1:
+                continue
+            ref_err = {b: np.mean([(r[b] - r["y"]) ** 2 for r in group], axis=0) for b in refs}
+            of_k = f"K={k}, " if len(by_k) > 1 else ""
+            lines += rows(f"{of_k}over the {len(group)} runs (each user's squared error averaged)", pooled[k],
+                          ref_err, first,
+                          lambda keep, g=group: f"{np.mean([rmse(r['persona'][keep], r['y'][keep]) for r in g]):.4f}"
+                                                " (mean)")
+        if len(by_k) > 1:
+            smallest = min(pooled)
+            lines += ["", f"| persona adapters, paired with K={smallest} | runs | per-user MSE diff [95% CI] |",
+                      "|---|---|---|"]
+            for k in sorted(pooled)[1:]:
+                d = paired_vs(pooled[k], pooled[smallest], first["who"])
+                lines.append(f"| K={k} | {len(by_k[k])} vs {len(by_k[smallest])} | "
+                             f"{d[0]:+.4f} [{d[1]:+.4f}, {d[2]:+.4f}] |")
     lines.append("\nRMSE on the same ratings: " + ", ".join(
         f"{b} {np.mean([rmse(r[b], r['y']) for r in runs]):.4f}" for b in refs)
         + (f" (the private base: mean over the {len(runs)} runs)" if len(runs) > 1 and PRIVATE_BASE in refs else ""))

@@ -17,3 +17,36 @@ def test_cold_users_are_exactly_those_under_the_threshold(counts, threshold, abs
     users = list(range(len(counts))) + absent
     cold = cold_users(fit, users, threshold)
     assert list(cold) == [u for u in users if (counts[u] if u < len(counts) else 0) < threshold]
+
+
+def _run(seed, k, persona, who, y, refs):
+    return {"run": f"r{k}-{seed}", "seed": seed, "who": who, "y": y, "persona": persona, "cold": np.ones(len(y), bool),
+            "k": k, "sizes": [len(np.unique(who))] + [0] * (k - 1), "reported": float("nan"), **refs}
+
+
+def test_runs_of_two_persona_counts_are_pooled_per_count_then_paired():
+    """Seeds of one K are pooled per user; K=4 is then paired with K=1 on the same users, and the references
+    (here item bias only and the private base) are paired with item bias only."""
+    from simulations.centralised import paired_vs
+    from simulations.rescore import PRIVATE_BASE, table
+
+    rng = np.random.default_rng(0)
+    who = np.repeat(np.arange(30), 4)
+    y = rng.integers(1, 6, len(who)).astype(float)
+    refs = {"global mean": np.full(len(y), 3.5), "item bias only": y + rng.normal(0, 1.0, len(y))}
+    k1 = [_run(s, 1, y + rng.normal(0, 0.8, len(y)), who, y, {**refs, PRIVATE_BASE: y + rng.normal(0, 0.9, len(y))})
+          for s in (0, 1)]
+    k4 = [_run(s, 4, y + rng.normal(0, 0.5, len(y)), who, y, {**refs, PRIVATE_BASE: y + rng.normal(0, 0.9, len(y))})
+          for s in (0, 1, 2)]
+    text = table(k1 + k4)
+    assert "K=1, over the 2 runs" in text and "K=4, over the 3 runs" in text
+    err = lambda runs: np.mean([(r["persona"] - y) ** 2 for r in runs], axis=0)  # noqa: E731
+    d = paired_vs(err(k4), err(k1), who)
+    assert f"| K=4 | 3 vs 2 | {d[0]:+.4f} [{d[1]:+.4f}, {d[2]:+.4f}] |" in text and d[0] < 0
+    base = np.mean([(r[PRIVATE_BASE] - y) ** 2 for r in k1 + k4], axis=0)
+    d = paired_vs(base, (refs["item bias only"] - y) ** 2, who)
+    assert f"| {PRIVATE_BASE} | {d[0]:+.4f} [{d[1]:+.4f}, {d[2]:+.4f}] |" in text
+    # one K: pooled without a K label, no K pairing
+    single = table(k1)
+    assert "| over the 2 runs (each user's squared error averaged), cold-start users only |" in single
+    assert "paired with K=" not in single and "K=1, over" not in single
