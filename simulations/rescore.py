@@ -15,11 +15,11 @@ Which persona a warm device joined is kept on the device, so runs of several per
 cold-start users only (`--cold-only`): those are placed by the released onboarding tables
 (`common.personas.cold_start_persona` over `onboarding.json`), exactly as the coordinator placed them in the run
 and as its cold-start service places a new user. Prints a table per run and, over several runs, each user's
-squared error averaged over runs, paired (as `simulations.centralised` does); runs of several K are pooled per K and
-each K paired with the smallest (`... k1-seed0 k1-seed1 k4-seed0 k4-seed1 --cold-only`: personas against one
-shared adapter on the same users). Users with fewer than
-`cold-start-threshold` training ratings (`split=mixed`) get rows of their own: the cold-start comparison of #17
-(persona adapter vs global mean and item bias only). `--cold-only` scores only those users:
+squared error averaged over runs, paired (as `simulations.centralised` does); runs of several K are pooled per K
+and each K paired with the smallest (`... k1-seed0 k1-seed1 k4-seed0 k4-seed1 --cold-only`: personas against one
+shared adapter on the same users). Users with fewer than `cold-start-threshold` training ratings (`split=mixed`)
+get rows of their own: the cold-start comparison of #17 (persona adapter vs global mean and item bias only).
+`--cold-only` scores only those users:
 
     python -m simulations.rescore results/mixed/k1 results/mixed-seed1/k1 --eval-users 240 --cold-only
 
@@ -195,7 +195,7 @@ PRIVATE_BASE = "private base"  # what the adapter corrects: released item half +
 def rescore(out: Path, eval_users: int | None = None, cold_only: bool = False,
             population: str | None = None, first: int | None = None) -> dict:
     """Per-user predictions of the federation in `out` (its coordinator out-dir) and of the baselines; with released
-    item statistics and a validation hold-out also of the private base model each device fits (`PRIVATE_BASE`)."""
+    item statistics also of the private base model each device fits and the adapter corrects (`PRIVATE_BASE`)."""
     run = load_run(out, eval_users, cold_only, population, first)
     pred, personas, private = [], [], []
     for user in run.users:
