@@ -413,6 +413,17 @@ def build_app(overrides: dict | None = None, mods: Iterable[Mod] = ()) -> Client
                                    cfg.item_factors_clip)
         return _reply(message, {}, {k: _array(v.astype(np.float32)) for k, v in answer.items()})
 
+    @app.query("order")
+    @_guarded
+    def order(message: Message, context: Context) -> Message:
+        # A replayable simulation only: Flower draws node ids at random each run, so the coordinator orders every
+        # seeded draw over devices (MF round samples, training cohorts) by this simulation artefact, the
+        # partition, not by node id. A deployed device has no partition and answers nothing.
+        cfg = FederationConfig.from_run_config({**dict(context.run_config), **overrides})
+        simulated = "partition-id" in context.node_config and "data-path" not in context.node_config
+        return _reply(message, {"order": int(context.node_config["partition-id"])}
+                      if cfg.reproducible and simulated else {})
+
     @app.query("assign")
     @_guarded
     def assign(message: Message, context: Context) -> Message:
@@ -445,10 +456,6 @@ def build_app(overrides: dict | None = None, mods: Iterable[Mod] = ()) -> Client
             in_eval = int(device.user in _eval_sample(cfg.dataset, cfg.split, cfg.eval_users, cfg.eval_seed))
         # Under DP the cold-start flag stays here: un-noised, it would say this user has few ratings.
         flag = {} if _private_run(cfg) else {"cold": int(device.n_train < cfg.cold_start_threshold)}
-        if cfg.reproducible and "partition-id" in context.node_config and "data-path" not in context.node_config:
-            # A replayable simulation only: Flower draws node ids at random each run, so the coordinator orders
-            # its cohort draws by this simulation artefact (the partition), not by node id. Never deployed.
-            flag["order"] = int(context.node_config["partition-id"])
         if device.n_train >= cfg.cold_start_threshold:
             _save_state(device, cfg, context, persona=int(state["persona"]))
             return _reply(message, {**flag, "persona": int(state["persona"]), "eval": in_eval})

@@ -312,11 +312,8 @@ def discover_personas(grid: Grid, nodes: list[int], cfg: FederationConfig, noise
             continue
         node_persona[r.metadata.src_node_id] = int(persona)
     replies = [r for r in replies if r.metadata.src_node_id in node_persona]
-    # The order cohorts are drawn in: by node id, or, in a replayable simulation, by the devices' partition (Flower
-    # draws node ids at random each run, so the same seed would otherwise sample other users).
-    order = {r.metadata.src_node_id: r.content["metrics"]["order"] for r in replies
-             if cfg.reproducible and isinstance(r.content["metrics"].get("order"), int)}
-    node_persona = dict(sorted(node_persona.items(), key=lambda kv: (order.get(kv[0], -1), kv[0])))
+    # Cohorts are drawn in the order of `nodes` (`draw_order`), not in the order replies arrived.
+    node_persona = {n: node_persona[n] for n in nodes if n in node_persona}
     # Membership of the evaluation sample is a seeded coin the device reports; it says nothing about its data.
     eval_nodes = sorted(r.metadata.src_node_id for r in replies if r.content["metrics"].get("eval"))
     cold = sum(int(r.content["metrics"].get("cold", 0)) for r in replies)  # under DP devices keep this flag
@@ -399,6 +396,19 @@ def round_summary(server_round: int, num_rounds: int, metrics: dict, seconds: fl
     return " | ".join(parts)
 
 
+def draw_order(grid: Grid, nodes: list[int], cfg: FederationConfig, timeout: float = 3600) -> list[int]:
+    """The order every seeded draw over devices goes over (MF round samples, training cohorts, secure-aggregation
+    groups): by node id, or, in a `reproducible` simulation, by the devices' partition. Flower's simulation gives
+    nodes new random ids each run, so drawing over ids, the same seed would pick other users. Asked once, before
+    any draw; a device that does not answer with a partition keeps its place by id, after those that do."""
+    if not cfg.reproducible:
+        return sorted(nodes)
+    replies = _query(grid, nodes, "order", RecordDict(), timeout)
+    order = {r.metadata.src_node_id: r.content["metrics"]["order"] for r in replies
+             if isinstance(r.content["metrics"].get("order"), int)}
+    return sorted(nodes, key=lambda n: (n not in order, order.get(n, 0), n))
+
+
 def wait_for_nodes(grid: Grid, expected: int, timeout: float = 600) -> list[int]:
     deadline = time.time() + timeout
     while len(nodes := sorted(grid.get_node_ids())) < expected and time.time() < deadline:
@@ -420,7 +430,7 @@ def build_app(overrides: dict | None = None) -> ServerApp:
 def run(grid: Grid, cfg: FederationConfig) -> None:
     out = Path(cfg.out_dir)
     started = time.time()
-    nodes = wait_for_nodes(grid, cfg.min_nodes)
+    nodes = draw_order(grid, wait_for_nodes(grid, cfg.min_nodes), cfg, cfg.round_timeout)
     log(INFO, "%d devices online", len(nodes))
 
     dp, discovery_noise, prior = privacy_plan(cfg, len(nodes))

@@ -321,6 +321,14 @@ def test_a_coordinator_cannot_make_a_deployed_device_replayable_or_weaken_its_de
     assert simulated.seed == 7 and not simulated.secure_mode  # the simulations' labelled reproducible mode
 
 
+def test_only_a_replayable_simulated_device_tells_its_partition(handlers, tmp_path):
+    # The partition is a simulation artefact that orders seeded draws; nothing else, and never a deployed device's.
+    assert dict(handlers("query.order", {"reproducible": True}, {}).content["metrics"]) == {"order": 0}
+    assert dict(handlers("query.order", {"reproducible": False}, {}).content["metrics"]) == {}
+    deployed = handlers("query.order", {"reproducible": True}, {}, node={"data-path": str(tmp_path / "r.jsonl")})
+    assert dict(deployed.content["metrics"]) == {}
+
+
 def test_item_statistics_answer_is_bounded_and_released_statistics_reach_every_prompt(handlers):
     from common.item_stats import ItemStats, sensitivity
 

@@ -18,6 +18,7 @@ from common.model import load_base_model
 from common.personas import elbow
 from common.privacy import PrivacyLedger
 from server.registry import PersonaRegistry
+from server.serving import ITEM_FACTORS_FILE
 from simulations.federated import run_federation
 from tests.conftest import make_data, write_grouplens_100k
 
@@ -407,23 +408,27 @@ def test_main_job_writes_the_table_with_rmse_per_user_activity_bucket_and_privac
 
 
 def test_a_seed_replays_the_same_cohorts_although_flower_draws_new_node_ids(tmp_path):
-    """Two runs, same seed, half of the devices sampled a round: the same users train, so the same versions come
-    out (Flower's simulation gives nodes random ids each run; the cohort is drawn in partition order)."""
+    """Two runs, same seed, half of the devices sampled a round and half of them each MF round: the same users
+    train, so the same item factors and versions come out (Flower's simulation gives nodes random ids each run;
+    every draw over devices goes in partition order)."""
     ratings, items, users = make_data(n_users=8, n_items=40, per_user=25, seed=6)
     data_dir = write_grouplens_100k(tmp_path / "ml", ratings, items, users)
-    versions = []
+    versions, factors = [], []
     for run in ("a", "b"):
         overrides = {"base-model": "tiny", "dataset": str(data_dir), "split": "default", "num-personas": 1,
                      "num-rounds": 2, "fraction-train": 0.4, "eval-every": 5, "kmeans-iters": 2, "lr": 0.01,
                      "personal-steps": 0, "item-stats": True, "validation-fraction": 0.2,
-                     "residual-to-bias": True, "out-dir": str(tmp_path / run / "out"),
-                     "device-dir": str(tmp_path / run / "devices")}
+                     "residual-to-bias": True, "item-factors-rounds": 3, "item-factors-fraction": 0.5,
+                     "out-dir": str(tmp_path / run / "out"), "device-dir": str(tmp_path / run / "devices")}
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv(KEY_ENV, RawKey.generate().raw.hex())
             run_federation(overrides, num_nodes=8)
+        factors.append(dict(np.load(tmp_path / run / "out" / ITEM_FACTORS_FILE)))
         versions.append({p.parent.name + "/" + p.name: load_file(str(p / "adapter_model.safetensors"))
                          for p in sorted((tmp_path / run / "out").glob("personas/p*/r*"))})
     assert sorted(versions[0]) == sorted(versions[1]) and "p0/r0002" in versions[0]
+    for key, value in factors[0].items():  # sampled MF rounds asked the same users
+        np.testing.assert_allclose(factors[1][key], value, atol=1e-6, err_msg=key)
     for name, arrays in versions[0].items():
         for key, value in arrays.items():
             np.testing.assert_allclose(versions[1][name][key], value, atol=1e-6, err_msg=name)
