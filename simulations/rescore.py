@@ -31,6 +31,10 @@ models (even classical user+item bias from item bias only). `--first N` simulate
 user keeps only their N oldest training ratings and all their test ratings, and is served as a cold-start user:
 
     python -m simulations.rescore results/federated/k1 results/federated/k4 --eval-users 300 --first 10
+
+`--last N` keeps each user's N newest training ratings instead. A real cold-start user's test ratings come right
+after their few ratings; `--first` puts the whole of a long history between them (hundreds of ratings for a heavy
+user), `--last` none: the two bracket the real case.
 """
 
 from __future__ import annotations
@@ -81,7 +85,8 @@ class FinishedRun:
     # (ItemFactors, penalty, prior count) with item-factors-rounds: MF is the private base
     factors: tuple | None = None
     onboarding: tuple | None = None  # (layout, feature counts, persona sizes): the cold-start rule, with K > 1
-    first: int | None = None  # simulated cold start: the evaluation users kept only their first `first` ratings
+    first: int | None = None  # simulated cold start: the evaluation users kept only `first` training ratings,
+    newest: bool = False  # their newest (`--last`) rather than their oldest (`--first`)
     baseline_fit: object = None  # what the classical baselines are fitted on (`fit` before any truncation)
     ratings: tuple = ()  # (dataset, split preset, validation fraction): which ratings `baseline_fit` holds
 
@@ -110,7 +115,7 @@ def cold_users(fit, users, threshold: int) -> np.ndarray:
 
 
 def load_run(out: Path, eval_users: int | None = None, cold_only: bool = False,
-             population: str | None = None, first: int | None = None) -> FinishedRun:
+             population: str | None = None, first: int | None = None, last: int | None = None) -> FinishedRun:
     """Load the federation in `out` (its coordinator out-dir). `eval_users` other than the run's own samples that
     many users with the run's `eval-seed` (more users: more power; then the reported RMSE is not comparable).
     `cold_only` keeps only the cold-start users among them (fewer than `cold-start-threshold` training ratings).
@@ -122,15 +127,19 @@ def load_run(out: Path, eval_users: int | None = None, cold_only: bool = False,
     each): every evaluation user keeps only their `first` oldest training ratings (fewer than
     `cold-start-threshold`) and no validation ratings, and is served as a cold-start user; their test ratings are
     all kept. The released artefacts saw their whole history, as the classical baselines do, which are fitted on
-    every training rating (only those with no user term are then comparable: `baselines`)."""
+    every training rating (only those with no user term are then comparable: `baselines`). `last` is the same with
+    each user's `last` newest training ratings: those just before their test ratings."""
+    if first is not None and last is not None:
+        raise SystemExit("--first and --last: choose one (which training ratings a simulated cold-start user keeps)")
+    newest, first, flag = last is not None, first if last is None else last, "--last" if last is not None else "--first"
     history = json.loads((out / "history.json").read_text())
     cfg = config_of(history)
     k = history["personas"]["k"]
     if k != 1 and not cold_only and first is None:
-        raise SystemExit(f"{out}: K={k}; with several personas only cold-start users can be rescored (--cold-only "
-                         "or --first): a warm device's persona is kept on the device")
+        raise SystemExit(f"{out}: K={k}; with several personas only cold-start users can be rescored (--cold-only, "
+                         "--first or --last): a warm device's persona is kept on the device")
     if first is not None and not 0 < first < cfg.cold_start_threshold:
-        raise SystemExit(f"--first {first}: a simulated cold-start user keeps 1 to {cfg.cold_start_threshold - 1} "
+        raise SystemExit(f"{flag} {first}: a simulated cold-start user keeps 1 to {cfg.cold_start_threshold - 1} "
                          f"ratings (cold-start-threshold {cfg.cold_start_threshold})")
     data = load_movielens(cfg.dataset)
     preset = split_preset(cfg.split)
@@ -147,8 +156,9 @@ def load_run(out: Path, eval_users: int | None = None, cold_only: bool = False,
     baseline_fit = fit
     if first is not None:
         chosen = fit["user"].isin(users)
-        oldest = fit[chosen].sort_values(["user", "ts", "item"], kind="stable").groupby("user").head(first)
-        fit, val = pd.concat([fit[~chosen], oldest]), val[~val["user"].isin(users)]
+        history_ = fit[chosen].sort_values(["user", "ts", "item"], kind="stable").groupby("user")
+        kept = history_.tail(first) if newest else history_.head(first)
+        fit, val = pd.concat([fit[~chosen], kept]), val[~val["user"].isin(users)]
     registry = PersonaRegistry(out)
     arrays = {j: registry.arrays(registry.rollout(j)["stable"]) for j in range(k)}
     stats_file = out / ITEM_STATS_FILE
@@ -156,7 +166,7 @@ def load_run(out: Path, eval_users: int | None = None, cold_only: bool = False,
     return FinishedRun(out, history, cfg, data, fit, val, test, np.asarray(users), arrays,
                        ItemStats.from_arrays(dict(np.load(stats_file))) if stats_file.is_file() else None,
                        runtime(cfg.base_model, cfg.lora), _released_factors(out),
-                       load_onboarding(out / ONBOARDING_FILE) if k > 1 else None, first, baseline_fit,
+                       load_onboarding(out / ONBOARDING_FILE) if k > 1 else None, first, newest, baseline_fit,
                        (cfg.dataset, population or cfg.split, cfg.validation_fraction))
 
 
@@ -193,10 +203,10 @@ PRIVATE_BASE = "private base"  # what the adapter corrects: released item half +
 
 
 def rescore(out: Path, eval_users: int | None = None, cold_only: bool = False,
-            population: str | None = None, first: int | None = None) -> dict:
+            population: str | None = None, first: int | None = None, last: int | None = None) -> dict:
     """Per-user predictions of the federation in `out` (its coordinator out-dir) and of the baselines; with released
     item statistics also of the private base model each device fits and the adapter corrects (`PRIVATE_BASE`)."""
-    run = load_run(out, eval_users, cold_only, population, first)
+    run = load_run(out, eval_users, cold_only, population, first, last)
     pred, personas, private = [], [], []
     for user in run.users:
         device = run.device(user)
@@ -211,7 +221,7 @@ def rescore(out: Path, eval_users: int | None = None, cold_only: bool = False,
     return {"run": str(out), "seed": run.cfg.seed, "who": who, "y": y, "persona": np.concatenate(pred), "cold": cold,
             "k": len(run.arrays), "sizes": np.bincount(personas, minlength=len(run.arrays)).tolist(),
             "reported": reported if eval_users in (None, run.cfg.eval_users) and not cold_only and population is None
-            and first is None else float("nan"),
+            and run.first is None else float("nan"),
             **baselines(run, who, run.test["item"]),
             **({PRIVATE_BASE: np.concatenate(private)} if all(p is not None for p in private) else {})}
 
@@ -307,8 +317,12 @@ def main(argv: list[str] | None = None) -> None:
                     help="simulated cold start: every scored user keeps only their N oldest training ratings "
                          "(N below cold-start-threshold) and is served as a cold-start user; compared with the "
                          "baselines that have no user term and with the private base")
+    ap.add_argument("--last", type=int, default=None, metavar="N",
+                    help="as --first, with each user's N newest training ratings (those just before their test "
+                         "ratings, as a real cold-start user's are)")
     args = ap.parse_args(argv)
-    runs = [rescore(Path(p), args.eval_users, args.cold_only, args.population, args.first) for p in args.runs]
+    runs = [rescore(Path(p), args.eval_users, args.cold_only, args.population, args.first, args.last)
+            for p in args.runs]
     print("\nPaired per-user MSE difference, persona adapter minus baseline [95% CI]:\n")
     print(table(runs))
 

@@ -167,7 +167,7 @@ def test_rescore_serves_cold_start_users_the_persona_their_devices_were_placed_i
     assert abs(rmse(other, r["y"]) - last["cold_persona_rmse"]) > 1e-4
 
 
-def test_rescore_simulates_cold_start_by_keeping_each_users_oldest_ratings(federation):
+def test_rescore_simulates_cold_start_by_keeping_each_users_oldest_or_newest_ratings(federation):
     """`--first 3`: every evaluation user (warm ones too) keeps their 3 oldest training ratings and no validation
     ratings, keeps every test rating, is placed by the onboarding rule and compared only with baselines that have no
     user term (fitted on everything, a user term would know the history given up) and the private base."""
@@ -197,6 +197,18 @@ def test_rescore_simulates_cold_start_by_keeping_each_users_oldest_ratings(feder
     for bad in (0, 15):  # the fixture's cold-start threshold is 15
         with pytest.raises(SystemExit, match="--first"):
             load_run(out, first=bad)
+        with pytest.raises(SystemExit, match="--last"):
+            load_run(out, last=bad)
+    # `--last 3`: the 3 newest instead, those just before the test ratings; the rest as above
+    latest = load_run(out, last=3)
+    assert latest.first == 3 and latest.newest and latest.val[latest.val["user"].isin(latest.users)].empty
+    for u in latest.users:
+        newest = whole[whole["user"] == u].sort_values(["ts", "item"], kind="stable").tail(3)
+        assert latest.device(u).train[["item", "rating", "ts"]].equals(newest[["item", "rating", "ts"]])
+        assert not newest.equals(whole[whole["user"] == u].sort_values(["ts", "item"], kind="stable").head(3))
+    assert latest.test.equals(run.test)
+    with pytest.raises(SystemExit, match="choose one"):
+        load_run(out, first=3, last=3)
 
 
 def test_the_wall_breakdown_adds_up_and_names_where_the_time_went(federation):
