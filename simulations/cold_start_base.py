@@ -38,7 +38,7 @@ from common.split import sample_users, temporal_split, validation_split
 from server.serving import ITEM_FACTORS_FILE, ITEM_STATS_FILE
 from simulations.centralised import paired_vs
 from simulations.classical import ItemBias
-from simulations.rescore import config_of
+from simulations.rescore import config_of, kept_ratings
 
 MF_PRIORS = (0.0, 20.0, 50.0, 100.0, 200.0, 400.0)
 BIAS_SHRINKAGE = (2.0, 5.0, 10.0, 20.0, 50.0)
@@ -77,11 +77,6 @@ def _errors(predict, kept: pd.DataFrame, held: pd.DataFrame) -> np.ndarray:
     return np.concatenate(err) if err else np.zeros(0)
 
 
-def _truncate(fit: pd.DataFrame, users, keep: int, newest: bool) -> pd.DataFrame:
-    rows = fit[fit["user"].isin(users)].sort_values(["user", "ts", "item"], kind="stable").groupby("user")
-    return rows.tail(keep) if newest else rows.head(keep)
-
-
 def measure(out: Path, eval_users: int | None = None, keep: int = 10) -> dict:
     """For each population (see the module doc), every candidate's validation and test RMSE, the choice on
     validation, and its paired per-user MSE difference on test with item bias only and the run's own setting."""
@@ -105,10 +100,10 @@ def measure(out: Path, eval_users: int | None = None, keep: int = 10) -> dict:
     populations = {
         "real cold-start users": (fit[fit["user"].isin(cold)], val[val["user"].isin(cold)],
                                   fit[fit["user"].isin(cold)], test[test["user"].isin(cold)]),
-        f"simulated, oldest {keep}": (_truncate(fit, tuning, keep, False), val[val["user"].isin(tuning)],
-                                      _truncate(fit, evaluated, keep, False), test[test["user"].isin(evaluated)]),
-        f"simulated, newest {keep}": (_truncate(fit, tuning, keep, True), val[val["user"].isin(tuning)],
-                                      _truncate(fit, evaluated, keep, True), test[test["user"].isin(evaluated)]),
+        f"simulated, oldest {keep}": (kept_ratings(fit, tuning, keep, False), val[val["user"].isin(tuning)],
+                                      kept_ratings(fit, evaluated, keep, False), test[test["user"].isin(evaluated)]),
+        f"simulated, newest {keep}": (kept_ratings(fit, tuning, keep, True), val[val["user"].isin(tuning)],
+                                      kept_ratings(fit, evaluated, keep, True), test[test["user"].isin(evaluated)]),
     }
     own = f"private MF, prior count {released_prior:g}"
     result = {"run": str(out), "keep": keep, "released prior": released_prior, "populations": {}}

@@ -108,6 +108,12 @@ class FinishedRun:
         return cold_start_persona(space.encode(device.onboarding()), features, counts, space)
 
 
+def kept_ratings(fit: pd.DataFrame, users, n: int, newest: bool = False) -> pd.DataFrame:
+    """What a simulated cold-start user keeps: each of `users`' `n` oldest (or `newest`) rows of `fit`."""
+    rows = fit[fit["user"].isin(users)].sort_values(["user", "ts", "item"], kind="stable").groupby("user")
+    return rows.tail(n) if newest else rows.head(n)
+
+
 def cold_users(fit, users, threshold: int) -> np.ndarray:
     """The users among `users` with fewer than `threshold` ratings in `fit` (the cold-start users)."""
     counts = fit["user"].value_counts()
@@ -156,9 +162,7 @@ def load_run(out: Path, eval_users: int | None = None, cold_only: bool = False,
     baseline_fit = fit
     if first is not None:
         chosen = fit["user"].isin(users)
-        history_ = fit[chosen].sort_values(["user", "ts", "item"], kind="stable").groupby("user")
-        kept = history_.tail(first) if newest else history_.head(first)
-        fit, val = pd.concat([fit[~chosen], kept]), val[~val["user"].isin(users)]
+        fit, val = pd.concat([fit[~chosen], kept_ratings(fit, users, first, newest)]), val[~val["user"].isin(users)]
     registry = PersonaRegistry(out)
     arrays = {j: registry.arrays(registry.rollout(j)["stable"]) for j in range(k)}
     stats_file = out / ITEM_STATS_FILE

@@ -5,7 +5,24 @@ import pandas as pd
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from simulations.rescore import cold_users
+from simulations.rescore import cold_users, kept_ratings
+
+
+@settings(max_examples=60, deadline=None)
+@given(counts=st.lists(st.integers(0, 15), min_size=1, max_size=6), n=st.integers(1, 8), newest=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_a_simulated_cold_start_user_keeps_exactly_their_n_oldest_or_newest_ratings(counts, n, newest, seed):
+    # rows in any order, timestamps with ties (broken by item, as the split breaks them)
+    rng = np.random.default_rng(seed)
+    fit = pd.DataFrame({"user": np.repeat(np.arange(len(counts)), counts), "ts": rng.integers(0, 4, sum(counts)),
+                        "item": rng.permutation(sum(counts)) + 1}).sample(frac=1.0, random_state=seed)
+    chosen = list(range(0, len(counts), 2))
+    kept = kept_ratings(fit, chosen, n, newest)
+    assert set(kept["user"]) == {u for u in chosen if counts[u]}
+    for u in chosen:
+        own = sorted(fit[fit["user"] == u][["ts", "item"]].itertuples(index=False))
+        expected = own[-n:] if newest else own[:n]
+        assert sorted(kept[kept["user"] == u][["ts", "item"]].itertuples(index=False)) == expected
 
 
 @settings(max_examples=60, deadline=None)
