@@ -43,7 +43,8 @@ from simulations.rescore import config_of, kept_ratings
 MF_PRIORS = (0.0, 20.0, 50.0, 100.0, 200.0, 400.0)
 BIAS_SHRINKAGE = (2.0, 5.0, 10.0, 20.0, 50.0)
 ITEM_BIAS = "item bias only (classical)"
-ITEM_HALF = "released item half alone"
+ITEM_HALF = "released item half alone"  # what a device with no ratings predicts from, MF's zero user
+STATS_ALONE = "released item statistics alone"  # the bias model's zero user
 
 
 def candidates(out: Path) -> tuple[dict, float]:
@@ -59,6 +60,7 @@ def candidates(out: Path) -> tuple[dict, float]:
                                                              model, reg, p), items, model))
     if (out / ITEM_STATS_FILE).is_file():
         stats = ItemStats.from_arrays(dict(np.load(out / ITEM_STATS_FILE)))
+        out_[STATS_ALONE] = lambda kept, items: bias_predict(0.0, items, stats)
         for shrink in BIAS_SHRINKAGE:
             out_[f"private user+item bias, shrinkage {shrink:g}"] = (
                 lambda kept, items, s=shrink: bias_predict(user_bias(kept["item"].to_numpy(),
