@@ -85,7 +85,7 @@ class FinishedRun:
     # (ItemFactors, penalty, prior count) with item-factors-rounds: MF is the private base
     factors: tuple | None = None
     onboarding: tuple | None = None  # (layout, feature counts, persona sizes): the cold-start rule, with K > 1
-    first: int | None = None  # simulated cold start: the evaluation users kept only `first` training ratings,
+    kept: int | None = None  # simulated cold start: the evaluation users kept only this many training ratings,
     newest: bool = False  # their newest (`--last`) rather than their oldest (`--first`)
     baseline_fit: object = None  # what the classical baselines are fitted on (`fit` before any truncation)
     ratings: tuple = ()  # (dataset, split preset, validation fraction): which ratings `baseline_fit` holds
@@ -137,7 +137,8 @@ def load_run(out: Path, eval_users: int | None = None, cold_only: bool = False,
     each user's `last` newest training ratings: those just before their test ratings."""
     if first is not None and last is not None:
         raise SystemExit("--first and --last: choose one (which training ratings a simulated cold-start user keeps)")
-    newest, first, flag = last is not None, first if last is None else last, "--last" if last is not None else "--first"
+    newest = last is not None
+    first, flag = (last, "--last") if newest else (first, "--first")  # `first` is now the count kept, either way
     history = json.loads((out / "history.json").read_text())
     cfg = config_of(history)
     k = history["personas"]["k"]
@@ -191,7 +192,7 @@ def baselines(run: FinishedRun, who: np.ndarray, items) -> dict[str, np.ndarray]
     """The classical baselines' predictions, fitted on the ratings the devices trained on. Under a simulated cold
     start (`first`) they are fitted on every training rating, so only those without a user term are kept: a user
     term would know the history the evaluation users gave up."""
-    names = BASELINES[:2] if run.first is not None else BASELINES
+    names = BASELINES[:2] if run.kept is not None else BASELINES
     models = {"global mean": lambda: GlobalMean().fit(run.baseline_fit),
               "item bias only": lambda: ItemBias().fit(run.baseline_fit),
               "user+item bias": lambda: Biases().fit(run.baseline_fit),
@@ -225,7 +226,7 @@ def rescore(out: Path, eval_users: int | None = None, cold_only: bool = False,
     return {"run": str(out), "seed": run.cfg.seed, "who": who, "y": y, "persona": np.concatenate(pred), "cold": cold,
             "k": len(run.arrays), "sizes": np.bincount(personas, minlength=len(run.arrays)).tolist(),
             "reported": reported if eval_users in (None, run.cfg.eval_users) and not cold_only and population is None
-            and run.first is None else float("nan"),
+            and run.kept is None else float("nan"),
             **baselines(run, who, run.test["item"]),
             **({PRIVATE_BASE: np.concatenate(private)} if all(p is not None for p in private) else {})}
 

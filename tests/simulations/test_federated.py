@@ -201,7 +201,7 @@ def test_rescore_simulates_cold_start_by_keeping_each_users_oldest_or_newest_rat
             load_run(out, last=bad)
     # `--last 3`: the 3 newest instead, those just before the test ratings; the rest as above
     latest = load_run(out, last=3)
-    assert latest.first == 3 and latest.newest and latest.val[latest.val["user"].isin(latest.users)].empty
+    assert latest.kept == 3 and latest.newest and latest.val[latest.val["user"].isin(latest.users)].empty
     for u in latest.users:
         newest = whole[whole["user"] == u].sort_values(["ts", "item"], kind="stable").tail(3)
         assert latest.device(u).train[["item", "rating", "ts"]].equals(newest[["item", "rating", "ts"]])
