@@ -53,20 +53,20 @@ def candidates(out: Path) -> tuple[dict, float]:
     if not (out / ITEM_FACTORS_FILE).is_file():
         raise SystemExit(f"{out}: no {ITEM_FACTORS_FILE}; the run released no item factors (item-factors-rounds)")
     model, reg, released_prior = read_release(dict(np.load(out / ITEM_FACTORS_FILE)))
-    out_ = {ITEM_HALF: lambda kept, items: mf_predict(zero_user(model), items, model)}
+    bases = {ITEM_HALF: lambda kept, items: mf_predict(zero_user(model), items, model)}
     for prior in MF_PRIORS:
-        out_[f"private MF, prior count {prior:g}"] = (
+        bases[f"private MF, prior count {prior:g}"] = (
             lambda kept, items, p=prior: mf_predict(fit_user(kept["item"].to_numpy(), kept["rating"].to_numpy(),
                                                              model, reg, p), items, model))
     if (out / ITEM_STATS_FILE).is_file():
         stats = ItemStats.from_arrays(dict(np.load(out / ITEM_STATS_FILE)))
-        out_[STATS_ALONE] = lambda kept, items: bias_predict(0.0, items, stats)
+        bases[STATS_ALONE] = lambda kept, items: bias_predict(0.0, items, stats)
         for shrink in BIAS_SHRINKAGE:
-            out_[f"private user+item bias, shrinkage {shrink:g}"] = (
+            bases[f"private user+item bias, shrinkage {shrink:g}"] = (
                 lambda kept, items, s=shrink: bias_predict(user_bias(kept["item"].to_numpy(),
                                                                      kept["rating"].to_numpy(), stats, s),
                                                            items, stats))
-    return out_, released_prior
+    return bases, released_prior
 
 
 def _errors(predict, kept: pd.DataFrame, held: pd.DataFrame) -> np.ndarray:
@@ -113,7 +113,7 @@ def measure(out: Path, eval_users: int | None = None, keep: int = 10) -> dict:
         val_err = {b: _errors(f, tune_kept, tune_held) for b, f in bases.items()}
         test_err = {b: _errors(f, kept, held) for b, f in bases.items()}
         chosen = min(bases, key=lambda b: np.mean(val_err[b]))
-        who = held.sort_values(["user", "ts", "item"], kind="stable")["user"].to_numpy()
+        who = held["user"].to_numpy()  # `test` is in (user, time) order, as `_errors` returns the errors
         row = {"users": int(held["user"].nunique()), "ratings": len(held),
                "validation users": int(tune_held["user"].nunique()), "chosen": chosen,
                "validation rmse": {b: float(np.sqrt(np.mean(e))) for b, e in val_err.items()},
