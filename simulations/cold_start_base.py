@@ -99,9 +99,9 @@ def measure(out: Path, eval_users: int | None = None, keep: int = 10) -> dict:
     # validation users for the simulated columns: not evaluated, with more than `keep` ratings to give up
     tuning = [u for u in split.users if u not in evaluated and counts.get(u, 0) > keep]
     evaluated = sorted(u for u in evaluated if counts.get(u, 0) > keep)
+    cold_fit = fit[fit["user"].isin(cold)]  # a real cold-start user keeps everything, for validation and test
     populations = {
-        "real cold-start users": (fit[fit["user"].isin(cold)], val[val["user"].isin(cold)],
-                                  fit[fit["user"].isin(cold)], test[test["user"].isin(cold)]),
+        "real cold-start users": (cold_fit, val[val["user"].isin(cold)], cold_fit, test[test["user"].isin(cold)]),
         f"simulated, oldest {keep}": (kept_ratings(fit, tuning, keep, False), val[val["user"].isin(tuning)],
                                       kept_ratings(fit, evaluated, keep, False), test[test["user"].isin(evaluated)]),
         f"simulated, newest {keep}": (kept_ratings(fit, tuning, keep, True), val[val["user"].isin(tuning)],
