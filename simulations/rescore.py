@@ -34,7 +34,8 @@ user keeps only their N oldest training ratings and all their test ratings, and 
 
 `--last N` keeps each user's N newest training ratings instead. A real cold-start user's test ratings come right
 after their few ratings; `--first` puts the whole of a long history between them (hundreds of ratings for a heavy
-user), `--last` none: the two bracket the real case.
+user), `--last` none: the two bracket the real case. `--last 0` keeps none: a device that has just enrolled, served
+from the released artefacts and its sign-up answers alone (ML-100K has no such user: every one rated 20 movies).
 """
 
 from __future__ import annotations
@@ -145,8 +146,8 @@ def load_run(out: Path, eval_users: int | None = None, cold_only: bool = False,
     if k != 1 and not cold_only and first is None:
         raise SystemExit(f"{out}: K={k}; with several personas only cold-start users can be rescored (--cold-only, "
                          "--first or --last): a warm device's persona is kept on the device")
-    if first is not None and not 0 < first < cfg.cold_start_threshold:
-        raise SystemExit(f"{flag} {first}: a simulated cold-start user keeps 1 to {cfg.cold_start_threshold - 1} "
+    if first is not None and not 0 <= first < cfg.cold_start_threshold:
+        raise SystemExit(f"{flag} {first}: a simulated cold-start user keeps 0 to {cfg.cold_start_threshold - 1} "
                          f"ratings (cold-start-threshold {cfg.cold_start_threshold})")
     data = load_movielens(cfg.dataset)
     preset = split_preset(cfg.split)
@@ -320,8 +321,9 @@ def main(argv: list[str] | None = None) -> None:
                          "users; those outside the federation are scored as new users)")
     ap.add_argument("--first", type=int, default=None, metavar="N",
                     help="simulated cold start: every scored user keeps only their N oldest training ratings "
-                         "(N below cold-start-threshold) and is served as a cold-start user; compared with the "
-                         "baselines that have no user term and with the private base")
+                         "(0 to cold-start-threshold - 1; 0: a device that has just enrolled) and is served as a "
+                         "cold-start user; compared with the baselines that have no user term and with the private "
+                         "base")
     ap.add_argument("--last", type=int, default=None, metavar="N",
                     help="as --first, with each user's N newest training ratings (those just before their test "
                          "ratings, as a real cold-start user's are)")

@@ -194,7 +194,7 @@ def test_rescore_simulates_cold_start_by_keeping_each_users_oldest_or_newest_rat
     from simulations.classical import ItemBias
     np.testing.assert_allclose(r["item bias only"], ItemBias().fit(whole).predict(r["who"], run.test["item"]))
     assert not np.allclose(r["item bias only"], ItemBias().fit(run.fit).predict(r["who"], run.test["item"]))
-    for bad in (0, 15):  # the fixture's cold-start threshold is 15
+    for bad in (-1, 15):  # the fixture's cold-start threshold is 15
         with pytest.raises(SystemExit, match="--first"):
             load_run(out, first=bad)
         with pytest.raises(SystemExit, match="--last"):
@@ -209,6 +209,13 @@ def test_rescore_simulates_cold_start_by_keeping_each_users_oldest_or_newest_rat
     assert latest.test.equals(run.test)
     with pytest.raises(SystemExit, match="choose one"):
         load_run(out, first=3, last=3)
+    # `--last 0`: devices that have just enrolled, no rating at all; served from the released artefacts alone
+    enrolled = rescore(out, last=0)
+    fresh = load_run(out, last=0)
+    assert all(fresh.device(u).train.empty for u in fresh.users) and enrolled["cold"].all()
+    from common.item_stats import predict as bias_predict
+    np.testing.assert_allclose(enrolled[PRIVATE_BASE], bias_predict(0.0, fresh.test["item"], fresh.released))
+    assert np.isfinite(enrolled["persona"]).all() and len(enrolled["persona"]) == len(run.test)
 
 
 def test_the_wall_breakdown_adds_up_and_names_where_the_time_went(federation):
