@@ -413,6 +413,21 @@ def build_app(overrides: dict | None = None, mods: Iterable[Mod] = ()) -> Client
                                    cfg.item_factors_clip)
         return _reply(message, {}, {k: _array(v.astype(np.float32)) for k, v in answer.items()})
 
+    @app.query("usercentre")
+    @_guarded
+    def usercentre(message: Message, context: Context) -> Message:
+        # The population centre after the MF rounds: this device's own user half, fitted to the final item half,
+        # clipped to the bound the coordinator's noise covers; the coordinator releases only the mean over devices.
+        device, _ = _device(context, overrides)
+        record = message.content["item-factors"]
+        penalty = message.content["config"]
+        model, reg, prior = item_factors.read_release({**{k: record[k].numpy() for k in record},
+                                                       "reg": penalty["item-factors-reg"],
+                                                       "prior": penalty.get("item-factors-prior", 0.0)})
+        half = item_factors.user_half(device.train["item"].to_numpy(), device.train["rating"].to_numpy(), model,
+                                      reg, prior)
+        return _reply(message, {}, {"half": _array(half.astype(np.float32))})
+
     @app.query("order")
     @_guarded
     def order(message: Message, context: Context) -> Message:

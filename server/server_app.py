@@ -32,7 +32,7 @@ from common.adapters import adapter_arrays, add_lora
 from common.config import FederationConfig, UserDP
 from common.data import load_movielens
 from common import secure_vector
-from common.item_factors import ItemFactors, ItemFactorTrainer, cohort_size, release_arrays
+from common.item_factors import USER_HALF_BOUND, ItemFactors, ItemFactorTrainer, cohort_size, release_arrays
 from common.item_stats import ItemStats, estimate, sensitivity
 from common.model import load_base_model
 from common.personas import EMBED_DIM, discovery_dim, elbow, onboarding_space, update_centroids
@@ -95,8 +95,10 @@ def _sum(replies: list[Message], shapes: dict[str, tuple[int, ...]], bound: floa
 def discovery_releases(cfg: FederationConfig) -> int:
     """Aggregates every device contributes to during discovery: the k-means iterations (for each candidate K
     when K is chosen from the data) and the onboarding tables."""
-    # the per-movie statistics: one more sum over every device; each round of the item factors: one more
-    stats = (1 if cfg.item_stats else 0) + cfg.item_factors_rounds
+    # the per-movie statistics: one more sum over every device; each round of the item factors: one more; their
+    # population centre: one more
+    stats = (1 if cfg.item_stats else 0) + cfg.item_factors_rounds + (
+        1 if cfg.item_factors_rounds and cfg.item_factors_centre else 0)
     if cfg.persona_candidates:
         return len(cfg.candidate_ks) * cfg.kmeans_iters + 1 + stats
     return (cfg.kmeans_iters if cfg.num_personas > 1 else 0) + 1 + stats
@@ -161,14 +163,35 @@ def release_item_factors(grid: Grid, nodes: list[int], cfg: FederationConfig, no
         if t % 10 == 0 or t == cfg.item_factors_rounds:
             log(INFO, "item factors: round %d/%d (%.0f s)", t, cfg.item_factors_rounds, time.time() - started,
                 extra=PROGRESS)
+    model = trainer.model
+    if cfg.item_factors_centre:
+        asked = list(nodes) if cohort == len(nodes) else draw.sample(list(nodes), cohort)
+        model = replace(model, centre=release_user_centre(grid, asked, model, cfg, noise, timeout))
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    np.savez(out / ITEM_FACTORS_FILE,
-             **release_arrays(trainer.model, cfg.item_factors_reg, cfg.item_factors_prior))
+    np.savez(out / ITEM_FACTORS_FILE, **release_arrays(model, cfg.item_factors_reg, cfg.item_factors_prior))
     noised = f", noise std {noise * cfg.item_factors_clip:.3f} per coordinate" if noise > 0 else " (no noise)"
     log(INFO, "item factors released: %d rounds of %d of %d devices, rank %d%s", cfg.item_factors_rounds, cohort,
         len(nodes), cfg.item_factors_rank, noised)
-    return trainer.model
+    return model
+
+
+def release_user_centre(grid: Grid, asked: list[int], model: ItemFactors, cfg: FederationConfig, noise: float,
+                        timeout: float) -> np.ndarray:
+    """The population's mean user half over the devices `asked`: each fits its own (b_u, p_u) to the final item
+    half and answers it clipped to `USER_HALF_BOUND` (always), the sum gets the discovery noise under user-level DP
+    (one more release in `discovery_releases`), and is divided by the number asked (public; a device that does not
+    answer counts as zero, which only pulls the centre toward the zero it replaces)."""
+    penalty = ConfigRecord({"item-factors-reg": cfg.item_factors_reg, "item-factors-prior": cfg.item_factors_prior})
+    release = ArrayRecord({k: Array(v) for k, v in model.to_arrays().items()})
+    replies = _query(grid, asked, "usercentre", RecordDict({"item-factors": release, "config": penalty}), timeout)
+    (summed,) = _sum(replies, {"half": (1 + model.rank,)}, USER_HALF_BOUND, noise, "usercentre", cfg.reproducible,
+                     clip_always=True)
+    centre = summed / len(asked)
+    log(INFO, "item factors: population centre from %d devices (user bias %.3f, factor norm %.3f)%s", len(asked),
+        centre[0], float(np.linalg.norm(centre[1:])),
+        f", noise std {noise * USER_HALF_BOUND / len(asked):.4f} per coordinate" if noise > 0 else "")
+    return centre
 
 
 def _secure_sum(grid: Grid, nodes: list[int], action: str, content: RecordDict,

@@ -10,7 +10,12 @@ evaluation users' test ratings next to classical user+item bias and MF (centrali
 way), on the same users: RMSE per noise draw (seed), mean and sd over seeds, paired per-user MSE difference
 against classical MF with a 95% interval.
 
-`python -m simulations.item_factors [--epsilons inf,8] [--seeds 0,1,2] [--split paper] [--eval-users 40]`
+`--centre` adds the population centre (`common.item_factors`: after the rounds, the mean of the devices' clipped
+user halves, one more release, noised like a round under DP and accounted with them), which each device's user half
+is shrunk toward instead of zero; its rows are tuned on validation the same way and paired with the rows without it
+on the same users and seeds.
+
+`python -m simulations.item_factors [--epsilons inf,8] [--seeds 0,1,2] [--split paper] [--eval-users 40] [--centre]`
 prints the table and writes `results/item_factors/table.{md,json}`.
 """
 
@@ -19,12 +24,14 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from common.item_factors import ItemFactors, ItemFactorTrainer, clip, cohort_size, contribution, fit_user, predict
+from common.item_factors import (USER_HALF_BOUND, ItemFactors, ItemFactorTrainer, clip, cohort_size, contribution,
+                                 fit_user, predict, user_half)
 from common.metrics import rmse
 from common.privacy import noise_for_target
 from common.split import validation_split
@@ -34,13 +41,15 @@ from simulations.item_stats import evaluation_split, save_table
 
 
 def federate(train: pd.DataFrame, n_items: int, rounds: int, noise_multiplier: float, args: argparse.Namespace,
-             seed: int, reg: float, prior: float = 0.0, score=None, fraction: float = 1.0
+             seed: int, reg: float, prior: float = 0.0, score=None, fraction: float = 1.0, centre: bool = False
              ) -> tuple[ItemFactors, list[tuple[int, float]]]:
     """`rounds` rounds over the users of `train` (each round a fresh sample of `fraction` of them, as the
     coordinator's `item-factors-fraction` draws); `score(model) -> float` is called every 10 rounds and at the
     end (the validation curve). With noise, each gradient is clipped to `args.bound` and the sum gets
-    N(0, (noise_multiplier x bound)^2) per coordinate."""
+    N(0, (noise_multiplier x bound)^2) per coordinate. With `centre`, the model scored and returned carries the
+    population centre of that point (`population_centre`)."""
     rng = np.random.default_rng(10_000 + seed)
+    centre_rng = np.random.default_rng(20_000 + seed)  # its own draws: the rounds replay with or without a centre
     devices = [(g["item"].to_numpy(), g["rating"].to_numpy()) for _, g in train.groupby("user")]
     cohort = cohort_size(len(devices), fraction)
     trainer = ItemFactorTrainer(ItemFactors.initial(n_items, args.rank, seed), lr=args.lr)
@@ -57,8 +66,23 @@ def federate(train: pd.DataFrame, n_items: int, rounds: int, noise_multiplier: f
             total = {k: v + rng.normal(0.0, noise_multiplier * args.bound, v.shape) for k, v in total.items()}
         trainer.step(total, float(len(train)))  # the rating count: public here, the item statistics' volume slot
         if score is not None and (t % 10 == 0 or t == rounds):
-            curve.append((t, score(trainer.model)))
+            model = population_centre(trainer.model, devices, cohort, reg, prior, noise_multiplier, centre_rng) \
+                if centre else trainer.model
+            curve.append((t, score(model)))
+    if centre:
+        return population_centre(trainer.model, devices, cohort, reg, prior, noise_multiplier, centre_rng), curve
     return trainer.model, curve
+
+
+def population_centre(model: ItemFactors, devices: list, cohort: int, reg: float, prior: float,
+                      noise_multiplier: float, rng: np.random.Generator) -> ItemFactors:
+    """The coordinator's `release_user_centre` without Flower: a fresh cohort's clipped user halves, summed, noised
+    (N(0, (noise_multiplier x USER_HALF_BOUND)^2) per coordinate), divided by the cohort size."""
+    asked = devices if cohort == len(devices) else [devices[i] for i in rng.choice(len(devices), cohort, False)]
+    total = sum(user_half(items, ratings, model, reg, prior) for items, ratings in asked)
+    if noise_multiplier > 0:
+        total = total + rng.normal(0.0, noise_multiplier * USER_HALF_BOUND, total.shape)
+    return replace(model, centre=total / len(asked))
 
 
 def _scorer(train: pd.DataFrame, held: pd.DataFrame):
@@ -89,43 +113,52 @@ def run(args: argparse.Namespace) -> dict:
     on_test = _scorer(split.train, test)
     tuned = {}
 
-    def noise_free(seed: int) -> tuple[float, int, float, float]:
+    def noise_free(seed: int, centre: bool) -> tuple[float, int, float, float]:
         """(validation RMSE, rounds, penalty, prior count): the best point over the (penalty, prior) curves."""
-        if seed not in tuned:
-            tuned[seed] = (math.inf, args.rounds, args.regs[0], args.priors[0])
+        if (seed, centre) not in tuned:
+            best = (math.inf, args.rounds, args.regs[0], args.priors[0])
             for reg in args.regs:
                 for prior in args.priors:
                     _, curve = federate(fit_part, n_items, args.rounds, 0.0, args, seed, reg, prior,
                                         score=lambda m: rmse(on_valid(m, reg, prior), valid["rating"].to_numpy()),
-                                        fraction=args.fraction)
-                    tuned[seed] = min(tuned[seed], min((e, t, reg, prior) for t, e in curve))
-                    print(f"  validation seed {seed}, reg {reg:g}, prior {prior:g}: "
+                                        fraction=args.fraction, centre=centre)
+                    best = min(best, min((e, t, reg, prior) for t, e in curve))
+                    print(f"  validation seed {seed}{', centre' if centre else ''}, reg {reg:g}, prior {prior:g}: "
                           + ", ".join(f"{t}: {e:.4f}" for t, e in curve), flush=True)
-        return tuned[seed]
+            tuned[seed, centre] = best
+        return tuned[seed, centre]
 
-    for eps in args.epsilons:
-        result = {"method": "federated MF (device-side user factors)", "epsilon": eps, "rmse": [], "rounds": [],
-                  "reg": [], "prior": [], "diff_vs_mf": [], "noise_multiplier": None, "seconds": []}
+    errors = {}  # (epsilon, seed) -> per-rating squared errors without the centre, to pair the centre's with
+    for eps, centre in [(e, c) for e in args.epsilons for c in ((False, True) if args.centre else (False,))]:
+        result = {"method": "federated MF" + (" + population centre" if centre else " (device-side user factors)"),
+                  "epsilon": eps, "rmse": [], "rounds": [], "reg": [], "prior": [], "diff_vs_mf": [],
+                  "noise_multiplier": None, "seconds": [], **({"diff_vs_plain": []} if centre else {})}
+        releases = lambda rounds: rounds + (1 if centre else 0)  # noqa: E731  (the centre is one more release)
         for seed in args.seeds:
             start = time.perf_counter()
             # tune on validation: without noise, the penalty and the best point of each penalty's curve; under DP,
             # the round count from the grid (each count run with the noise that spends the whole budget over it)
             # at the penalty the noise-free tuning chose
             if math.isinf(eps):
-                best = noise_free(seed)
+                best = noise_free(seed, centre)
             else:
-                _, _, reg, prior = noise_free(seed)
+                _, _, reg, prior = noise_free(seed, centre)
                 best = (math.inf, args.rounds, reg, prior)
                 for rounds in args.round_grid:
-                    sigma = noise_for_target(eps, args.delta, 1.0, rounds)
+                    sigma = noise_for_target(eps, args.delta, 1.0, releases(rounds))
                     _, curve = federate(fit_part, n_items, rounds, sigma, args, seed, reg, prior,
                                         score=lambda m: rmse(on_valid(m, reg, prior), valid["rating"].to_numpy()),
-                                        fraction=args.fraction)
+                                        fraction=args.fraction, centre=centre)
                     best = min(best, (curve[-1][1], rounds, reg, prior))
             rounds, reg, prior = best[1], best[2], best[3]
-            sigma = 0.0 if math.isinf(eps) else noise_for_target(eps, args.delta, 1.0, rounds)
-            model, _ = federate(split.train, n_items, rounds, sigma, args, seed, reg, prior, fraction=args.fraction)
+            sigma = 0.0 if math.isinf(eps) else noise_for_target(eps, args.delta, 1.0, releases(rounds))
+            model, _ = federate(split.train, n_items, rounds, sigma, args, seed, reg, prior, fraction=args.fraction,
+                                centre=centre)
             pred = on_test(model, reg, prior)
+            if centre:
+                result["diff_vs_plain"].append(paired_vs((pred - y) ** 2, errors[eps, seed], who))
+            else:
+                errors[eps, seed] = (pred - y) ** 2
             result["rmse"].append(rmse(pred, y))
             result["rounds"].append(rounds)
             result["reg"].append(reg)
@@ -133,7 +166,8 @@ def run(args: argparse.Namespace) -> dict:
             result["noise_multiplier"] = sigma
             result["diff_vs_mf"].append(paired_vs((pred - y) ** 2, reference, who))
             result["seconds"].append(time.perf_counter() - start)
-            print(f"eps {eps:g} seed {seed}: reg {reg:g}, prior {prior:g}, {rounds} rounds (noise multiplier "
+            print(f"eps {eps:g} seed {seed}{' centre' if centre else ''}: reg {reg:g}, prior {prior:g}, {rounds} "
+                  f"rounds (noise multiplier "
                   f"{sigma:.2f}), test RMSE {result['rmse'][-1]:.4f}, vs MF {result['diff_vs_mf'][-1][0]:+.4f} "
                   f"({result['seconds'][-1]:.0f} s)", flush=True)
         rows.append(result)
@@ -148,7 +182,8 @@ def markdown(result: dict) -> str:
     lines = [f"{result['devices']} devices{asked}; {result['users']} evaluation users, {result['test_ratings']:,} "
              f"test ratings; epsilon over all rounds (delta {result['args']['delta']:g})", "",
              "| method | epsilon | rounds | penalty / prior count | RMSE (mean) | sd over seeds | paired MSE diff vs "
-             "classical MF, mean over seeds [95% CI] |", "|---|---:|---:|---:|---:|---:|---|"]
+             "classical MF, mean over seeds [95% CI] | vs the same without the centre, per seed |",
+             "|---|---:|---:|---:|---:|---:|---|---|"]
     for r in result["rows"]:
         eps = "-" if r["epsilon"] is None else ("no noise" if math.isinf(r["epsilon"]) else f"{r['epsilon']:g}")
         sd = f"{np.std(r['rmse'], ddof=1):.4f}" if len(r["rmse"]) > 1 else "-"
@@ -157,7 +192,9 @@ def markdown(result: dict) -> str:
                                   f"[{np.mean([lo for _, lo, _ in d]):+.4f}, {np.mean([hi for _, _, hi in d]):+.4f}]")
         rounds = ", ".join(str(t) for t in r["rounds"]) if r.get("rounds") else "-"
         penalty = ", ".join(f"{g:g} / {c:g}" for g, c in zip(r["reg"], r["prior"])) if r.get("reg") else "-"
-        lines.append(f"| {r['method']} | {eps} | {rounds} | {penalty} | {np.mean(r['rmse']):.4f} | {sd} | {cell} |")
+        plain = "; ".join(f"{m:+.4f} [{lo:+.4f}, {hi:+.4f}]" for m, lo, hi in r.get("diff_vs_plain", [])) or "-"
+        lines.append(f"| {r['method']} | {eps} | {rounds} | {penalty} | {np.mean(r['rmse']):.4f} | {sd} | {cell} "
+                     f"| {plain} |")
     return "\n".join(lines)
 
 
@@ -183,6 +220,8 @@ def main(argv: list[str] | None = None) -> dict:
                     help="share of the devices asked each round (the coordinator's item-factors-fraction); under DP "
                          "accounted as if every device took part (no amplification by sampling claimed)")
     ap.add_argument("--val-fraction", type=float, default=0.1)
+    ap.add_argument("--centre", action="store_true",
+                    help="also run each setting with the population centre (one more release) and pair the two")
     ap.add_argument("--seeds", type=ints, default=[0, 1, 2])
     ap.add_argument("--eval-users", type=int, default=40)
     ap.add_argument("--eval-seed", type=int, default=0)

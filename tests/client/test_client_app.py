@@ -420,3 +420,36 @@ def test_item_factor_answers_are_clipped_gradients_and_hostile_releases_get_an_e
     for prior in (float("nan"), float("inf"), -1.0, "many"):
         reply = ask(good, prior=prior)
         assert reply.has_error() and reply.error.reason == "error"
+
+
+def test_a_devices_centre_answer_is_its_own_clipped_user_half_and_hostile_releases_get_an_error_category(handlers):
+    """query.usercentre: the device fits its user half to the sent item half (with the coordinator's penalty) and
+    answers that one bounded vector, nothing else; a malformed release is refused with the error category."""
+    from common.data import load_movielens
+    from common.item_factors import USER_HALF_BOUND, ItemFactors, fit_user
+
+    n_items = int(load_movielens(handlers.dataset).items.index.max())
+    model = ItemFactors.initial(n_items, 4, seed=2)
+
+    def ask(arrays: dict, reg=0.2, prior=3.0) -> Message:
+        content = {"item-factors": ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()}),
+                   "config": ConfigRecord({"item-factors-reg": reg, "item-factors-prior": prior})}
+        return handlers("query.usercentre", {"item-stats": True, "item-factors-rounds": 1}, content)
+
+    reply = ask(model.to_arrays())
+    assert set(reply.content["arrays"].keys()) == {"half"}
+    half = reply.content["arrays"]["half"].numpy()
+    assert half.shape == (5,) and np.linalg.norm(half) <= USER_HALF_BOUND + 1e-5 and np.abs(half).sum() > 0
+    # the device's own fit: recomputed from the ratings the simulated device holds (partition 0)
+    from client.client_app import _device
+    device, _ = _device(handlers.context, {**handlers.base, "item-stats": True, "item-factors-rounds": 1})
+    b, p = fit_user(device.train["item"].to_numpy(), device.train["rating"].to_numpy(),
+                    ItemFactors.from_arrays(model.to_arrays()), 0.2, 3.0)
+    whole = np.concatenate([[b], p])
+    np.testing.assert_allclose(half, whole * min(1.0, USER_HALF_BOUND / np.linalg.norm(whole)), rtol=1e-5, atol=1e-6)
+    good = model.to_arrays()
+    for hostile, reg in (({**good, "factors": np.full((n_items, 4), np.inf, np.float32)}, 0.2),
+                         ({**good, "centre": np.zeros(3, np.float32)}, 0.2),
+                         ({k: v for k, v in good.items() if k != "bias"}, 0.2), (good, 0.0)):
+        reply = ask(hostile, reg)
+        assert reply.has_error() and reply.error.reason == "error"

@@ -154,7 +154,8 @@ def test_with_released_item_factors_the_private_base_is_mf_and_training_targets_
     n_items = int(device.data.items.index.max())
     rng = np.random.default_rng(3)
     device.use_item_stats(ItemStats(rng.uniform(2, 4.5, n_items), rng.integers(0, 50, n_items).astype(float), 3.4))
-    factors = ItemFactors(3.5, 0.3 * rng.standard_normal(n_items), 0.4 * rng.standard_normal((n_items, 4)))
+    factors = ItemFactors(3.5, 0.3 * rng.standard_normal(n_items), 0.4 * rng.standard_normal((n_items, 4)),
+                          centre=0.3 * rng.standard_normal(5))  # the released population centre
     device.use_item_factors(factors, 0.1, 3.0)
     items, ratings = device.train["item"].to_numpy(), device.train["rating"].to_numpy()
     # held-out ratings: MF with this device's own user factors, fitted on all its training ratings
@@ -179,6 +180,7 @@ def test_with_released_item_factors_the_private_base_is_mf_and_training_targets_
     stats, residual, (back, reg, prior) = read_serving_context(device.serving_context())
     assert residual and reg == pytest.approx(0.1) and prior == pytest.approx(3.0) and stats is not None
     np.testing.assert_allclose(back.factors, factors.factors, rtol=1e-6)
+    np.testing.assert_allclose(back.centre, factors.centre, rtol=1e-6)  # the centre the user half is fitted toward
     served = with_(_device(ml100k_dir), residual=False).use_serving_context(device.serving_context())
     np.testing.assert_allclose(served.bases(test_items), device.bases(test_items), rtol=1e-5)
 

@@ -12,7 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from common.item_factors import ItemFactors, ItemFactorTrainer, clip, contribution, fit_user, norm, predict
+from common.item_factors import (USER_HALF_BOUND, ItemFactors, ItemFactorTrainer, clip, contribution, fit_user, norm,
+                                 predict, read_release, release_arrays, user_half, zero_user)
 from simulations.classical import Biases
 
 N_ITEMS, RANK = 12, 3
@@ -138,6 +139,70 @@ def test_a_release_with_a_non_finite_or_misshapen_field_is_refused(mu, bias, ext
     else:
         with pytest.raises(ValueError):
             ItemFactors.from_arrays({"mu": np.array([mu]), "bias": bias, "factors": factors})
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 10**6), prior=st.floats(0.0, 50.0), scale=st.floats(0.0, 3.0))
+def test_with_a_released_centre_the_user_fit_is_the_ridge_minimum_around_it(seed, prior, scale):
+    """The penalty pulls the user half toward the population centre: the fit minimises the ridge objective centred
+    there, a huge prior count gives the centre itself, no ratings give the centre, and a zero centre is the old fit."""
+    from dataclasses import replace
+
+    rng = np.random.default_rng(seed)
+    centre = scale * rng.standard_normal(1 + RANK)
+    model, reg = replace(_model(seed % 5), centre=centre), 0.3
+    items, ratings = _users(seed, n=1)[0]
+    theta = np.concatenate([[(fit := fit_user(items, ratings, model, reg, prior))[0]], fit[1]])
+
+    def objective(t):
+        err = model.mu + t[0] + model.bias[items - 1] + model.factors[items - 1] @ t[1:] - ratings
+        return np.sum(err ** 2) + reg * (len(items) + prior) * np.sum((t - centre) ** 2)
+    base = objective(theta)
+    for _ in range(10):
+        assert objective(theta + 1e-3 * rng.standard_normal(len(theta))) >= base - 1e-9
+    huge = fit_user(items, ratings, model, reg, 1e12)
+    np.testing.assert_allclose(np.concatenate([[huge[0]], huge[1]]), centre, atol=1e-6)
+    b, p = zero_user(model)
+    np.testing.assert_array_equal(np.concatenate([[b], p]), centre)
+    b, p = fit_user(np.array([], np.int64), np.array([]), model, reg, prior)
+    np.testing.assert_array_equal(np.concatenate([[b], p]), centre)
+    plain = fit_user(items, ratings, replace(model, centre=np.zeros(1 + RANK)), reg, prior)
+    old = fit_user(items, ratings, replace(model, centre=None), reg, prior)
+    np.testing.assert_allclose(plain[1], old[1]) and np.testing.assert_allclose(plain[0], old[0])
+
+
+@settings(max_examples=60, deadline=None)
+@given(items=st.lists(st.integers(-5, N_ITEMS + 5), max_size=30), data=st.data())
+def test_a_devices_user_half_answer_is_bounded_finite_and_zero_without_ratings(items, data):
+    ratings = data.draw(st.lists(_values, min_size=len(items), max_size=len(items)))
+    half = user_half(np.array(items, np.int64), np.array(ratings, np.float64), _model(), 0.05)
+    assert half.shape == (1 + RANK,) and np.isfinite(half).all()
+    assert np.linalg.norm(half) <= USER_HALF_BOUND * (1 + 1e-9)
+    if not any(1 <= i <= N_ITEMS and math.isfinite(r) for i, r in zip(items, ratings)):
+        assert not half.any()
+    else:
+        b, p = fit_user(np.array(items, np.int64), np.array(ratings, np.float64), _model(), 0.05)
+        whole = np.concatenate([[b], p])
+        np.testing.assert_allclose(half, whole * min(1.0, USER_HALF_BOUND / np.linalg.norm(whole)), atol=1e-12)
+
+
+@settings(max_examples=60, deadline=None)
+@given(centre=arrays(np.float64, st.integers(0, RANK + 2), elements=st.floats(width=32)))  # released as float32
+def test_a_released_centre_travels_with_the_item_half_and_a_bad_one_is_refused(centre):
+    from dataclasses import replace
+
+    arrays_ = {**_model().to_arrays(), "centre": centre, "reg": np.array([0.2]), "prior": np.array([5.0])}
+    if centre.shape == (1 + RANK,) and np.isfinite(centre).all():
+        model, reg, prior = read_release(arrays_)
+        np.testing.assert_array_equal(model.centre, centre)
+        again, *_ = read_release(release_arrays(model, reg, prior))  # stored and sent as float32
+        np.testing.assert_array_equal(again.centre, centre.astype(np.float32))
+    else:
+        with pytest.raises(ValueError, match="centre"):
+            read_release(arrays_)
+    old, *_ = read_release({k: v for k, v in arrays_.items() if k != "centre"})  # a release made before it
+    assert old.centre is None and "centre" not in release_arrays(old, 0.2)
+    assert "centre" in release_arrays(replace(old, centre=np.zeros(1 + RANK)), 0.2)
 
 
 def test_round_trip_through_arrays():

@@ -1,5 +1,7 @@
 """ServerApp pieces that need no Flower run: restart resumption and the privacy plan."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -43,7 +45,9 @@ def test_privacy_plan_meets_the_user_level_target_including_discovery():
 def test_every_round_of_item_factors_is_a_discovery_release_the_target_covers():
     cfg = FederationConfig(num_personas=4, kmeans_iters=3, num_rounds=5, fraction_train=0.06, item_stats=True,
                            item_factors_rounds=20, dp_user_target_epsilon=8.0)
-    assert discovery_releases(cfg) == 3 + 1 + 1 + 20  # k-means, onboarding, item statistics, each factor round
+    # k-means, onboarding, item statistics, each factor round, the population centre
+    assert discovery_releases(cfg) == 3 + 1 + 1 + 20 + 1
+    assert discovery_releases(replace(cfg, item_factors_centre=False)) == 3 + 1 + 1 + 20
     dp, discovery_noise, prior = privacy_plan(cfg, num_nodes=216)
     total = epsilon(prior + [(dp.noise_multiplier, 0.06, cfg.num_rounds)], cfg.dp_delta)
     assert total == pytest.approx(8.0, rel=0.03) and total <= 8.0
@@ -60,13 +64,17 @@ def test_each_item_factors_round_asks_a_fresh_sample_of_the_devices_and_steps_on
     nodes = [10 ** 12 + 7 * i for i in range(40)]  # Flower's node ids are large integers
     asked, counts = [], []
 
+    centre_asked = []
+
     def query(grid, who, action, content, timeout):
-        assert action == "itemfactors" and content["config"]["item-factors-reg"] == 0.2
-        asked.append(list(who))
+        assert action in ("itemfactors", "usercentre") and content["config"]["item-factors-reg"] == 0.2
+        (asked if action == "itemfactors" else centre_asked).append(list(who))
+        assert "centre" not in content["item-factors"]  # devices fit against the item half alone meanwhile
         return list(who)
 
     def summed(replies, shapes, bound, noise, action, reproducible, clip_always):
-        return [np.ones(shape) for shape in shapes.values()]
+        assert clip_always and (action == "usercentre") == (shapes == {"half": (3,)})
+        return [np.full(shape, 3.0) for shape in shapes.values()]
 
     monkeypatch.setattr(app, "_query", query)
     monkeypatch.setattr(app, "_sum", summed)
@@ -80,12 +88,16 @@ def test_each_item_factors_round_asks_a_fresh_sample_of_the_devices_and_steps_on
     assert size == (40 if fraction == 1.0 else 10 if fraction == 0.25 else 2)  # at least two, never one device
     assert len(asked) == 6 and all(len(a) == len(set(a)) == size and set(a) <= set(nodes) for a in asked)
     assert counts == [float(size)] * 6  # the step divides by the devices asked
+    # then the population centre: one more query of a cohort, its sum divided by the devices asked, released
+    assert len(centre_asked) == 1 and len(centre_asked[0]) == size and set(centre_asked[0]) <= set(nodes)
+    released = dict(np.load(tmp_path / app.ITEM_FACTORS_FILE))
+    np.testing.assert_allclose(released["centre"], np.full(3, 3.0 / size), rtol=1e-6)
     if fraction < 1.0:
         assert len({tuple(sorted(a)) for a in asked}) > 1  # a fresh sample each round
         again = []
         monkeypatch.setattr(app, "_query", lambda grid, who, *rest: again.append(list(who)) or list(who))
         app.release_item_factors(None, nodes, cfg, noise=0.0)
-        assert again == asked  # a reproducible simulation replays its samples
+        assert again == asked + centre_asked  # a reproducible simulation replays its samples
     assert (tmp_path / app.ITEM_FACTORS_FILE).exists()
 
 

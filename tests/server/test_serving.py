@@ -170,7 +170,7 @@ def test_versions_trained_against_the_released_statistics_are_served_against_the
     assert refused.value.status == 409
     rng = np.random.default_rng(0)
     stats = ItemStats(rng.uniform(1.5, 4.8, 30), rng.integers(1, 40, 30).astype(float), 3.3)
-    factors = ItemFactors(3.6, rng.normal(0, 0.8, 30), rng.normal(0, 0.5, (30, 4)))
+    factors = ItemFactors(3.6, rng.normal(0, 0.8, 30), rng.normal(0, 0.5, (30, 4)), centre=rng.normal(0, 0.4, 5))
     served = {}
     for kind, (registry, version) in versions.items():
         np.savez(registry.root / ITEM_STATS_FILE, **stats.to_arrays())
@@ -191,10 +191,14 @@ def test_versions_trained_against_the_released_statistics_are_served_against_the
     np.testing.assert_allclose(served["quoted"], predict_with_prefix(model_, head, prefix, quoted), atol=1e-5)
     np.testing.assert_allclose(served["residual"], predict_with_prefix(
         model_, head, prefix, quoted, base=bias_predict(0.0, np.array(movies), stats)), atol=1e-5)
-    # an MF-residual version: a new user has no user factors, so MF's item half alone is the base
+    # an MF-residual version: a new user has no user factors of their own, so MF's item half with the released
+    # population centre (the mean user half) is the base
     factors = ItemFactors.from_arrays(factors.to_arrays())  # as served: float32 on disk
     np.testing.assert_allclose(served["mf"], predict_with_prefix(
         model_, head, prefix, quoted, base=mf_predict(zero_user(factors), np.array(movies), factors)), atol=1e-5)
+    from dataclasses import replace
+    assert not np.allclose(served["mf"], predict_with_prefix(model_, head, prefix, quoted, base=mf_predict(
+        zero_user(replace(factors, centre=None)), np.array(movies), factors)), atol=1e-4)
     assert not np.allclose(served["quoted"], served["plain"], atol=1e-4)
     assert not np.allclose(served["residual"], served["quoted"], atol=1e-4)
     assert not np.allclose(served["mf"], served["residual"], atol=1e-4)

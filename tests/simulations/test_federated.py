@@ -642,6 +642,14 @@ def test_released_item_factors_make_mf_the_private_base_the_adapters_correct(tmp
         sse, n = sse + float(((pred - test["rating"].to_numpy()) ** 2).sum()), n + len(test)
     final = history["evaluate"][str(max(map(int, history["evaluate"])))]
     np.testing.assert_allclose(final["bias_rmse"], np.sqrt(sse / n), rtol=1e-5)
+    # the population centre the devices fit toward is the mean of every device's clipped user half, each fitted to
+    # the released item half alone (no rating left a device for it: recomputed here from each user's own ratings)
+    from dataclasses import replace
+    from common.item_factors import user_half
+    halves = [user_half(fit[fit["user"] == u]["item"].to_numpy(), fit[fit["user"] == u]["rating"].to_numpy(),
+                        replace(released, centre=None), 0.2) for u in sorted(fit["user"].unique())]
+    assert released.centre is not None and np.abs(released.centre).max() > 1e-4
+    np.testing.assert_allclose(released.centre, np.mean(halves, axis=0), rtol=1e-4, atol=1e-6)
     manifest = json.loads(next(out.glob("personas/p0/r0001/manifest.json")).read_text())
     assert manifest["serving"]["item_factors"] is True
     # rescored from the released version and factors, the persona adapter scores what the devices reported

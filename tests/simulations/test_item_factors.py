@@ -61,3 +61,23 @@ def test_sampled_rounds_ask_a_fresh_share_of_the_devices_and_still_learn(ml100k_
 
     assert bias_mse(sampled) < bias_mse(item_factors.ItemFactors.initial(n_items, 4, 0)) - 0.01  # it learnt
     assert not np.allclose(sampled.factors, full.factors)
+
+
+def test_the_centre_rows_are_tuned_alike_accounted_as_one_more_release_and_paired_with_the_rows_without(
+        ml100k_dir, tmp_path):
+    from common.privacy import noise_for_target
+
+    result = main(["--dataset", str(ml100k_dir), "--split", "default", "--epsilons", "inf,0.5", "--seeds", "0",
+                   "--rank", "4", "--regs", "0.1", "--priors", "0,30", "--rounds", "20", "--round-grid", "5,10",
+                   "--eval-users", "0", "--centre", "--out", str(tmp_path / "out")])
+    rows = {(r["epsilon"], "centre" in r["method"]): r for r in result["rows"] if r["epsilon"] is not None}
+    assert set(rows) == {(math.inf, False), (math.inf, True), (0.5, False), (0.5, True)}
+    for eps in (math.inf, 0.5):
+        plain, centre = rows[eps, False], rows[eps, True]
+        assert "diff_vs_plain" not in plain and len(centre["diff_vs_plain"]) == 1
+        lo_mean_hi = centre["diff_vs_plain"][0]
+        assert lo_mean_hi[1] <= lo_mean_hi[0] <= lo_mean_hi[2]
+    # under DP the centre is one more release over the chosen rounds: the noise that spends eps over rounds + 1
+    noisy = rows[0.5, True]
+    assert noisy["noise_multiplier"] == noise_for_target(0.5, 1e-5, 1.0, noisy["rounds"][0] + 1)
+    assert noisy["noise_multiplier"] > noise_for_target(0.5, 1e-5, 1.0, noisy["rounds"][0])
