@@ -4,7 +4,8 @@ A device with few ratings predicts from a released item half and a user half it 
 few ratings should move it off the item half is the prior count of `common.item_factors.fit_user` (MF, the main
 job's base) or the shrinkage of `common.item_stats.user_bias` (the user+item bias base over the released per-movie
 statistics). This sweeps both over a finished federation's releases (`item_factors.npz`, `item_stats.npz`),
-against classical item bias only (fitted on every training rating) and the item half alone (no user term):
+against classical item bias only (fitted on every training rating) and MF with no rating (the item half with the
+released population centre, or alone for a release without one):
 
 - **real cold-start users** (fewer than `cold-start-threshold` training ratings): chosen on their validation
   ratings (each one's newest training ratings, held out of every release), scored on their test ratings;
@@ -43,7 +44,7 @@ from simulations.rescore import config_of, kept_ratings
 MF_PRIORS = (0.0, 20.0, 50.0, 100.0, 200.0, 400.0)
 BIAS_SHRINKAGE = (2.0, 5.0, 10.0, 20.0, 50.0)
 ITEM_BIAS = "item bias only (classical)"
-ITEM_HALF = "released item half alone"  # what a device with no ratings predicts from, MF's zero user
+ITEM_HALF = "released MF, no rating"  # what a device with no rating predicts: the item half and the centre, if any
 STATS_ALONE = "released item statistics alone"  # the bias model's zero user
 
 
