@@ -17,7 +17,9 @@ cold-start users only (`--cold-only`): those are placed by the released onboardi
 and as its cold-start service places a new user. Prints a table per run and, over several runs, each user's
 squared error averaged over runs, paired (as `simulations.centralised` does); runs of several K are pooled per K
 and each K paired with the smallest (`... k1-seed0 k1-seed1 k4-seed0 k4-seed1 --cold-only`: personas against one
-shared adapter on the same users). Users with fewer than `cold-start-threshold` training ratings (`split=mixed`)
+shared adapter on the same users); runs whose MF releases differ in having a population centre are grouped by that
+too, and the centre's groups paired the same way, adapters and private bases (`... old/k1-seed0 new/k1-seed0`).
+Users with fewer than `cold-start-threshold` training ratings (`split=mixed`)
 get rows of their own: the cold-start comparison of #17 (persona adapter vs global mean and item bias only).
 `--cold-only` scores only those users:
 
@@ -225,7 +227,7 @@ def rescore(out: Path, eval_users: int | None = None, cold_only: bool = False,
     counts = run.fit["user"].value_counts()
     cold = run.test["user"].map(counts).fillna(0).to_numpy() < run.cfg.cold_start_threshold
     return {"run": str(out), "seed": run.cfg.seed, "who": who, "y": y, "persona": np.concatenate(pred), "cold": cold,
-            "k": len(run.arrays), "sizes": np.bincount(personas, minlength=len(run.arrays)).tolist(),
+            "k": len(run.arrays), "centre": run.factors is not None and run.factors[0].centre is not None, "sizes": np.bincount(personas, minlength=len(run.arrays)).tolist(),
             "reported": reported if eval_users in (None, run.cfg.eval_users) and not cold_only and population is None
             and run.kept is None else float("nan"),
             **baselines(run, who, run.test["item"]),
@@ -268,29 +270,42 @@ def table(runs: list[dict]) -> str:
     if len(runs) > 1:
         if any(not np.array_equal(r["who"], first["who"]) or not np.array_equal(r["y"], first["y"]) for r in runs):
             raise SystemExit("the runs evaluated different users or ratings: they cannot be paired")
-        # Runs of one K are pooled (seeds); runs of several K are pooled per K and then paired with the smallest K.
-        by_k: dict[int, list[dict]] = {}
-        for r in runs:
-            by_k.setdefault(r["k"], []).append(r)
+        # Runs of one setting are pooled (seeds); runs of several settings (K, and whether the private MF base had
+        # a released population centre) are pooled per setting and then paired with the first (smallest K, no centre).
+        centres = {r.get("centre", False) for r in runs}
+
+        def setting(r: dict) -> str:
+            return f"K={r['k']}" + ("" if len(centres) == 1 else
+                                    ", population centre" if r.get("centre", False) else ", no centre")
+        by_setting: dict[str, list[dict]] = {}
+        for r in sorted(runs, key=lambda r: (r["k"], r.get("centre", False))):  # without the centre first
+            by_setting.setdefault(setting(r), []).append(r)
         pooled = {}
-        for k, group in sorted(by_k.items()):
-            pooled[k] = np.mean([(r["persona"] - r["y"]) ** 2 for r in group], axis=0)
+        for label, group in by_setting.items():
+            pooled[label] = np.mean([(r["persona"] - r["y"]) ** 2 for r in group], axis=0)
             if len(group) == 1:
                 continue
             ref_err = {b: np.mean([(r[b] - r["y"]) ** 2 for r in group], axis=0) for b in refs}
-            of_k = f"K={k}, " if len(by_k) > 1 else ""
-            lines += rows(f"{of_k}over the {len(group)} runs (each user's squared error averaged)", pooled[k],
+            of = f"{label}, " if len(by_setting) > 1 else ""
+            lines += rows(f"{of}over the {len(group)} runs (each user's squared error averaged)", pooled[label],
                           ref_err, first,
                           lambda keep, g=group: f"{np.mean([rmse(r['persona'][keep], r['y'][keep]) for r in g]):.4f}"
                                                 " (mean)")
-        if len(by_k) > 1:
-            smallest = min(pooled)
-            lines += ["", f"| persona adapters, paired with K={smallest} | runs | per-user MSE diff [95% CI] |",
+        if len(by_setting) > 1:
+            reference, *others = by_setting
+            lines += ["", f"| persona adapters, paired with {reference} | runs | per-user MSE diff [95% CI] |",
                       "|---|---|---|"]
-            for k in sorted(pooled)[1:]:
-                d = paired_vs(pooled[k], pooled[smallest], first["who"])
-                lines.append(f"| K={k} | {len(by_k[k])} vs {len(by_k[smallest])} | "
+            for label in others:
+                d = paired_vs(pooled[label], pooled[reference], first["who"])
+                lines.append(f"| {label} | {len(by_setting[label])} vs {len(by_setting[reference])} | "
                              f"{d[0]:+.4f} [{d[1]:+.4f}, {d[2]:+.4f}] |")
+            if PRIVATE_BASE in refs and len(centres) > 1:  # what the centre does to the base itself
+                base = {label: np.mean([(r[PRIVATE_BASE] - r["y"]) ** 2 for r in group], axis=0)
+                        for label, group in by_setting.items()}
+                for label in others:
+                    d = paired_vs(base[label], base[reference], first["who"])
+                    lines.append(f"| {PRIVATE_BASE}: {label} | {len(by_setting[label])} vs "
+                                 f"{len(by_setting[reference])} | {d[0]:+.4f} [{d[1]:+.4f}, {d[2]:+.4f}] |")
     lines.append("\nRMSE on the same ratings: " + ", ".join(
         f"{b} {np.mean([rmse(r[b], r['y']) for r in runs]):.4f}" for b in refs)
         + (f" (the private base: mean over the {len(runs)} runs)" if len(runs) > 1 and PRIVATE_BASE in refs else ""))

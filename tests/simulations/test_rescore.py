@@ -67,3 +67,29 @@ def test_runs_of_two_persona_counts_are_pooled_per_count_then_paired():
     single = table(k1)
     assert "| over the 2 runs (each user's squared error averaged), cold-start users only |" in single
     assert "paired with K=" not in single and "K=1, over" not in single
+
+
+def test_runs_with_and_without_a_population_centre_are_grouped_and_paired_adapters_and_bases():
+    """K=1 runs whose MF releases differ in the centre: pooled per centre, the centre's group paired with the one
+    without, for the adapters and for the private bases; runs that all share one setting keep the plain labels."""
+    from simulations.centralised import paired_vs
+    from simulations.rescore import PRIVATE_BASE, table
+
+    rng = np.random.default_rng(1)
+    who = np.repeat(np.arange(25), 3)
+    y = rng.integers(1, 6, len(who)).astype(float)
+    refs = {"global mean": np.full(len(y), 3.5), "item bias only": y + rng.normal(0, 1.0, len(y))}
+    plain = [{**_run(s, 1, y + rng.normal(0, 0.9, len(y)), who, y,
+                     {**refs, PRIVATE_BASE: y + rng.normal(0, 1.0, len(y))}), "centre": False} for s in (0, 1)]
+    centred = [{**_run(s, 1, y + rng.normal(0, 0.6, len(y)), who, y,
+                       {**refs, PRIVATE_BASE: y + rng.normal(0, 0.7, len(y))}), "centre": True} for s in (0, 1, 2)]
+    text = table(centred + plain)  # order given does not matter: the run without the centre is the reference
+    assert "K=1, no centre, over the 2 runs" in text and "K=1, population centre, over the 3 runs" in text
+    assert "| persona adapters, paired with K=1, no centre |" in text
+    err = lambda runs, key="persona": np.mean([(r[key] - y) ** 2 for r in runs], axis=0)  # noqa: E731
+    d = paired_vs(err(centred), err(plain), who)
+    assert f"| K=1, population centre | 3 vs 2 | {d[0]:+.4f} [{d[1]:+.4f}, {d[2]:+.4f}] |" in text and d[0] < 0
+    d = paired_vs(err(centred, PRIVATE_BASE), err(plain, PRIVATE_BASE), who)
+    assert f"| {PRIVATE_BASE}: K=1, population centre | 3 vs 2 | {d[0]:+.4f} [{d[1]:+.4f}, {d[2]:+.4f}] |" in text
+    same = table(centred)
+    assert "centre" not in same and "paired with" not in same.split("RMSE on the same ratings")[0]
