@@ -227,7 +227,8 @@ def rescore(out: Path, eval_users: int | None = None, cold_only: bool = False,
     counts = run.fit["user"].value_counts()
     cold = run.test["user"].map(counts).fillna(0).to_numpy() < run.cfg.cold_start_threshold
     return {"run": str(out), "seed": run.cfg.seed, "who": who, "y": y, "persona": np.concatenate(pred), "cold": cold,
-            "k": len(run.arrays), "centre": run.factors is not None and run.factors[0].centre is not None, "sizes": np.bincount(personas, minlength=len(run.arrays)).tolist(),
+            "k": len(run.arrays), "sizes": np.bincount(personas, minlength=len(run.arrays)).tolist(),
+            "centre": run.factors is not None and run.factors[0].centre is not None,  # the MF base's centre
             "reported": reported if eval_users in (None, run.cfg.eval_users) and not cold_only and population is None
             and run.kept is None else float("nan"),
             **baselines(run, who, run.test["item"]),
