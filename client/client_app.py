@@ -78,6 +78,14 @@ def _eval_sample(name: str, split: str, n: int, seed: int) -> frozenset:
 
 
 @phase("device: loading data and model")
+def _sent_factors(message: Message) -> tuple[item_factors.ItemFactors, float, float]:
+    """The item half an MF query sends and the penalty to fit the user half with (an absent prior count is 0:
+    older coordinators); a malformed release raises (the handler's error category)."""
+    record, penalty = message.content["item-factors"], message.content["config"]
+    return item_factors.read_release({**{k: record[k].numpy() for k in record}, "reg": penalty["item-factors-reg"],
+                                      "prior": penalty.get("item-factors-prior", 0.0)})
+
+
 def _device(context: Context, overrides: dict) -> tuple[Device, FederationConfig]:
     cfg = FederationConfig.from_run_config({**dict(context.run_config), **overrides})
     node = context.node_config
@@ -403,11 +411,7 @@ def build_app(overrides: dict | None = None, mods: Iterable[Mod] = ()) -> Client
         # here; only the gradient for the item half leaves, clipped to the bound the coordinator's noise covers.
         # Every device answers (an empty answer is all zeros, as for the item statistics).
         device, cfg = _device(context, overrides)
-        record = message.content["item-factors"]
-        penalty = message.content["config"]
-        model, reg, prior = item_factors.read_release({**{k: record[k].numpy() for k in record},
-                                                       "reg": penalty["item-factors-reg"],
-                                                       "prior": penalty.get("item-factors-prior", 0.0)})
+        model, reg, prior = _sent_factors(message)
         answer = item_factors.clip(item_factors.contribution(device.train["item"].to_numpy(),
                                                              device.train["rating"].to_numpy(), model, reg, prior),
                                    cfg.item_factors_clip)
@@ -419,11 +423,7 @@ def build_app(overrides: dict | None = None, mods: Iterable[Mod] = ()) -> Client
         # The population centre after the MF rounds: this device's own user half, fitted to the final item half,
         # clipped to the bound the coordinator's noise covers; the coordinator releases only the mean over devices.
         device, _ = _device(context, overrides)
-        record = message.content["item-factors"]
-        penalty = message.content["config"]
-        model, reg, prior = item_factors.read_release({**{k: record[k].numpy() for k in record},
-                                                       "reg": penalty["item-factors-reg"],
-                                                       "prior": penalty.get("item-factors-prior", 0.0)})
+        model, reg, prior = _sent_factors(message)
         half = item_factors.user_half(device.train["item"].to_numpy(), device.train["rating"].to_numpy(), model,
                                       reg, prior)
         return _reply(message, {}, {"half": _array(half.astype(np.float32))})
