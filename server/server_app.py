@@ -177,16 +177,22 @@ def release_item_factors(grid: Grid, nodes: list[int], cfg: FederationConfig, no
 
 
 def release_user_centre(grid: Grid, asked: list[int], model: ItemFactors, cfg: FederationConfig, noise: float,
-                        timeout: float) -> np.ndarray:
+                        timeout: float) -> np.ndarray | None:
     """The population's mean user half over the devices `asked`: each fits its own (b_u, p_u) to the final item
     half and answers it clipped to `USER_HALF_BOUND` (always), the sum gets the discovery noise under user-level DP
     (one more release in `discovery_releases`), and is divided by the number asked (public; a device that does not
-    answer counts as zero, which only pulls the centre toward the zero it replaces)."""
+    answer counts as zero, which only pulls the centre toward the zero it replaces). None when no device gave a valid
+    answer (devices older than the query): the release then has no centre, as before it existed; it stays counted
+    in `discovery_releases` (counting a release that was not made over-states epsilon, never under-states it)."""
     penalty = ConfigRecord({"item-factors-reg": cfg.item_factors_reg, "item-factors-prior": cfg.item_factors_prior})
     release = ArrayRecord({k: Array(v) for k, v in model.to_arrays().items()})
     replies = _query(grid, asked, "usercentre", RecordDict({"item-factors": release, "config": penalty}), timeout)
-    (summed,) = _sum(replies, {"half": (1 + model.rank,)}, USER_HALF_BOUND, noise, "usercentre", cfg.reproducible,
-                     clip_always=True)
+    try:
+        (summed,) = _sum(replies, {"half": (1 + model.rank,)}, USER_HALF_BOUND, noise, "usercentre",
+                         cfg.reproducible, clip_always=True)
+    except RuntimeError:  # e.g. devices older than the query: the item half is released without a centre
+        log(WARNING, "item factors: no device answered query.usercentre; released without a population centre")
+        return None
     centre = summed / len(asked)
     log(INFO, "item factors: population centre from %d devices (user bias %.3f, factor norm %.3f)%s", len(asked),
         centre[0], float(np.linalg.norm(centre[1:])),

@@ -259,3 +259,25 @@ def test_the_round_line_names_the_private_base_whatever_it_is():
                     "personal RMSE 1.0200, private base 1.0300, personal + base 1.0000 (w 0.50) | 7 s")
     assert "private base" not in round_summary(2, 5, {"evaluate": {"users": 4, "persona_rmse": 1.0,
                                                                    "personal_rmse": 1.0}}, 1.0)
+
+
+def test_without_any_valid_centre_answer_the_item_half_is_released_without_a_centre(monkeypatch, tmp_path):
+    """Devices older than query.usercentre answer it with errors: the run goes on, and the release has no centre
+    (devices then fit toward zero, as before the centre existed); the rounds' own answers are summed as usual."""
+    import server.server_app as app
+
+    real_sum = app._sum
+
+    def summed(replies, shapes, bound, noise, action, reproducible, clip_always):
+        if action == "usercentre":
+            return real_sum(replies, shapes, bound, noise, action, reproducible, clip_always)  # refuses: no answer
+        return [np.zeros(shape) for shape in shapes.values()]
+
+    monkeypatch.setattr(app, "_query", lambda grid, who, action, *rest: [] if action == "usercentre" else list(who))
+    monkeypatch.setattr(app, "_sum", summed)
+    monkeypatch.setattr(app, "load_movielens", lambda name: type("D", (), {"items": type("I", (), {
+        "index": np.arange(1, 21)})})())
+    cfg = FederationConfig(item_stats=True, item_factors_rounds=2, item_factors_rank=2, dataset="ml-100k",
+                           out_dir=str(tmp_path))
+    model = app.release_item_factors(None, [1, 2, 3], cfg, noise=0.0)
+    assert model.centre is None and "centre" not in dict(np.load(tmp_path / app.ITEM_FACTORS_FILE))
