@@ -77,7 +77,6 @@ def _eval_sample(name: str, split: str, n: int, seed: int) -> frozenset:
     return frozenset(int(u) for u in sample_users(_dataset(name, split)[1].users, n, seed))
 
 
-@phase("device: loading data and model")
 def _sent_factors(message: Message) -> tuple[item_factors.ItemFactors, float, float]:
     """The item half an MF query sends and the penalty to fit the user half with (an absent prior count is 0:
     older coordinators); a malformed release raises (the handler's error category)."""
@@ -86,6 +85,7 @@ def _sent_factors(message: Message) -> tuple[item_factors.ItemFactors, float, fl
                                       "prior": penalty.get("item-factors-prior", 0.0)})
 
 
+@phase("device: loading data and model")
 def _device(context: Context, overrides: dict) -> tuple[Device, FederationConfig]:
     cfg = FederationConfig.from_run_config({**dict(context.run_config), **overrides})
     node = context.node_config

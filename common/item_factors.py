@@ -2,7 +2,8 @@
 base, the one classical model that beats user+item bias on the paper protocol).
 
 The model is MF with biases, r(u, i) = mu + b_u + b_i + p_u . q_i. Its item half (mu, b, Q) is what the
-coordinator learns and releases; its user half (b_u, p_u) never leaves the device. One round:
+coordinator learns and releases; its user half (b_u, p_u) is fitted on the device and leaves it only once, clipped,
+for the population centre (below). One round:
 
 1. the coordinator sends the current item half to every device;
 2. each device fits its own user half to its ratings in closed form (`fit_user`: ridge regression on the item
@@ -95,8 +96,8 @@ def read_release(arrays) -> tuple[ItemFactors, float, float]:
     prior = float(np.asarray(arrays["prior"]).reshape(-1)[0]) if "prior" in arrays else 0.0
     if not 0.0 <= prior < float("inf"):
         raise ValueError(f"item factors: the prior count must be finite and >= 0, got {prior}")
-    fields = [k for k in ("mu", "bias", "factors", "centre") if k in arrays or k != "centre"]
-    return ItemFactors.from_arrays({k: np.asarray(arrays[k]) for k in fields}), reg, prior
+    fields = {k: np.asarray(arrays[k]) for k in ("mu", "bias", "factors", "centre") if k in arrays}
+    return ItemFactors.from_arrays(fields), reg, prior
 
 
 def _known(items: np.ndarray, ratings: np.ndarray, n_items: int) -> tuple[np.ndarray, np.ndarray]:
