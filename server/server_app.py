@@ -149,9 +149,12 @@ def release_item_factors(grid: Grid, nodes: list[int], cfg: FederationConfig, no
     # (no amplification by sampling is claimed for a fixed-size sample drawn here).
     draw = random.Random(cfg.seed) if cfg.reproducible else secrets.SystemRandom()
     cohort = cohort_size(len(nodes), cfg.item_factors_fraction)
+
+    def sample() -> list[int]:  # every round's cohort, and the centre's, from the one seeded draw
+        return list(nodes) if cohort == len(nodes) else draw.sample(list(nodes), cohort)
     started = time.time()
     for t in range(1, cfg.item_factors_rounds + 1):
-        asked = list(nodes) if cohort == len(nodes) else draw.sample(list(nodes), cohort)
+        asked = sample()
         release = ArrayRecord({k: Array(v) for k, v in trainer.model.to_arrays().items()})
         penalty = ConfigRecord({"item-factors-reg": cfg.item_factors_reg, "item-factors-prior": cfg.item_factors_prior})
         content = RecordDict({"item-factors": release, "config": penalty})
@@ -165,8 +168,7 @@ def release_item_factors(grid: Grid, nodes: list[int], cfg: FederationConfig, no
                 extra=PROGRESS)
     model = trainer.model
     if cfg.item_factors_centre:
-        asked = list(nodes) if cohort == len(nodes) else draw.sample(list(nodes), cohort)
-        model = replace(model, centre=release_user_centre(grid, asked, model, cfg, noise, timeout))
+        model = replace(model, centre=release_user_centre(grid, sample(), model, cfg, noise, timeout))
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     np.savez(out / ITEM_FACTORS_FILE, **release_arrays(model, cfg.item_factors_reg, cfg.item_factors_prior))
