@@ -415,6 +415,9 @@ def build_app(overrides: dict | None = None, mods: Iterable[Mod] = ()) -> Client
         answer = item_factors.clip(item_factors.contribution(device.train["item"].to_numpy(),
                                                              device.train["rating"].to_numpy(), model, reg, prior),
                                    cfg.item_factors_clip)
+        if "secagg-round" in message.content["config"]:  # the coordinator sees only the sum over the cohort
+            order = item_factors.gradient_shapes(*model.factors.shape)
+            return secure_aggregation.start_sums(message, context, [answer[k] for k in order])
         return _reply(message, {}, {k: _array(v.astype(np.float32)) for k, v in answer.items()})
 
     @app.query("usercentre")
@@ -426,6 +429,8 @@ def build_app(overrides: dict | None = None, mods: Iterable[Mod] = ()) -> Client
         model, reg, prior = _sent_factors(message)
         half = item_factors.user_half(device.train["item"].to_numpy(), device.train["rating"].to_numpy(), model,
                                       reg, prior)
+        if "secagg-round" in message.content["config"]:  # only the sum over the cohort is unmasked
+            return secure_aggregation.start_sums(message, context, [half])
         return _reply(message, {}, {"half": _array(half.astype(np.float32))})
 
     @app.query("order")

@@ -262,7 +262,8 @@ class FederationConfig:
     # for the item half; each round is one more discovery release, noised and accounted like the statistics). The
     # released item factors then replace the bias model as the private base everywhere it is used: the evaluation's
     # private baseline, the blend and the residual target, with each device's user factors fitted on the device.
-    # 0 = off. Needs item-stats; not yet through secure aggregation (one secure sum per round is minutes each).
+    # 0 = off. Needs item-stats. With secure-aggregation every round's sum (and the centre's) is a secure sum in
+    # groups, as discovery's: only group sums are unmasked (each round costs several message exchanges a group).
     item_factors_rounds: int = 0
     item_factors_rank: int = 32
     item_factors_reg: float = 0.2  # per-rating L2 penalty, as classical MF's (chosen on validation: docs/results.md)
@@ -332,8 +333,6 @@ class FederationConfig:
             raise ValueError(f"validation-fraction must be in [0, 0.5], got {self.validation_fraction}")
         if self.item_factors_rounds and not self.item_stats:
             raise ValueError("item-factors-rounds needs item-stats = true (the factors extend the released statistics)")
-        if self.item_factors_rounds and self.secure_aggregation:
-            raise ValueError("item-factors-rounds does not run through secure aggregation yet; turn one of them off")
         for name in ("item_factors_reg", "item_factors_lr", "item_factors_clip"):
             if not 0.0 < getattr(self, name) < float("inf"):
                 raise ValueError(f"{name.replace('_', '-')} must be finite and > 0, got {getattr(self, name)!r}")

@@ -38,6 +38,12 @@ CENTRE = 3.0  # where mu starts: the middle of the 1..5 scale
 USER_HALF_BOUND = 2.0
 
 
+def gradient_shapes(n_items: int, rank: int) -> dict[str, tuple[int, ...]]:
+    """A device's item-half gradient, array by array, in the order every sum over devices (plain or secure) lays
+    it out."""
+    return {"mu": (1,), "bias": (n_items,), "factors": (n_items, rank)}
+
+
 @dataclass
 class ItemFactors:
     """The released item half of MF: global mean `mu`, `bias[i-1]` and `factors[i-1]` for movie id i; with

@@ -32,7 +32,8 @@ from common.adapters import adapter_arrays, add_lora
 from common.config import FederationConfig, UserDP
 from common.data import load_movielens
 from common import secure_vector
-from common.item_factors import USER_HALF_BOUND, ItemFactors, ItemFactorTrainer, cohort_size, release_arrays
+from common.item_factors import (USER_HALF_BOUND, ItemFactors, ItemFactorTrainer, cohort_size, gradient_shapes,
+                                 release_arrays)
 from common.item_stats import ItemStats, estimate, sensitivity
 from common.model import load_base_model
 from common.personas import EMBED_DIM, discovery_dim, elbow, onboarding_space, update_centroids
@@ -113,16 +114,9 @@ def release_item_stats(grid: Grid, nodes: list[int], cfg: FederationConfig, nois
     in `discovery_releases`, so every persona version's (epsilon, delta) covers it."""
     n_items = int(load_movielens(cfg.dataset).items.index.max())  # the public catalogue
     bound = sensitivity(STATS_BOUND)
-    if cfg.secure_aggregation:
-        sums, weights, volume = _secure_sum(grid, nodes, "itemstats", RecordDict(),
-                                            {"sums": (n_items,), "weights": (n_items,), "volume": (1,)}, bound, cfg,
-                                            timeout)
-        if noise > 0:  # the trusted-noise model of docs/secure_aggregation.md: added once, after unmasking
-            sums, weights, volume = add_noise([sums, weights, volume], noise * bound, cfg.reproducible)
-    else:
-        replies = _query(grid, nodes, "itemstats", RecordDict(), timeout)
-        sums, weights, volume = _sum(replies, {"sums": (n_items,), "weights": (n_items,), "volume": (1,)}, bound,
-                                     noise, "itemstats", cfg.reproducible, clip_always=True)
+    sums, weights, volume = _release_sum(grid, nodes, "itemstats", RecordDict(),
+                                         {"sums": (n_items,), "weights": (n_items,), "volume": (1,)}, bound, cfg,
+                                         noise, timeout)
     stats = estimate(sums, weights, float(volume[0]), noise * bound)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -142,7 +136,7 @@ def release_item_factors(grid: Grid, nodes: list[int], cfg: FederationConfig, no
     registry (`item_factors.npz`, no per-device data)."""
     n_items = int(load_movielens(cfg.dataset).items.index.max())  # the public catalogue
     trainer = ItemFactorTrainer(ItemFactors.initial(n_items, cfg.item_factors_rank, cfg.seed), lr=cfg.item_factors_lr)
-    shapes = {"mu": (1,), "bias": (n_items,), "factors": (n_items, cfg.item_factors_rank)}
+    shapes = gradient_shapes(n_items, cfg.item_factors_rank)
     # Each round asks a fresh uniform sample of the devices (`item-factors-fraction`): a stochastic gradient of the
     # same objective for a fraction of the messages, which at 943 devices are most of a federation's wall
     # (docs/results.md). Under DP every round is still accounted as if every device took part: an upper bound
@@ -158,9 +152,8 @@ def release_item_factors(grid: Grid, nodes: list[int], cfg: FederationConfig, no
         release = ArrayRecord({k: Array(v) for k, v in trainer.model.to_arrays().items()})
         penalty = ConfigRecord({"item-factors-reg": cfg.item_factors_reg, "item-factors-prior": cfg.item_factors_prior})
         content = RecordDict({"item-factors": release, "config": penalty})
-        replies = _query(grid, asked, "itemfactors", content, timeout)
-        summed = _sum(replies, shapes, cfg.item_factors_clip, noise, "itemfactors", cfg.reproducible,
-                      clip_always=True)
+        summed = _release_sum(grid, asked, "itemfactors", content, shapes, cfg.item_factors_clip, cfg, noise,
+                              timeout)
         # Adam is invariant to the gradient's scale; dividing by the device count only keeps the numbers tame
         trainer.step(dict(zip(shapes, summed)), float(len(asked)))
         if t % 10 == 0 or t == cfg.item_factors_rounds:
@@ -188,18 +181,32 @@ def release_user_centre(grid: Grid, asked: list[int], model: ItemFactors, cfg: F
     in `discovery_releases` (counting a release that was not made over-states epsilon, never under-states it)."""
     penalty = ConfigRecord({"item-factors-reg": cfg.item_factors_reg, "item-factors-prior": cfg.item_factors_prior})
     release = ArrayRecord({k: Array(v) for k, v in model.to_arrays().items()})
-    replies = _query(grid, asked, "usercentre", RecordDict({"item-factors": release, "config": penalty}), timeout)
+    content = RecordDict({"item-factors": release, "config": penalty})
     try:
-        (summed,) = _sum(replies, {"half": (1 + model.rank,)}, USER_HALF_BOUND, noise, "usercentre",
-                         cfg.reproducible, clip_always=True)
-    except RuntimeError:  # e.g. devices older than the query: the item half is released without a centre
-        log(WARNING, "item factors: no device answered query.usercentre; released without a population centre")
+        (summed,) = _release_sum(grid, asked, "usercentre", content, {"half": (1 + model.rank,)}, USER_HALF_BOUND,
+                                 cfg, noise, timeout)
+    except RuntimeError as e:  # e.g. devices older than the query: the item half is released without a centre
+        log(WARNING, "item factors: released without a population centre (%s)", e)
         return None
     centre = summed / len(asked)
     log(INFO, "item factors: population centre from %d devices (user bias %.3f, factor norm %.3f)%s", len(asked),
         centre[0], float(np.linalg.norm(centre[1:])),
         f", noise std {noise * USER_HALF_BOUND / len(asked):.4f} per coordinate" if noise > 0 else "")
     return centre
+
+
+def _release_sum(grid: Grid, nodes: list[int], action: str, content: RecordDict,
+                 shapes: dict[str, tuple[int, ...]], bound: float, cfg: FederationConfig, noise: float,
+                 timeout: float) -> list[np.ndarray]:
+    """A sum over `nodes` of answers bounded by `bound` in L2, with the discovery noise under user-level DP: in the
+    clear (each answer validated and clipped by the coordinator, always), or under secure aggregation (each device
+    clips its own; the noise is added once, after unmasking: the trusted-noise model). RuntimeError when nothing
+    can be released."""
+    if cfg.secure_aggregation:
+        summed = _secure_sum(grid, nodes, action, content, shapes, bound, cfg, timeout)
+        return add_noise(summed, noise * bound, cfg.reproducible) if noise > 0 else summed
+    replies = _query(grid, nodes, action, content, timeout)
+    return _sum(replies, shapes, bound, noise, action, cfg.reproducible, clip_always=True)
 
 
 def _secure_sum(grid: Grid, nodes: list[int], action: str, content: RecordDict,

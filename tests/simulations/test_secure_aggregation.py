@@ -46,6 +46,8 @@ def runs(tmp_path_factory):
                      # the item statistics and the blend sums go through secure sums too (16 training ratings
                      # left per device: all below the cold-start threshold, so they pool as "cold")
                      "item-stats": True, "validation-fraction": 0.2,
+                     # two rounds of federated MF and its population centre: three more secure sums
+                     "item-factors-rounds": 2,
                      "secure-aggregation-group": 3,  # discovery's secure sums in two groups (3 + 2 devices)
                      "out-dir": str(root / name / "out"), "device-dir": str(root / name / "devices")}
         log = root / f"{name}.jsonl"
@@ -115,6 +117,29 @@ def test_secure_discovery_releases_the_plain_item_statistics_and_personas_within
         plain_queries = [r for r in runs["plain"][2] if r["type"] == kind]
         assert plain_queries and all(r["records"]["arrays"][plain_key] == "float32" for r in plain_queries)
     assert runs["secure"][0]["personas"]["sizes"] == runs["plain"][0]["personas"]["sizes"]
+
+
+def test_secure_mf_rounds_and_centre_release_the_plain_item_factors_within_quantisation(runs):
+    from common.item_factors import read_release
+
+    plain, secure = (read_release(dict(np.load(runs[name][1] / "item_factors.npz"))) for name in ("plain", "secure"))
+    assert plain[0].centre is not None and secure[0].centre is not None
+    # Each round's summed gradient differs by the rounding only (5 devices x 2 x 50 / 2**30 per coordinate, ~1e-7
+    # against gradients of ~1e-3): Adam's first steps are lr x sign(g), the same in both runs wherever |g| is
+    # larger than that; the centre is a sum of 5 user halves rounded the same way.
+    np.testing.assert_allclose(secure[0].bias, plain[0].bias, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(secure[0].factors, plain[0].factors, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(secure[0].centre, plain[0].centre, atol=1e-6, rtol=0)
+    assert secure[0].mu == pytest.approx(plain[0].mu, abs=1e-6)
+    # the rounds moved the item half (it starts with zero biases; Adam's first step is 0.02 a coordinate)
+    assert np.abs(plain[0].bias).max() > 0.015 and np.abs(plain[0].centre).max() > 1e-3
+    # Every MF answer (two rounds and the centre, 5 devices each) left its device masked; the plain run's were floats.
+    for kind, count, plain_key in (("query.itemfactors", 10, "factors"), ("query.usercentre", 5, "half")):
+        queries = [r for r in runs["secure"][2] if r["type"] == kind]
+        assert len(queries) == count and all(set(r["records"]) == {"metrics", "secagg"} for r in queries), queries
+        plain_queries = [r for r in runs["plain"][2] if r["type"] == kind]
+        assert len(plain_queries) == count
+        assert all(r["records"]["arrays"][plain_key] == "float32" for r in plain_queries)
 
 
 def test_what_devices_send_in_a_secure_round_is_keys_ciphertexts_and_masked_integers(runs):
