@@ -206,6 +206,7 @@ def test_item_factor_settings_refuse_bad_values_and_combinations_naming_the_key(
     fraction()
     with pytest.raises(ValueError, match="needs item-stats"):  # the factors extend the released statistics
         FederationConfig(item_factors_rounds=2)
-    with pytest.raises(ValueError, match="secure aggregation"):  # refused, not silently sent in the clear
-        FederationConfig(**on, secure_aggregation=True)
+    # the rounds and the centre run through secure sums now (tests/simulations/test_secure_aggregation.py)
+    both = FederationConfig(**on, secure_aggregation=True)
+    assert both.secure_aggregation and both.item_factors_rounds == 3
     assert FederationConfig(**on).item_factors_rounds == 3
