@@ -177,8 +177,9 @@ def federated_rows(name: str, k: int, history: dict, base: str = "private bias")
                    else "private user+item bias (released item statistics)")]
         paths += [(f"{p}_blend", f"{label} + {base}, w={last[f'{p}_blend_weight']:.2f} on validation")
                   for p, label in paths[:2]]
-    return [{"method": f"{name}: {label}", "K": k, "users": int(last["users"]),
-             "test_ratings": int(last["ratings"]), "rmse": last[f"{path}_rmse"], "mae": last.get(f"{path}_mae"),
+    # counts pooled through secure (quantised) sums are within rounding of an integer, either side: round, not int
+    return [{"method": f"{name}: {label}", "K": k, "users": round(last["users"]),
+             "test_ratings": round(last["ratings"]), "rmse": last[f"{path}_rmse"], "mae": last.get(f"{path}_mae"),
              "wall_s": round(history["seconds"], 1),
              # the paired per-user MSE difference from the private bias model, [mean, lo, hi] (plain aggregation)
              "vs_bias": [last[f"{path}_vs_bias_{k}"] for k in ("mean", "lo", "hi")]
@@ -194,7 +195,7 @@ def missing_evaluations(history: dict, expected: int) -> str | None:
     evals = history.get("evaluate") or {}
     if not evals:
         return None
-    got = int(evals[max(evals, key=int)].get("users", expected))
+    got = round(evals[max(evals, key=int)].get("users", expected))  # a secure sum's count: within rounding
     if got >= expected:
         return None
     return (f"the last evaluation pooled {got} of {expected} evaluation users (the others missed the round "
@@ -215,7 +216,7 @@ def plot(histories: dict[str, list[dict]], baselines: list[dict], path: Path | N
     from matplotlib.ticker import MaxNLocator
 
     rounds = sorted({int(r) for runs in histories.values() for h in runs for r in h["evaluate"]})
-    users = {int(h["evaluate"][str(r)]["users"]) for runs in histories.values() for h in runs
+    users = {round(h["evaluate"][str(r)]["users"]) for runs in histories.values() for h in runs
              for r in map(str, rounds) if "users" in h["evaluate"].get(r, {})} or {r["users"] for r in baselines}
     rmse_label = "held-out RMSE (lower is better)"
     who = f"{'/'.join(map(str, sorted(users)))} evaluation users' test ratings"

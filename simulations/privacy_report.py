@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> None:
             rows.append({"level": name, "user_epsilon": user_epsilon(Path(run_cfg.out_dir)),
                          "example_epsilon": example_epsilon(Path(run_cfg.device_dir), key),
                          **{k: last[k] for k in ("persona_rmse", "persona_mae", "personal_rmse", "personal_mae")},
-                         "eval_users": int(last["users"]), "mia_auc": mia["auc"], "mia_advantage": mia["advantage"],
+                         "eval_users": round(last["users"]), "mia_auc": mia["auc"], "mia_advantage": mia["advantage"],
                          "mia_members": mia["members"], "mia_non_members": mia["non_members"],
                          "wall_s": time.perf_counter() - start})
             print(markdown(rows[-1:]))

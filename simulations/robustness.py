@@ -55,7 +55,7 @@ def row(name: str, history: dict, out: Path, wall: float) -> dict:
     updates = sum(int(v) for m in history["train"].values() for k, v in m.items() if k.endswith("_devices"))
     return {"scenario": name, **{k: last[k] for k in ("persona_rmse", "persona_mae", "personal_rmse", "personal_mae")},
             "updates_aggregated": updates, "rejected": sum(int(m.get("rejected", 0)) for m in history["train"].values()),
-            "adapter_drift": adapter_drift(out), "eval_users": int(last["users"]), "wall_s": wall}
+            "adapter_drift": adapter_drift(out), "eval_users": round(last["users"]), "wall_s": wall}
 
 
 def markdown(rows: list[dict]) -> str:

@@ -664,3 +664,15 @@ def test_a_run_whose_evaluation_pooled_fewer_users_than_sampled_is_flagged():
     assert "11 of 40" in missing_evaluations(history, 40)
     assert missing_evaluations({"evaluate": {"5": {"users": 40.0}}}, 40) is None
     assert missing_evaluations({"evaluate": {}}, 40) is None
+    # a count pooled through secure (quantised) sums lands within rounding of the integer, either side
+    assert missing_evaluations({"evaluate": {"5": {"users": 39.9999999}}}, 40) is None
+    assert "39 of 40" in missing_evaluations({"evaluate": {"5": {"users": 39.0000001}}}, 40)
+
+
+def test_rows_count_users_and_ratings_pooled_through_secure_sums_to_the_nearest_integer():
+    # A secure (quantised) sum's counts land within rounding of the integer, either side: 5.9999999 users are 6.
+    from simulations.federated import federated_rows
+
+    last = {"users": 5.9999999, "ratings": 337.9999, "persona_rmse": 1.0, "personal_rmse": 1.1}
+    rows = federated_rows("run", 1, {"evaluate": {"2": last}, "seconds": 1.0})
+    assert rows and all(r["users"] == 6 and r["test_ratings"] == 338 for r in rows)
