@@ -20,7 +20,6 @@ whatever an earlier run left in that directory is unreadable, so it is crypto-sh
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import logging
 import math
@@ -42,6 +41,7 @@ from client.local_data import Owner, device_data, split_own
 from client import secure_aggregation
 from client.policy import TrainingPolicy
 from client.store import EncryptedStore
+from common.adapters import adapter_digest
 from common.config import DeviceDP, FederationConfig, ScoringConfig, TrainConfig, split_preset
 from common.data import load_movielens
 from common import item_factors
@@ -314,17 +314,25 @@ def _personal(device: Device, cfg: FederationConfig, context: Context, persona: 
     # previous adapter beside a context it was trained with.
     store.put_bytes(str(device.user), SERVING, device.serving_context())
     store.put_adapter(str(device.user), PERSONAL, {k: torch.from_numpy(v) for k, v in personal.items()})
-    _save_state(device, cfg, context, personal_from=_digest(persona))  # after the adapter: a crash retrains
+    _save_state(device, cfg, context, personal_from=adapter_digest(persona))  # after the adapter: a crash retrains
     return personal, metrics
 
 
-def _digest(arrays: dict[str, np.ndarray]) -> str:
-    """Which persona version a personal adapter was derived from (the device is not told version numbers)."""
-    h = hashlib.sha256()
-    for name in sorted(arrays):
-        h.update(name.encode())
-        h.update(np.ascontiguousarray(arrays[name], dtype=np.float32).tobytes())
-    return h.hexdigest()
+def _sent_blend(message: Message) -> dict[str, float]:
+    """The "blend" query's {version digest: weight}; ValueError unless they are equally long lists of sha256 hex
+    digests and numbers in [0, 1] (a bad weight would corrupt every prediction served after it)."""
+    config = message.content["config"] if "config" in message.content else {}
+    digests, weights = config.get("digests"), config.get("weights")
+    if not isinstance(digests, list) or not isinstance(weights, list) or len(digests) != len(weights):
+        raise ValueError("blend: 'digests' and 'weights' must be lists of the same length")
+    out = {}
+    for digest, weight in zip(digests, weights):
+        if not (isinstance(digest, str) and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)):
+            raise ValueError("blend: every digest must be a sha256 hex digest")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0.0 <= weight <= 1.0:
+            raise ValueError("blend: every weight must be a number in [0, 1]")
+        out[digest] = float(weight)
+    return out
 
 
 def _guarded(handler):
@@ -444,6 +452,25 @@ def build_app(overrides: dict | None = None, mods: Iterable[Mod] = ()) -> Client
         return _reply(message, {"order": int(context.node_config["partition-id"])}
                       if cfg.reproducible and simulated else {})
 
+    @app.query("blend")
+    @_guarded
+    def blend_weights(message: Message, context: Context) -> Message:
+        # The serving blend weights the coordinator fitted on pooled validation sums, one per persona version,
+        # named by the version's digest (the device is not told version numbers). A device keeps the weight of the
+        # version its personal adapter was derived from, in the serving context beside that adapter
+        # (`Device.served`); a new personal adapter is stored with weight 1 until its own weight arrives. The reply
+        # says nothing, not even whether a weight applied here (that would say which version this device holds).
+        device, cfg = _device(context, overrides)
+        weights = _sent_blend(message)
+        store, user = _store(device, cfg, context), str(device.user)
+        mine = load_state(store, user).get("personal_from")
+        if mine in weights and store.versions(user, PERSONAL) and store.versions(user, SERVING):
+            device.use_serving_context(store.get_bytes(user, SERVING))
+            device.blend_weight = weights[mine]
+            store.put_bytes(user, SERVING, device.serving_context())
+            LOG.info("serving blend weight %.3f stored for the personal adapter", weights[mine])
+        return _reply(message, {})
+
     @app.query("assign")
     @_guarded
     def assign(message: Message, context: Context) -> Message:
@@ -557,7 +584,7 @@ def build_app(overrides: dict | None = None, mods: Iterable[Mod] = ()) -> Client
         persona = from_record(message.content["arrays"])
         state = load_state(_store(device, cfg, context), str(device.user))
         personal = None
-        if state.get("personal_from") == _digest(persona):  # already derived from this version
+        if state.get("personal_from") == adapter_digest(persona):  # already derived from this version
             # with no fine-tuning the stored adapter is these very weights: no need to decrypt it
             personal = persona if cfg.personal_steps == 0 else _load_personal(device, cfg, context)
         # (with no fine-tuning `_personal` returns `persona` itself, which `evaluation_sums` scores once)

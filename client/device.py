@@ -77,6 +77,11 @@ class Device:
     factors: ItemFactors | None = None
     factors_reg: float = 0.2
     factors_prior: float = 0.0
+    # the personal adapter's weight in what serving returns, b + w (adapter - b) with b the private base
+    # (`common.blend`): fitted by the coordinator on pooled validation sums for the persona version this adapter was
+    # derived from, and sent back (`client.client_app`'s "blend" query). 1: the adapter alone (no weight known yet).
+    # Evaluation always scores the adapter itself; only serving (`served`) applies the weight.
+    blend_weight: float = 1.0
     FOLDS = 5  # out-of-fold user factors for the training targets' base (`training_bases`)
 
     def use_item_stats(self, stats: ItemStats) -> "Device":
@@ -98,18 +103,26 @@ class Device:
         buf = io.BytesIO()
         factors = {} if self.factors is None else {
             f"mf-{k}": v for k, v in release_arrays(self.factors, self.factors_reg, self.factors_prior).items()}
-        np.savez(buf, residual=np.array([self.residual]),
+        np.savez(buf, residual=np.array([self.residual]), blend_weight=np.array([self.blend_weight]),
                  **({} if self.released is None else self.released.to_arrays()), **factors)
         return buf.getvalue()
 
     def use_serving_context(self, payload: bytes) -> "Device":
-        released, residual, factors = read_serving_context(payload)
+        released, residual, factors, self.blend_weight = read_serving_context(payload)
         if released is not None:
             self.use_item_stats(released)
         if factors is not None:
             self.use_item_factors(*factors)
         self.residual = residual and self.released is not None  # nothing to correct without the statistics
         return self
+
+    def served(self, pred: np.ndarray, items) -> np.ndarray:
+        """What serving returns for `items` given the adapter's predictions `pred`: the blend with the private base
+        at `blend_weight` (the adapter alone at 1, or when there is no base: no released statistics)."""
+        if self.blend_weight >= 1.0 or self.released is None:
+            return pred
+        base = self.bias_of(items)
+        return base + self.blend_weight * (np.asarray(pred, np.float64) - base)
 
     @cached_property
     def _stats_frame(self) -> pd.DataFrame:
@@ -300,15 +313,20 @@ class Device:
         return out
 
 
-def read_serving_context(payload: bytes) -> tuple[ItemStats | None, bool, tuple[ItemFactors, float, float] | None]:
-    """(released statistics or None, residual flag, (item factors, penalty, prior count) or None) from
-    `Device.serving_context`'s bytes."""
+def read_serving_context(payload: bytes) -> tuple[ItemStats | None, bool, tuple[ItemFactors, float, float] | None,
+                                                 float]:
+    """(released statistics or None, residual flag, (item factors, penalty, prior count) or None, blend weight)
+    from `Device.serving_context`'s bytes. A context written before blend weights existed serves the adapter alone
+    (weight 1); a weight that is not one number in [0, 1] is refused (ValueError)."""
     with np.load(io.BytesIO(payload), allow_pickle=False) as stored:
         arrays = {k: stored[k] for k in stored.files}
     residual = bool(arrays.pop("residual").reshape(-1)[0])
+    weight = arrays.pop("blend_weight", np.array([1.0]))
+    if weight.size != 1 or weight.dtype.kind not in "fiu" or not 0.0 <= float(weight.reshape(-1)[0]) <= 1.0:
+        raise ValueError("the serving context's blend weight must be one number in [0, 1]")
     mf = {k[3:]: arrays.pop(k) for k in list(arrays) if k.startswith("mf-")}
     factors = read_release(mf) if mf else None
-    return (ItemStats.from_arrays(arrays) if arrays else None), residual, factors
+    return (ItemStats.from_arrays(arrays) if arrays else None), residual, factors, float(weight.reshape(-1)[0])
 
 
 def _error_sums(pred: np.ndarray, true: np.ndarray) -> dict[str, float]:

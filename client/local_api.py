@@ -92,7 +92,7 @@ def create_local_app(settings: dict, store: EncryptedStore, status, engine: str 
         d = Device(owner.user, data, train, test, runtime(cfg.base_model, cfg.lora), ScoringConfig(),
                    cfg.memory_items)
         # Score the way the personal adapter was trained: the released statistics in the prompts, the prior of the
-        # private bias model under a residual adapter (stored with the adapter by the client app).
+        # private bias model under a residual adapter, its blend weight (stored with the adapter by the client app).
         if store.versions(str(owner.user), SERVING):
             d.use_serving_context(store.get_bytes(str(owner.user), SERVING))
         return d
@@ -126,7 +126,9 @@ def create_local_app(settings: dict, store: EncryptedStore, status, engine: str 
         if key not in prefix_cache:
             prefix_cache.clear()
             prefix_cache[key] = past
-        return pred
+        # The personal adapter blended with the private base at the weight the federation fitted for it on
+        # validation ratings (`Device.served`; the adapter alone until one is sent).
+        return d.served(pred, movies)
 
     @app.get("/status")
     def get_status(_=Depends(authorised)) -> dict:

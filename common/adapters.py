@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +42,17 @@ def load_adapter_arrays(model: PeftModel, arrays: dict[str, np.ndarray]) -> None
             raise ValueError(f"adapter tensor {k} has NaN or Inf values")
     device = next(model.parameters()).device
     set_peft_model_state_dict(model, {k: torch.from_numpy(np.asarray(v, np.float32)).to(device) for k, v in arrays.items()})
+
+
+def adapter_digest(arrays: dict[str, np.ndarray]) -> str:
+    """A content digest of adapter weights (names and float32 values). A device records the digest of the persona
+    version its personal adapter was derived from, and the coordinator names versions by it when it sends their
+    serving blend weights (`client.client_app`'s "blend" query): the device is not told version numbers."""
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        h.update(name.encode())
+        h.update(np.ascontiguousarray(arrays[name], dtype=np.float32).tobytes())
+    return h.hexdigest()
 
 
 def save_adapter(model: PeftModel, arrays: dict[str, np.ndarray], directory: Path) -> Path:

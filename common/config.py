@@ -252,6 +252,13 @@ class FederationConfig:
     # the device's own user bias) and each adapter blended with it, b + w (adapter - b), w fitted by least squares
     # on the pooled validation sums (`common.blend`); the simulation's baselines fit on the same remaining ratings.
     validation_fraction: float = 0.0
+    # Serve what validation chose: with blend sums (item-stats and validation-fraction on), the coordinator records
+    # each persona version's blend weights (persona and personal adapters, fitted on the validation sums pooled over
+    # the devices it was served to, at least eval-min-devices of them) in the registry; its cold-start service
+    # serves the persona adapter at that weight, and at the end of the run it sends every device the personal
+    # weights by version, which the device's local API then serves at. Off under DP: the weights come from the
+    # un-noised evaluation sums, which no (epsilon, delta) covers (docs/privacy.md).
+    serve_blend: bool = True
     # Boosting from the private bias model: every adapter (persona and personal) learns a correction to the private
     # user+item bias model (released item statistics + the device's own user bias) instead of the whole rating; its
     # five logits are added to a prior whose expected rating is that model's (`common.scoring.base_prior_logits`),

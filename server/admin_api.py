@@ -84,6 +84,11 @@ class Evaluation(BaseModel):
     ratings: float
     rmse: float | None
     mae: float | None
+    # the serving blend with the private base, b + w (adapter - b), fitted on validation sums (`serve-blend`); None:
+    # not recorded (no validation hold-out, a DP run, or too few devices yet), the adapter is served alone
+    persona_blend_weight: float | None = None
+    personal_blend_weight: float | None = None
+    blend_devices: int = 0
 
 
 class EvaluationPoint(BaseModel):

@@ -55,6 +55,19 @@ evaluations = sa.Table(  # pooled held-out error sums per version, from devices'
     sa.Column("n", sa.Float, nullable=False, default=0.0),
     sa.Column("devices", sa.Integer, nullable=False, default=0),
 )
+# Validation sums of each adapter's blend with the private base (`common.blend`), pooled per version over the
+# devices it was served to, when every one of them sent them (with `serve-blend`): the weights serving applies come
+# from these. A new table, so an existing registry gains it on open with no migration.
+blend_sums = sa.Table(
+    "blend_sums", metadata,
+    sa.Column("version", sa.Integer, primary_key=True),
+    sa.Column("persona_rd", sa.Float, nullable=False, default=0.0),
+    sa.Column("persona_dd", sa.Float, nullable=False, default=0.0),
+    sa.Column("personal_rd", sa.Float, nullable=False, default=0.0),
+    sa.Column("personal_dd", sa.Float, nullable=False, default=0.0),
+    sa.Column("devices", sa.Integer, nullable=False, default=0),
+)
+BLEND_COLUMNS = ("persona_rd", "persona_dd", "personal_rd", "personal_dd")
 # One row per pooled evaluation as `Rollouts.record_evaluation` receives it (each pools at least the strategy's
 # eval-min-devices devices), with the version's state then: the `evaluations` sums above only tell a version's error
 # so far, this tells how stable's and canary's errors moved over time. A new table, so an existing registry gains
@@ -223,8 +236,33 @@ class PersonaRegistry:
         with self.engine.connect() as conn:
             row = conn.execute(sa.select(evaluations).where(evaluations.c.version == version)).first()
         if row is None:
-            return {"version": version, "devices": 0, "ratings": 0, "rmse": None, "mae": None}
+            return {"version": version, "devices": 0, "ratings": 0, "rmse": None, "mae": None,
+                    **self._blend_weights(version)}
         r = row._mapping
         return {"version": version, "devices": r["devices"], "ratings": r["n"],
                 "rmse": float(np.sqrt(r["sse"] / r["n"])) if r["n"] else None,
-                "mae": r["sae"] / r["n"] if r["n"] else None}
+                "mae": r["sae"] / r["n"] if r["n"] else None, **self._blend_weights(version)}
+
+    def blend_weights(self, version: int) -> dict[str, float] | None:
+        """The version's serving blend weights {"persona": w, "personal": w} (`common.blend`), None when none were
+        recorded (the adapters are then served alone)."""
+        weights = self._blend_weights(version)
+        if weights["blend_devices"] == 0:
+            return None
+        return {"persona": weights["persona_blend_weight"], "personal": weights["personal_blend_weight"]}
+
+    def blended_versions(self, limit: int = 64) -> list[int]:
+        """The newest `limit` versions with serving blend weights recorded (newest first)."""
+        with self.engine.connect() as conn:
+            return [r[0] for r in conn.execute(sa.select(blend_sums.c.version).where(blend_sums.c.devices > 0)
+                                               .order_by(blend_sums.c.version.desc()).limit(limit))]
+
+    def _blend_weights(self, version: int) -> dict:
+        from common.blend import weight
+
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(blend_sums).where(blend_sums.c.version == version)).first()
+        if row is None or not row.devices:
+            return {"persona_blend_weight": None, "personal_blend_weight": None, "blend_devices": 0}
+        return {"persona_blend_weight": weight(row.persona_rd, row.persona_dd),
+                "personal_blend_weight": weight(row.personal_rd, row.personal_dd), "blend_devices": row.devices}

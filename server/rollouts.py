@@ -17,8 +17,10 @@ import time
 import sqlalchemy as sa
 
 from server.registry import (
+    BLEND_COLUMNS,
     PersonaRegistry,
     RegistryError,
+    blend_sums,
     evaluation_history,
     evaluations,
     events,
@@ -146,9 +148,20 @@ class Rollouts:
             return r["canary"]
         return r["stable"]
 
-    def record_evaluation(self, version: int, sse: float, sae: float, n: float, devices: int) -> None:
-        """Add a pooled evaluation to the version's sums, and log it with the version's state (for the history)."""
+    def record_evaluation(self, version: int, sse: float, sae: float, n: float, devices: int,
+                          blend: dict[str, float] | None = None) -> None:
+        """Add a pooled evaluation to the version's sums, and log it with the version's state (for the history);
+        `blend`: the same devices' pooled validation blend sums (`registry.BLEND_COLUMNS`), added to the version's."""
         with self.engine.begin() as conn:
+            if blend is not None:
+                row = conn.execute(sa.select(blend_sums).where(blend_sums.c.version == version)).first()
+                if row is None:
+                    conn.execute(blend_sums.insert().values(version=version, devices=devices,
+                                                            **{k: float(blend[k]) for k in BLEND_COLUMNS}))
+                else:
+                    conn.execute(blend_sums.update().where(blend_sums.c.version == version).values(
+                        devices=row.devices + devices,
+                        **{k: getattr(row, k) + float(blend[k]) for k in BLEND_COLUMNS}))
             v = conn.execute(sa.select(versions.c.persona, versions.c.state).where(versions.c.id == version)).first()
             conn.execute(evaluation_history.insert().values(
                 at=time.time(), persona=v.persona if v else None, version=version, state=v.state if v else None,

@@ -28,7 +28,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from common.adapters import adapter_arrays, add_lora
+from common.adapters import adapter_arrays, adapter_digest, add_lora
 from common.config import FederationConfig, UserDP
 from common.data import load_movielens
 from common import secure_vector
@@ -410,6 +410,30 @@ def resumed_histories(registry: PersonaRegistry, heads: dict[int, int], fresh: s
     return histories
 
 
+def serves_blend(cfg: FederationConfig) -> bool:
+    """Whether this run records and serves blend weights (`serve-blend`): they are fitted on the un-noised
+    evaluation sums, which no (epsilon, delta) covers, so never in a DP run."""
+    return cfg.serve_blend and not (cfg.user_dp_enabled or cfg.device_dp_enabled)
+
+
+@phase("coordinator: serving blend weights")
+def send_blend_weights(grid: Grid, nodes: list[int], registry: PersonaRegistry, timeout: float = 3600) -> dict:
+    """Send every device the personal adapters' serving blend weights of the versions that have them, named by the
+    version's digest (`client.client_app`'s "blend" query; a device keeps the one its personal adapter was derived
+    from). Returns what was sent: {"versions": {version: weight}, "devices": answers}."""
+    versions = registry.blended_versions()
+    if not versions or not nodes:
+        return {"versions": {}, "devices": 0}
+    weights = {v: registry.blend_weights(v)["personal"] for v in versions}
+    content = RecordDict({"config": ConfigRecord({
+        "digests": [adapter_digest(registry.arrays(v)) for v in versions],
+        "weights": [float(weights[v]) for v in versions]})})
+    replies = _query(grid, nodes, "blend", content, timeout)
+    log(INFO, "serving blend weights of %d version(s) sent to %d devices (%d answered)", len(versions), len(nodes),
+        len(replies))
+    return {"versions": {str(v): weights[v] for v in versions}, "devices": len(replies)}
+
+
 def round_summary(server_round: int, num_rounds: int, metrics: dict, seconds: float) -> str:
     """One line of a round's key figures from its aggregated train and evaluate metrics."""
     train, evaluate = metrics.get("train") or {}, metrics.get("evaluate") or {}
@@ -510,7 +534,7 @@ def run(grid: Grid, cfg: FederationConfig) -> None:
                                max_update_norm=cfg.max_update_norm, max_examples=cfg.max_examples,
                                extra_content=extra, secure=cfg.secure,
                                secure_timeout=cfg.round_timeout, server_lr=cfg.server_lr,
-                               server_lr_schedule=cfg.server_lr_schedule)
+                               server_lr_schedule=cfg.server_lr_schedule, blend=serves_blend(cfg))
     if cfg.secure:
         log(INFO, "secure aggregation: threshold %.2f of each cohort, coordinate range %g, device clip %g",
             cfg.secure.threshold, cfg.secure.coord_range, cfg.secure.clip)
@@ -527,8 +551,12 @@ def run(grid: Grid, cfg: FederationConfig) -> None:
     result = strategy.start(grid, join_personas({p: registry.arrays(v) for p, v in heads.items()}),
                             num_rounds=cfg.num_rounds, timeout=cfg.round_timeout, train_config=ConfigRecord(),
                             evaluate_config=ConfigRecord(), evaluate_fn=round_done)
+    # What validation chose is what devices serve: the personal adapters' blend weights go back to every device.
+    blend_sent = send_blend_weights(grid, sorted(grid.get_node_ids()), registry, cfg.round_timeout) \
+        if serves_blend(cfg) else None
     history = {
         "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
+        "serving_blend": blend_sent,
         "devices": len(nodes),
         "personas": persona_info,
         "privacy": {str(p): h for p, h in strategy.privacy_history.items()} if dp else None,

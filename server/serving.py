@@ -140,17 +140,35 @@ class ColdStartService:
             for version in sorted({v for v, _, _ in jobs}):
                 self.activate(version)
                 quote, residual, factors = self._serving(version)
+                weight = self._blend_weight(version)
                 for i, (v, profile, movies) in enumerate(jobs):
                     if v == version:
                         suffixes = [self.builder.suffix_ids(self._movie(m, quote)) for m in movies]
                         # a user known from sign-up answers only has no user half: the item half is the base (MF's
                         # zero user, or the item-bias model)
-                        base = None if not residual else (
+                        base = None if not (residual or weight < 1.0) else (
                             mf_predict(zero_user(self.factors), np.asarray(movies), self.factors) if factors
                             else bias_predict(0.0, np.asarray(movies), self.stats))
-                        out[i] = predict_with_prefix(self.model, self.head, self.builder.prefix_ids(profile), suffixes,
-                                                     base=base)
+                        pred = predict_with_prefix(self.model, self.head, self.builder.prefix_ids(profile), suffixes,
+                                                   base=base if residual else None)
+                        # the persona adapter blended with that base at the weight fitted for this version on its
+                        # devices' validation ratings (`serve-blend`; they had their own user half: a new user's
+                        # base is the item half alone, so this weight is the devices', not one fitted on new users)
+                        out[i] = pred if weight >= 1.0 else base + weight * (pred - base)
         return out
+
+    def _blend_weight(self, version: int) -> float:
+        """The persona adapter's serving blend weight recorded for `version`, 1 (the adapter alone) without one or
+        without the released statistics its base needs."""
+        weights = self.registry.blend_weights(version)
+        serving = self.registry.version(version)["manifest"].get("serving", {})
+        # devices blend only against released statistics (`Device.can_blend`): a version trained without them has
+        # no weight that means anything here
+        if weights is None or not serving.get("item_stats") or self.stats is None:
+            return 1.0
+        if serving.get("item_factors") and self.factors is None:
+            return 1.0
+        return float(weights["persona"])
 
     def _serving(self, version: int) -> tuple[bool, bool, bool]:
         """(quote the statistics, correct a private base, that base is MF) for a version, from its manifest."""

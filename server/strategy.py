@@ -43,6 +43,7 @@ from common.scoped_sums import PAIRED_TERMS, paired_terms
 from common.config import SERVER_LR_SCHEDULES, FederationConfig, SecureAggregation, UserDP
 from common.timing import phase
 from common.privacy import Event, epsilon, poisson_rate
+from server.registry import BLEND_COLUMNS
 from server.rollouts import Rollouts
 from server.secure_aggregation import Aborted, read_advert, run_round
 
@@ -272,6 +273,7 @@ class PersonaStrategy(FedAvg):
         secure_timeout: float = FederationConfig.round_timeout,
         server_lr: float = FederationConfig.server_lr,
         server_lr_schedule: str = FederationConfig.server_lr_schedule,
+        blend: bool = False,
     ) -> None:
         """`dp`: user-level DP on every persona release; `prior_releases`: user-level events the persona's users
         already took part in (its lineage from earlier runs, then this run's persona discovery; one list for every
@@ -287,7 +289,8 @@ class PersonaStrategy(FedAvg):
         `secure`, each round's updates arrive as masked K-slot vectors and only their per-persona sums are
         unmasked (`_secure_sums`); `secure_timeout` bounds each of its three extra exchanges. `server_lr` scales
         each persona's aggregate delta before it is added (FedAvg's server step size; 1 = plain FedAvg), over the
-        rounds as `server_lr_schedule` says (`server_step`)."""
+        rounds as `server_lr_schedule` says (`server_step`). With `blend` and `rollouts`, each version's pooled
+        validation blend sums go to the registry with its evaluation (`serve-blend`: the weights serving applies)."""
         if not 0 < server_lr < float("inf"):
             raise ValueError(f"server_lr must be finite and > 0, got {server_lr}")
         if server_lr_schedule not in SERVER_LR_SCHEDULES:
@@ -324,8 +327,9 @@ class PersonaStrategy(FedAvg):
         self._fixed_rate = sample_rate
         self._sample_rate = 0.0
         self.eval_min_devices = eval_min_devices
-        # Per version: evaluation sums not yet in the registry, and the distinct devices they pool.
+        # Per version: evaluation sums not yet in the registry (`VERSION_SUMS`), and the distinct devices they pool.
         self._pending: dict[int, tuple[list[float], set[int]]] = {}
+        self.blend = blend
         self.rollouts = rollouts
         self.rollback_margin, self.rollback_min_devices = rollback
         self._served: dict[int, int] = {}  # evaluation node -> version sent
@@ -697,7 +701,7 @@ class PersonaStrategy(FedAvg):
 
     def _plain_evaluation(self, replies: Iterable[Message], counts: dict[str, int]) -> tuple[dict, dict]:
         """Validated replies pooled per scope ("scope/field" -> sum), and per served version
-        (version -> ([sse, sae, n, devices], distinct nodes))."""
+        (version -> (its `VERSION_SUMS`, distinct nodes))."""
         valid, seen = [], set()
         for msg in replies:
             node = msg.metadata.src_node_id
@@ -743,10 +747,10 @@ class PersonaStrategy(FedAvg):
                 log(WARNING, "evaluation from node %s is not tagged with the version it was sent (%s); not pooled",
                     node, version)
                 continue
-            held, nodes = pooled.setdefault(version, ([0.0, 0.0, 0.0, 0], set()))
-            for i, key in enumerate(("persona_sse", "persona_sae", "n")):
-                held[i] += float(m[key])
-            held[3] += 1
+            held, nodes = pooled.setdefault(version, ([0.0] * len(VERSION_SUMS), set()))
+            for i, key in enumerate(VERSION_SUMS):
+                held[i] += 1.0 if key == "users" else float("bias_sse" in m) if key == "blend_users" else \
+                    float(m.get(key, 0.0))  # checked: the blend sums come all together or not at all
             nodes.add(node)
         return sums, pooled
 
@@ -788,7 +792,7 @@ class PersonaStrategy(FedAvg):
                 version = int(scope[1:])
                 # Which survivors were served this version is the coordinator's own routing, not device data.
                 nodes = {n for n in survivors if self._served.get(n) == version}
-                pooled[version] = ([row["persona_sse"], row["persona_sae"], row["n"], row["users"]], nodes)
+                pooled[version] = ([row[key] for key in VERSION_SUMS], nodes)
         return sums, pooled
 
     def _record_versions(self, pooled: dict[int, tuple[list[float], set[int]]]) -> None:
@@ -796,7 +800,7 @@ class PersonaStrategy(FedAvg):
         for version, (sums, nodes) in pooled.items():
             # The registry (and the admin API reading it) only ever gets sums pooling eval_min_devices distinct
             # devices: smaller pools wait for later evaluation rounds of the same version.
-            held, seen = self._pending.get(version, ([0.0, 0.0, 0.0, 0], set()))
+            held, seen = self._pending.get(version, ([0.0] * len(VERSION_SUMS), set()))
             held, seen = [a + b for a, b in zip(held, sums)], seen | nodes
             if len(seen) < self.eval_min_devices:
                 self._pending[version] = (held, seen)
@@ -804,13 +808,23 @@ class PersonaStrategy(FedAvg):
                     len(seen), self.eval_min_devices)
                 continue
             self._pending.pop(version, None)
-            self.rollouts.record_evaluation(version, *held[:3], int(held[3]))
+            pool = dict(zip(VERSION_SUMS, held))
+            users = round(pool["users"])  # a secure sum is an integer only up to rounding
+            # a weight only from a pool in which every device sent its validation sums
+            blend_ = {k: pool[f"{k.split('_')[0]}_val_{k.split('_')[1]}"] for k in BLEND_COLUMNS} \
+                if self.blend and users and round(pool["blend_users"]) == users else None
+            self.rollouts.record_evaluation(version, pool["persona_sse"], pool["persona_sae"], pool["n"], users,
+                                            blend_)
         for persona in sorted(set(self.node_persona.values())):
             if self.rollouts.check_canary(persona, self.rollback_margin, self.rollback_min_devices):
                 log(WARNING, "persona %d: canary rolled back automatically", persona)
 
 
 TRAIN_METRICS = ("train_loss", "tokens_per_s", "gflops_per_s")
+# What evaluation pools per served version: error sums for canary judgement, and the validation blend sums its
+# serving weights are fitted on (`serve-blend`)
+VERSION_SUMS = ("persona_sse", "persona_sae", "n", "users", "blend_users",
+                "persona_val_rd", "persona_val_dd", "personal_val_rd", "personal_val_dd")
 SECURE_TRAIN = f"{MessageType.TRAIN}.secagg"  # train, then answer with the first secure-aggregation message
 SECURE_EVALUATE = f"{MessageType.EVALUATE}.secagg"  # evaluate, likewise
 

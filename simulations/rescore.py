@@ -210,24 +210,53 @@ def baselines(run: FinishedRun, who: np.ndarray, items) -> dict[str, np.ndarray]
 PRIVATE_BASE = "private base"  # what the adapter corrects: released item half + the device's own user half
 
 
+def served_weights(run: FinishedRun) -> dict[int, float]:
+    """Per persona, the weight its stable version's adapter is served at, blended with the private base
+    (`serve-blend`): the registry's record for the version; for a run from before the registry kept them, the last
+    evaluation's pooled weight of the persona from history.json (the same validation sums: every evaluation device
+    was served the stable version). 1 (the adapter alone) where neither has one."""
+    registry = PersonaRegistry(run.out)
+    last = run.history["evaluate"][max(run.history["evaluate"], key=int)] if run.history["evaluate"] else {}
+    out = {}
+    for j in run.arrays:
+        recorded = registry.blend_weights(registry.rollout(j)["stable"])
+        if recorded is not None:
+            out[j] = recorded["persona"]
+        else:
+            out[j] = float(last.get(f"p{j}_persona_blend_weight",
+                                    last.get("persona_blend_weight", 1.0) if len(run.arrays) == 1 else 1.0))
+    return out
+
+
 def rescore(out: Path, eval_users: int | None = None, cold_only: bool = False,
-            population: str | None = None, first: int | None = None, last: int | None = None) -> dict:
+            population: str | None = None, first: int | None = None, last: int | None = None,
+            served: bool = False) -> dict:
     """Per-user predictions of the federation in `out` (its coordinator out-dir) and of the baselines; with released
-    item statistics also of the private base model each device fits and the adapter corrects (`PRIVATE_BASE`)."""
+    item statistics also of the private base model each device fits and the adapter corrects (`PRIVATE_BASE`).
+    `served`: the adapter's predictions blended with that base at the weight the run serves it at
+    (`served_weights`), i.e. what devices and the cold-start service return, instead of the adapter's alone."""
     run = load_run(out, eval_users, cold_only, population, first, last)
+    weights = served_weights(run) if served else {}
+    if served and run.released is None:
+        raise SystemExit(f"{out}: --served needs the released item statistics (the private base the blend uses)")
     pred, personas, private = [], [], []
     for user in run.users:
         device = run.device(user)
         personas.append(run.persona(device))
         pred.append(device.predict(run.arrays[personas[-1]]))
         private.append(device.bias("test") if device.released is not None else None)
+        if served:
+            device.blend_weight = weights[personas[-1]]
+            pred[-1] = device.served(pred[-1], device.test["item"].to_numpy())
         print(f"  user {user}: persona {personas[-1]}, {len(pred[-1])} ratings", flush=True)
     who, y = run.test["user"].to_numpy(), run.test["rating"].to_numpy()
-    reported = run.history["evaluate"][max(run.history["evaluate"], key=int)]["persona_rmse"]
+    last_eval = run.history["evaluate"][max(run.history["evaluate"], key=int)]
+    reported = last_eval.get("persona_blend_rmse", float("nan")) if served else last_eval["persona_rmse"]
     counts = run.fit["user"].value_counts()
     cold = run.test["user"].map(counts).fillna(0).to_numpy() < run.cfg.cold_start_threshold
     return {"run": str(out), "seed": run.cfg.seed, "who": who, "y": y, "persona": np.concatenate(pred), "cold": cold,
             "k": len(run.arrays), "sizes": np.bincount(personas, minlength=len(run.arrays)).tolist(),
+            "weights": weights,  # with `served`: the blend weight per persona
             "centre": run.factors is not None and run.factors[0].centre is not None,  # the MF base's centre
             "reported": reported if eval_users in (None, run.cfg.eval_users) and not cold_only and population is None
             and run.kept is None else float("nan"),
@@ -262,8 +291,11 @@ def table(runs: list[dict]) -> str:
 
     for r in runs:
         err = (r["persona"] - r["y"]) ** 2
-        label = f"{r['run']} (seed {r['seed']}" + (f", K={r['k']}, users per persona {r['sizes']})" if r["k"] > 1
-                                                   else ")")
+        served = r.get("weights") or {}
+        label = f"{r['run']} (seed {r['seed']}" + (f", K={r['k']}, users per persona {r['sizes']}" if r["k"] > 1
+                                                   else "") + (
+            f", served: blended with the private base at w {', '.join(f'{w:.2f}' for w in served.values())})"
+            if served else ")")
         lines += rows(label, err, {b: (r[b] - r["y"]) ** 2 for b in refs}, r,
                       lambda k, r=r: f"{rmse(r['persona'][k], r['y'][k]):.4f}" + (
                           f" ({r['reported']:.4f})" if k.all() and np.isfinite(r["reported"]) else ""))
@@ -343,10 +375,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--last", type=int, default=None, metavar="N",
                     help="as --first, with each user's N newest training ratings (those just before their test "
                          "ratings, as a real cold-start user's are)")
+    ap.add_argument("--served", action="store_true",
+                    help="score what the run serves: the adapter blended with the private base at the weight "
+                         "validation chose for its version (serve-blend), instead of the adapter alone")
     args = ap.parse_args(argv)
-    runs = [rescore(Path(p), args.eval_users, args.cold_only, args.population, args.first, args.last)
+    runs = [rescore(Path(p), args.eval_users, args.cold_only, args.population, args.first, args.last, args.served)
             for p in args.runs]
-    print("\nPaired per-user MSE difference, persona adapter minus baseline [95% CI]:\n")
+    what = "what is served (the adapter blended with the private base)" if args.served else "persona adapter"
+    print(f"\nPaired per-user MSE difference, {what} minus baseline [95% CI]:\n")
     print(table(runs))
 
 

@@ -453,3 +453,65 @@ def test_a_devices_centre_answer_is_its_own_clipped_user_half_and_hostile_releas
                          ({k: v for k, v in good.items() if k != "bias"}, 0.2), (good, 0.0)):
         reply = ask(hostile, reg)
         assert reply.has_error() and reply.error.reason == "error"
+
+
+def test_the_device_keeps_the_blend_weight_of_the_version_its_personal_adapter_came_from(handlers):
+    """query.blend: weights named by version digest; only the one matching the adapter's version is kept, in the
+    serving context; anything malformed is an error reply that changes nothing. The reply says nothing."""
+    from hypothesis import given, settings, strategies as st
+
+    from client.device import SERVING, read_serving_context
+    from common.adapters import adapter_digest
+
+    trained = handlers("train", {})  # personal-steps 0: the persona adapter received is stored as the personal one
+    assert "arrays" in trained.content
+    cfg = FederationConfig.from_run_config(handlers.base)
+    store = _store(SimpleNamespace(user=0), cfg, handlers.context)
+    (user,) = store.users()
+
+    def weight() -> float:
+        return read_serving_context(store.get_bytes(user, SERVING))[3]
+
+    def send(config) -> Message:
+        return handlers("query.blend", {}, {} if config is None else {"config": ConfigRecord(config)})
+
+    mine = client_app.load_state(store, user)["personal_from"]
+    other = "0" * 64
+    assert weight() == 1.0
+    reply = send({"digests": [other], "weights": [0.1]})
+    assert not reply.has_error() and dict(reply.content["metrics"]) == {} and weight() == 1.0  # not its version
+    reply = send({"digests": [other, mine], "weights": [0.9, 0.25]})
+    assert not reply.has_error() and dict(reply.content["metrics"]) == {} and weight() == pytest.approx(0.25)
+
+    digests = st.one_of(st.just(mine), st.text(max_size=70), st.just(mine.upper()), st.just(mine[:-1]))
+    numbers = st.one_of(st.floats(), st.integers(-2**70, 2**70), st.booleans())
+
+    @settings(max_examples=40, deadline=None)
+    @given(config=st.one_of(
+        st.none(),
+        st.fixed_dictionaries({"digests": st.lists(digests, max_size=3), "weights": st.lists(numbers, max_size=3)}),
+        st.fixed_dictionaries({"digests": digests, "weights": numbers}),
+        st.fixed_dictionaries({"weights": st.lists(numbers, max_size=2)})))
+    def hostile(config):
+        try:
+            record = None if config is None else ConfigRecord(config)
+        except TypeError:  # a list of mixed types cannot even be put in a message
+            return
+        try:
+            valid = client_app._sent_blend(Message(content=RecordDict({} if record is None else {"config": record}),
+                                                   dst_node_id=1, message_type="query.blend"))
+        except ValueError:
+            valid = None
+        before = store.versions(user, SERVING), weight()
+        reply = send(config)
+        if valid is None:
+            assert reply.has_error() and reply.error.reason == "error"
+            assert (store.versions(user, SERVING), weight()) == before  # nothing written
+        else:
+            assert not reply.has_error() and dict(reply.content["metrics"]) == {}
+            assert weight() == pytest.approx(valid.get(mine, before[1]))
+
+    hostile()
+    assert send({"digests": [mine], "weights": [float("nan")]}).has_error()
+    assert send({"digests": [mine], "weights": [1.5]}).has_error()
+    assert send({"digests": [mine, other], "weights": [0.5]}).has_error()

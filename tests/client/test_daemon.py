@@ -353,3 +353,11 @@ def test_local_api_serves_a_residual_adapter_against_the_context_it_was_trained_
         for engine in ("torch", "onnx"):
             np.testing.assert_allclose(served[engine], want, atol=2e-3)
             assert not np.allclose(served[engine], plain[engine], atol=1e-3)
+        # the blend weight the coordinator fitted for this adapter: both engines serve b + w (adapter - b)
+        base = context.bias_of(np.array([1, 2, 3, 4]))
+        for w in (0.0, 0.25):
+            context.blend_weight = w
+            store.put_bytes("7", SERVING, context.serving_context())
+            blended = scores()
+            for engine in ("torch", "onnx"):
+                np.testing.assert_allclose(blended[engine], base + w * (want - base), atol=2e-3)

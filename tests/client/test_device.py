@@ -177,8 +177,9 @@ def test_with_released_item_factors_the_private_base_is_mf_and_training_targets_
     assert other.training_bases()[j] == pytest.approx(bases[j])
     assert not np.allclose(np.delete(other.training_bases(), j), np.delete(bases, j))
     # the serving context carries the factors, so on-device serving scores against the same base
-    stats, residual, (back, reg, prior) = read_serving_context(device.serving_context())
+    stats, residual, (back, reg, prior), weight = read_serving_context(device.serving_context())
     assert residual and reg == pytest.approx(0.1) and prior == pytest.approx(3.0) and stats is not None
+    assert weight == 1.0  # no blend weight sent yet: the adapter alone
     np.testing.assert_allclose(back.factors, factors.factors, rtol=1e-6)
     np.testing.assert_allclose(back.centre, factors.centre, rtol=1e-6)  # the centre the user half is fitted toward
     served = with_(_device(ml100k_dir), residual=False).use_serving_context(device.serving_context())
@@ -201,3 +202,53 @@ def test_a_tampered_serving_context_with_item_factors_is_refused(ml100k_dir):
         np.savez(buf, **{**good, key: bad})
         with pytest.raises(ValueError):
             read_serving_context(buf.getvalue())
+
+
+def test_serving_applies_the_blend_weight_with_the_private_base_and_evaluation_does_not(ml100k_dir):
+    """`served` returns b + w (adapter - b): the private base at w = 0, the adapter at w = 1; the weight travels in
+    the serving context, and the device's own evaluation keeps scoring the adapter itself."""
+    from dataclasses import replace as with_
+
+    from client.device import read_serving_context
+    from common.item_stats import ItemStats
+
+    device = _device(ml100k_dir)
+    n_items = int(device.data.items.index.max())
+    rng = np.random.default_rng(5)
+    items = device.test["item"].to_numpy()[:6]
+    pred = rng.uniform(1, 5, len(items))
+    assert device.served(pred, items) is pred  # no released statistics: no base to blend with
+    device.use_item_stats(ItemStats(rng.uniform(2, 4.5, n_items), rng.integers(0, 50, n_items).astype(float), 3.4))
+    base = device.bias_of(items)
+    np.testing.assert_array_equal(device.served(pred, items), pred)  # weight 1 until one is sent
+    for w in (0.0, 0.3, 1.0):
+        device.blend_weight = w
+        np.testing.assert_allclose(device.served(pred, items), base + w * (pred - base))
+    device.blend_weight = 0.3
+    assert read_serving_context(device.serving_context())[3] == pytest.approx(0.3)
+    back = with_(_device(ml100k_dir)).use_serving_context(device.serving_context())
+    assert back.blend_weight == pytest.approx(0.3)
+    np.testing.assert_allclose(back.served(pred, items), base + 0.3 * (pred - base))
+
+
+def test_a_tampered_blend_weight_in_the_serving_context_is_refused(ml100k_dir):
+    import io
+
+    from hypothesis import given, settings, strategies as st
+
+    from client.device import read_serving_context
+
+    good = dict(np.load(io.BytesIO(_device(ml100k_dir).serving_context())))
+
+    @settings(max_examples=60, deadline=None)
+    @given(bad=st.one_of(
+        st.floats().filter(lambda w: not 0 <= w <= 1).map(lambda w: np.array([w])),  # NaN, Inf, out of range
+        st.lists(st.floats(0, 1), min_size=2, max_size=3).map(np.array),  # not one number
+        st.just(np.zeros(0)), st.just(np.array(["0.5"])), st.just(np.array([b"\xff"]))))
+    def refused(bad):
+        buf = io.BytesIO()
+        np.savez(buf, **{**good, "blend_weight": bad})
+        with pytest.raises(ValueError, match="blend weight"):
+            read_serving_context(buf.getvalue())
+
+    refused()

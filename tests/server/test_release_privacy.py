@@ -128,7 +128,8 @@ def test_pooled_evaluation_of_fewer_devices_than_the_minimum_is_withheld_everywh
     for round_ in (1, 2, 3, 4, 5):  # the same device five times is still one device
         out = _evaluate(strategy, round_, [1])
         assert not any(k.endswith(("rmse", "mae", "ratings", "users")) for k in (out or {})), out
-    assert registry.evaluation(v0) == {"version": v0, "devices": 0, "ratings": 0, "rmse": None, "mae": None}
+    assert registry.evaluation(v0) == {"version": v0, "devices": 0, "ratings": 0, "rmse": None, "mae": None,
+                                       "persona_blend_weight": None, "personal_blend_weight": None, "blend_devices": 0}
 
     everyone = PersonaStrategy({n: 0 for n in range(1, 7)}, fraction_train=1.0, eval_nodes=range(1, 7),
                                eval_every=1, rollouts=rollouts, eval_min_devices=5)

@@ -202,6 +202,26 @@ def test_versions_trained_against_the_released_statistics_are_served_against_the
     assert not np.allclose(served["quoted"], served["plain"], atol=1e-4)
     assert not np.allclose(served["residual"], served["quoted"], atol=1e-4)
     assert not np.allclose(served["mf"], served["residual"], atol=1e-4)
+    # with a blend weight recorded for the version (`serve-blend`), the persona adapter is served blended with the
+    # same base: b + w (adapter - b); a version with none recorded keeps the adapter alone
+    from common import blend
+    from server.rollouts import Rollouts
+
+    for kind, base in (("residual", bias_predict(0.0, np.array(movies), stats)),
+                       ("mf", mf_predict(zero_user(factors), np.array(movies), factors)),
+                       ("quoted", bias_predict(0.0, np.array(movies), stats))):
+        registry, version = versions[kind]
+        sums = {"persona_rd": 0.6, "persona_dd": 2.0, "personal_rd": 3.0, "personal_dd": 2.0}  # w 0.3 and 1
+        Rollouts(registry).record_evaluation(version, 10.0, 8.0, 10.0, 5, sums)
+        assert registry.blend_weights(version) == pytest.approx({"persona": 0.3, "personal": 1.0})
+        blended = ColdStartService(registry, "tiny", data.items).score([(version, "profile", movies)])[0]
+        np.testing.assert_allclose(blended, base + 0.3 * (served[kind] - base), atol=1e-5)
+        assert blend.weight(0.6, 2.0) == pytest.approx(0.3)
+    registry, version = versions["plain"]  # trained without the statistics: no base to blend with, the adapter alone
+    Rollouts(registry).record_evaluation(version, 10.0, 8.0, 10.0, 5, {"persona_rd": 0.0, "persona_dd": 1.0,
+                                                                       "personal_rd": 0.0, "personal_dd": 1.0})
+    np.testing.assert_allclose(ColdStartService(registry, "tiny", data.items).score([(version, "profile", movies)])[0],
+                               served["plain"], atol=1e-6)
 
 
 def _model_with(arrays: dict):

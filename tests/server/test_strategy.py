@@ -273,6 +273,50 @@ def test_without_blend_sums_from_every_device_no_blend_is_reported():
     assert out["users"] == 2 and "bias_rmse" not in out and "personal_blend_rmse" not in out
 
 
+def test_each_versions_serving_blend_weights_go_to_the_registry_from_its_own_devices_validation_sums(tmp_path):
+    """`serve-blend`: the weights serving applies come from the validation sums of the devices each version was
+    served to (never test ratings), only once eval-min-devices devices pooled, only when every one sent them."""
+    from common import blend
+    from common.config import LoraSettings
+    from server.registry import PersonaRegistry
+    from server.rollouts import Rollouts
+
+    def run(blend_on, rows, min_devices=2):
+        registry = PersonaRegistry(tmp_path / f"r{len(list(tmp_path.iterdir()))}", lora=LoraSettings(rank=2))
+        rollouts = Rollouts(registry)
+        version = registry.add_version(0, 0, _persona(0.0), 0)
+        rollouts.make_stable(0, version, "test")
+        nodes = list(range(1, len(rows) + 1))
+        strategy, _ = _strategy({n: 0 for n in nodes}, eval_nodes=nodes, eval_every=1, eval_min_devices=min_devices,
+                                rollouts=rollouts, blend=blend_on)
+        _evaluate(strategy, nodes, [{**row, "version": version} for row in rows])
+        return registry, version
+
+    devices = [(([3.0, 4.0, 2.0], [3.5, 3.5, 3.0], [3.0, 5.0, 1.0]), ([4.0, 2.0], [3.4, 3.1], [5.0, 2.0])),
+               (([2.5, 4.5], [3.0, 4.0], [2.0, 5.0]), ([3.0, 1.5, 4.0], [3.2, 2.0, 3.6], [3.0, 1.0, 4.0]))]
+    rows = [_device_metrics(t, v) for t, v in devices]
+    registry, version = run(True, rows)
+    weights = registry.blend_weights(version)
+    for path, shift in (("persona", 0.0), ("personal", 0.5)):
+        pv = np.concatenate([np.asarray(v[0], float) + shift for _, v in devices])
+        bv, yv = (np.concatenate([np.asarray(v[i], float) for _, v in devices]) for i in (1, 2))
+        sums = blend.residual_sums(pv, bv, yv)
+        assert weights[path] == pytest.approx(blend.weight(sums["rd"], sums["dd"]))
+        assert registry.evaluation(version)[f"{path}_blend_weight"] == pytest.approx(weights[path])
+    assert registry.evaluation(version)["blend_devices"] == 2
+    # other test ratings, the same validation sums: the same weights
+    flipped = [_device_metrics(([5.0, 1.0, 5.0], *devices[0][0][1:]), devices[0][1]), rows[1]]
+    registry, version = run(True, flipped)
+    assert registry.blend_weights(version) == pytest.approx(weights)
+    # nothing recorded: blend off, a device without validation sums in the pool, a pool below eval-min-devices
+    plain = {k: v for k, v in rows[1].items() if k in ("persona_sse", "persona_sae", "personal_sse", "personal_sae",
+                                                      "n", "cold", "num-examples")}
+    for blend_on, pool, min_devices in ((False, rows, 2), (True, [rows[0], plain], 2), (True, rows, 3)):
+        registry, version = run(blend_on, pool, min_devices)
+        assert registry.blend_weights(version) is None
+        assert registry.evaluation(version)["personal_blend_weight"] is None
+
+
 def test_evaluation_is_also_pooled_by_user_activity():
     assert [activity_bucket(n) for n in (0, 19, 20, 99, 100, 199, 200, 5000)] == [
         "ratings_0_19", "ratings_0_19", "ratings_20_49", "ratings_50_99", "ratings_100_199", "ratings_100_199",

@@ -467,7 +467,7 @@ class FakeRollouts:
     def arrays(self, version):
         return _persona(float(version))
 
-    def record_evaluation(self, version, sse, sae, n, devices):
+    def record_evaluation(self, version, sse, sae, n, devices, blend=None):
         self.recorded.append((sse, sae, n, devices))
 
     def check_canary(self, persona, margin, min_devices):

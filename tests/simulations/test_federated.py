@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from peft import PeftModel
@@ -165,6 +166,15 @@ def test_rescore_serves_cold_start_users_the_persona_their_devices_were_placed_i
     run = load_run(out, cold_only=True)
     other = np.concatenate([run.device(u).predict(run.arrays[1 - run.persona(run.device(u))]) for u in run.users])
     assert abs(rmse(other, r["y"]) - last["cold_persona_rmse"]) > 1e-4
+    # `--served`: what the run serves, each persona's adapter blended with the private base at the weight the
+    # registry recorded for its stable version (`serve-blend`)
+    served = rescore(out, cold_only=True, served=True)
+    registry = PersonaRegistry(out)
+    assert served["weights"] == {j: pytest.approx(registry.blend_weights(registry.rollout(j)["stable"])["persona"])
+                                 for j in range(2)}
+    w = pd.Series({u: served["weights"][run.persona(run.device(u))] for u in run.users})[r["who"]].to_numpy()
+    np.testing.assert_allclose(served["persona"], r[PRIVATE_BASE] + w * (r["persona"] - r[PRIVATE_BASE]), atol=1e-9)
+    assert "served: blended with the private base at w" in table([served])
 
 
 def test_rescore_simulates_cold_start_by_keeping_each_users_oldest_or_newest_ratings(federation):
@@ -230,6 +240,33 @@ def test_the_wall_breakdown_adds_up_and_names_where_the_time_went(federation):
     # Devices run one at a time and phases count exclusively: what no phase covers is never negative.
     assert parts["rest (messaging, polling, idle, shut-down)"] >= 0
     assert parts["start-up (Ray, Flower, until the first phase)"] > 0
+
+
+def test_devices_serve_their_personal_adapter_at_the_blend_weight_validation_chose_for_its_version(federation):
+    """`serve-blend`: the coordinator records each version's weights from its devices' validation sums, and at the
+    end of the run every device keeps the personal weight of the version its adapter was derived from."""
+    from client.client_app import PERSONAL, load_state
+    from client.device import SERVING, read_serving_context
+    from common.adapters import adapter_digest
+
+    history, out, devices, key = federation
+    registry = PersonaRegistry(out)
+    sent = history["serving_blend"]
+    assert sent["devices"] == 6 and sent["versions"]
+    by_digest = {}
+    for version, weight in sent["versions"].items():
+        assert weight == pytest.approx(registry.blend_weights(int(version))["personal"]) and 0 <= weight <= 1
+        by_digest[adapter_digest(registry.arrays(int(version)))] = weight
+    kept = 0
+    for node in devices.glob("node-*"):
+        store = EncryptedStore(node, key)
+        (user,) = store.users()
+        assert store.versions(user, PERSONAL)
+        served = read_serving_context(store.get_bytes(user, SERVING))[3]
+        derived_from = load_state(store, user)["personal_from"]
+        assert served == pytest.approx(by_digest.get(derived_from, 1.0))
+        kept += derived_from in by_digest
+    assert kept >= 1  # the devices evaluated on the final versions hold their weight
 
 
 def test_device_stores_hold_personal_adapters_encrypted_only(federation):
@@ -590,7 +627,8 @@ def test_devices_keep_what_their_personal_adapter_was_trained_against_for_servin
     from client.device import SERVING, read_serving_context
     from common.item_stats import ItemStats
 
-    _, out, devices, key = dp_federation
+    history, out, devices, key = dp_federation
+    assert history["serving_blend"] is None
     released = ItemStats.from_arrays(dict(np.load(out / "item_stats.npz")))
     kept = 0
     for node in devices.glob("node-*"):
@@ -598,8 +636,9 @@ def test_devices_keep_what_their_personal_adapter_was_trained_against_for_servin
         for user in store.users():
             if not store.versions(user, PERSONAL):
                 continue
-            stats, residual, factors = read_serving_context(store.get_bytes(user, SERVING))
+            stats, residual, factors, weight = read_serving_context(store.get_bytes(user, SERVING))
             assert residual and factors is None  # residual-to-bias: on top of the bias model's prior (no MF here)
+            assert weight == 1.0  # under DP no blend weight is served (fitted on un-noised sums)
             np.testing.assert_allclose(stats.mean, released.mean, rtol=1e-6)
             assert stats.mu == pytest.approx(released.mu, rel=1e-6)
             kept += 1
