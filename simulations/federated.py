@@ -175,8 +175,12 @@ def federated_rows(name: str, k: int, history: dict, base: str = "private bias")
     if "bias_rmse" in last:
         paths += [("bias", "private MF (released item factors + on-device user factors)" if base == "private MF"
                    else "private user+item bias (released item statistics)")]
-        paths += [(f"{p}_blend", f"{label} + {base}, w={last[f'{p}_blend_weight']:.2f} on validation")
-                  for p, label in paths[:2]]
+        # with `serve-blend` a one-persona run serves exactly this blend (its version's weight pools the same
+        # validation sums); with several personas each version is served at its own weight (the registry's)
+        served = history.get("serving_blend") and k == 1
+        paths += [(f"{p}_blend", f"{label} + {base}, w={last[f'{p}_blend_weight']:.2f} on validation"
+                   + (f" (served: {who})" if served else ""))
+                  for (p, label), who in zip(paths[:2], ("cold-start service", "devices"))]
     # counts pooled through secure (quantised) sums are within rounding of an integer, either side: round, not int
     return [{"method": f"{name}: {label}", "K": k, "users": round(last["users"]),
              "test_ratings": round(last["ratings"]), "rmse": last[f"{path}_rmse"], "mae": last.get(f"{path}_mae"),

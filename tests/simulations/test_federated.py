@@ -137,6 +137,13 @@ def test_private_bias_and_blends_are_pooled_from_the_released_statistics_and_val
         assert lo <= mean <= hi and np.isfinite(hi - lo)
     assert rows[blend_row[0]]["vs_bias"] == [final[f"personal_blend_vs_bias_{k}"] for k in ("mean", "lo", "hi")]
     assert "per-user MSE diff vs the private base (MF or bias model) [95% CI]" in markdown(list(rows.values()))
+    # with one persona the row is exactly what is served (the version's weight pools the same validation sums)
+    assert not any("(served" in m for m in rows)  # K=2 here: each version is served at its own weight
+    one = {r["method"] for r in federated_rows("run", 1, {**history, "seconds": 1.0})}
+    assert any(m.startswith("run: personal adapter + private bias, w=") and m.endswith("(served: devices)")
+               for m in one)
+    assert not any("served" in r["method"] for r in federated_rows("run", 1, {**history, "serving_blend": None,
+                                                                               "seconds": 1.0}))
 
 
 def test_rescore_serves_cold_start_users_the_persona_their_devices_were_placed_in(federation):
