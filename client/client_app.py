@@ -97,8 +97,14 @@ def _device(context: Context, overrides: dict) -> tuple[Device, FederationConfig
         data = device_data(Path(str(node["data-path"])), cfg.dataset, owner)
         # Every rating trains unless the owner asked for an evaluation hold-out (not the simulation's 60/40 split).
         train, test = split_own(data.ratings, float(node.get("eval-holdout", 0)))
+        val = None
+        if cfg.validation_fraction > 0 and len(test) and int(node.get("evaluate", 1)):
+            # An owner who opted into evaluation also holds the latest training ratings out as validation when the
+            # run asks for it: the blend weight the device will serve at is fitted on them (`serve-blend`), as in
+            # the simulation. An owner who did not keeps every rating for training.
+            train, val = validation_split(train.assign(user=owner.user), cfg.validation_fraction)
         return Device(owner.user, data, train, test, runtime(cfg.base_model, cfg.lora), ScoringConfig(),
-                      cfg.memory_items, residual=cfg.residual_to_bias), cfg
+                      cfg.memory_items, val=val, residual=cfg.residual_to_bias), cfg
     data, split = _dataset(cfg.dataset, cfg.split)
     users = split.users
     partition = int(context.node_config["partition-id"])

@@ -39,6 +39,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from client.client_app import LEDGER, PERSONAL, STATE, load_state
+from client.device import SERVING, read_serving_context
 from client.keys import KeySourceError, PassphraseKey, RawKey
 from client.store import EncryptedStore, EnvelopeError, StoreError
 from common.config import FederationConfig
@@ -118,7 +119,11 @@ def status(settings: dict, store: EncryptedStore | None = None) -> dict:
             "personal_adapter_versions": store.versions(user, PERSONAL) if store.users() else [],
             "last_round": max(state.get("contributed", []), default=None),
             "rounds_contributed": len(state.get("contributed", [])), "privacy": budget,
-            "owner_budget": state.get("dp_budget")}  # set at enrol (--dp-budget); None = no limit
+            "owner_budget": state.get("dp_budget"),  # set at enrol (--dp-budget); None = no limit
+            # the personal adapter's weight in what the local API serves, blended with the private base (sent by
+            # the coordinator for the adapter's version, `serve-blend`); 1: the adapter alone; None: no adapter yet
+            "serving_blend_weight": read_serving_context(store.get_bytes(user, SERVING))[3]
+            if store.users() and store.versions(user, SERVING) else None}
 
 
 def node_config(settings: dict, policy: dict) -> str:

@@ -83,6 +83,12 @@ def test_status_reports_persona_versions_budget_and_last_round_then_forget_shred
     s = status(settings)
     assert s["persona"] == 2 and s["last_round"] == 5 and s["personal_adapter_versions"] == [1]
     assert s["privacy"]["left"] == pytest.approx(8.0 - ledger.spent)
+    assert s["serving_blend_weight"] is None  # no serving context stored beside the adapter yet
+    import io
+    buf = io.BytesIO()
+    np.savez(buf, residual=np.array([False]), blend_weight=np.array([0.4]))
+    store.put_bytes("7", "serving-context", buf.getvalue())
+    assert status(settings)["serving_blend_weight"] == pytest.approx(0.4)
     report = forget(settings)
     assert report["store"]["user_key_destroyed"] and report["store"]["files_deleted"] >= 4
     assert not Path(settings["store_path"]).exists() and report["home_removed"]
@@ -253,6 +259,17 @@ def test_sign_up_answers_are_not_on_the_supernode_command_line_and_the_client_ap
     held = _device(Context(run_id=1, node_id=1, node_config={**node, "eval-holdout": 0.25}, state=RecordDict(),
                            run_config=context.run_config), {})[0]
     assert newest in set(held.test["item"]) and len(held.train) + len(held.test) == len(device.train)
+    # With the run's validation-fraction an owner who opted into evaluation also holds their latest training ratings
+    # out as validation (the blend weight they will be served at is fitted on them); one who opted out keeps all
+    def deployed(**extra):
+        config = {**node, "eval-holdout": 0.25, **extra}
+        return _device(Context(run_id=1, node_id=1, node_config=config, state=RecordDict(),
+                               run_config={**context.run_config, "validation-fraction": 0.2}), {})[0]
+    validated = deployed()
+    assert len(validated.val) >= 1 and validated.can_blend is False  # no released statistics yet
+    assert len(validated.train) + len(validated.val) == len(held.train)
+    assert validated.val["ts"].min() >= validated.train["ts"].max() and validated.test.equals(held.test)
+    assert deployed(evaluate=0).val is None and len(deployed(evaluate=0).train) == len(held.train)
 
 
 @hsettings(max_examples=60, deadline=None)

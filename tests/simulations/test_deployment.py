@@ -66,7 +66,9 @@ def test_tls_deployment_survives_a_killed_daemon_and_resumes_a_restarted_one(tmp
         out = tmp_path / "coordinator"
         deployment.submit({"base-model": "tiny", "dataset": str(catalogue), "num-rounds": 4, "num-personas": 1,
                            "fraction-train": 1.0, "min-train-nodes": 1, "eval-every": 3, "min-nodes": 3,
-                           "lr": 0.01, "out-dir": str(out), "secure-aggregation": secure})
+                           "lr": 0.01, "out-dir": str(out), "secure-aggregation": secure,
+                           # the collaborative signal and the blend with the private base, served (`serve-blend`)
+                           "item-stats": True, "validation-fraction": 0.25, "eval-min-devices": 1})
 
         _wait(lambda: _rounds(out).get(1) == 3, 600, "round 1 with all three devices", deployment)
         print(f"round 1 at {time.strftime('%X')}")
@@ -109,6 +111,14 @@ def test_tls_deployment_survives_a_killed_daemon_and_resumes_a_restarted_one(tmp
         log = deployment.flwr("log", run_id, "local-tls", "--show")
         assert "devices online" in log, log[-2000:]
         assert "Installing application dependencies" not in log and "uv sync" not in log
+        # What validation chose is what the daemons serve: every device holds the personal weight of the version
+        # its adapter came from (all three were evaluated on the last version), and its /status says it.
+        sent = history["serving_blend"]
+        assert sent["devices"] == 3 and sent["versions"], sent
+        newest = sent["versions"][max(sent["versions"], key=int)]
+        for i in range(3):
+            assert status(load_settings(deployment.work / "devices" / f"device{i}"))["serving_blend_weight"] == \
+                pytest.approx(newest)
         if secure:  # every round's sums were unmasked, none in the clear; the killed device dropped out, no abort
             assert all("secagg_aborted" not in t for t in history["train"].values()), history["train"]
             assert "secure aggregation" in log
