@@ -251,11 +251,29 @@ class PersonaRegistry:
             return None
         return {"persona": weights["persona_blend_weight"], "personal": weights["personal_blend_weight"]}
 
-    def blended_versions(self, limit: int = 64) -> list[int]:
-        """The newest `limit` versions with serving blend weights recorded (newest first)."""
+    def serving_weights(self, limit: int = 256) -> dict[int, tuple[dict[str, float], int]]:
+        """For each of the newest `limit` versions, the serving blend weights devices holding it should use and the
+        version they were fitted on: its own when it was evaluated, else those of the nearest evaluated version of
+        the same persona (by id; a tie goes to the later one). Evaluation runs every `eval-every` rounds while a
+        device that trains derives its personal adapter from the version it trains on, so most devices hold
+        versions never evaluated themselves; a neighbouring version of the same persona is the closest measurement
+        there is. Versions of a persona with no evaluated version get none (the adapter is served alone)."""
         with self.engine.connect() as conn:
-            return [r[0] for r in conn.execute(sa.select(blend_sums.c.version).where(blend_sums.c.devices > 0)
-                                               .order_by(blend_sums.c.version.desc()).limit(limit))]
+            rows = conn.execute(sa.select(versions.c.id, versions.c.persona).order_by(versions.c.id.desc())
+                                .limit(limit)).all()
+            evaluated = conn.execute(sa.select(blend_sums.c.version, versions.c.persona)
+                                     .join(versions, versions.c.id == blend_sums.c.version)
+                                     .where(blend_sums.c.devices > 0)).all()
+        by_persona: dict[int, list[int]] = {}
+        for version, persona in evaluated:
+            by_persona.setdefault(persona, []).append(version)
+        out = {}
+        for version, persona in rows:
+            candidates = by_persona.get(persona)
+            if candidates:
+                source = min(candidates, key=lambda c: (abs(c - version), -c))
+                out[version] = (self.blend_weights(source), source)
+        return out
 
     def _blend_weights(self, version: int) -> dict:
         from common.blend import weight

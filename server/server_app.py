@@ -418,20 +418,23 @@ def serves_blend(cfg: FederationConfig) -> bool:
 
 @phase("coordinator: serving blend weights")
 def send_blend_weights(grid: Grid, nodes: list[int], registry: PersonaRegistry, timeout: float = 3600) -> dict:
-    """Send every device the personal adapters' serving blend weights of the versions that have them, named by the
+    """Send every device the personal adapters' serving blend weights, one per recent version, named by the
     version's digest (`client.client_app`'s "blend" query; a device keeps the one its personal adapter was derived
-    from). Returns what was sent: {"versions": {version: weight}, "devices": answers}."""
-    versions = registry.blended_versions()
-    if not versions or not nodes:
-        return {"versions": {}, "devices": 0}
-    weights = {v: registry.blend_weights(v)["personal"] for v in versions}
+    from). A version never evaluated itself gets the weight of the nearest evaluated version of its persona
+    (`PersonaRegistry.serving_weights`). Returns what was sent: {"versions": {version: weight}, "fitted_on":
+    {version: the version its weight was fitted on}, "devices": answers}."""
+    weights = registry.serving_weights()
+    if not weights or not nodes:
+        return {"versions": {}, "fitted_on": {}, "devices": 0}
+    versions = sorted(weights)
     content = RecordDict({"config": ConfigRecord({
         "digests": [adapter_digest(registry.arrays(v)) for v in versions],
-        "weights": [float(weights[v]) for v in versions]})})
+        "weights": [float(weights[v][0]["personal"]) for v in versions]})})
     replies = _query(grid, nodes, "blend", content, timeout)
-    log(INFO, "serving blend weights of %d version(s) sent to %d devices (%d answered)", len(versions), len(nodes),
-        len(replies))
-    return {"versions": {str(v): weights[v] for v in versions}, "devices": len(replies)}
+    log(INFO, "serving blend weights of %d version(s) (fitted on %d evaluated) sent to %d devices (%d answered)",
+        len(versions), len({s for _, s in weights.values()}), len(nodes), len(replies))
+    return {"versions": {str(v): weights[v][0]["personal"] for v in versions},
+            "fitted_on": {str(v): weights[v][1] for v in versions}, "devices": len(replies)}
 
 
 def round_summary(server_round: int, num_rounds: int, metrics: dict, seconds: float) -> str:

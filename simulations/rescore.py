@@ -269,7 +269,9 @@ def table(runs: list[dict]) -> str:
     per-user MSE difference with each baseline; the private base, which differs per run, is averaged the same way.
     A last line gives each reference's RMSE on the same ratings."""
     refs = [b for b in (*BASELINES, PRIVATE_BASE) if all(b in r for r in runs)]
-    lines = ["| run | users | persona adapter RMSE (reported by the federation) | "
+    what = "served RMSE (the federation's blend RMSE)" if all(r.get("weights") for r in runs) else \
+        "persona adapter RMSE (reported by the federation)"
+    lines = [f"| run | users | {what} | "
              + " | ".join(f"vs {b}" for b in refs) + " |", "|---|---:|---|" + "---|" * len(refs)]
 
     def row(label: str, err: np.ndarray, ref_err: dict[str, np.ndarray], who: np.ndarray, rmse_text: str,

@@ -329,3 +329,29 @@ def test_a_huge_body_is_refused_before_it_is_read(live):
 def test_a_token_or_name_listed_twice_is_refused(entries):
     with pytest.raises(TokenConfigError, match="more than once|same token"):
         TokenStore(entries)
+
+
+def test_serving_blend_weights_per_version_with_the_nearest_evaluated_one_for_the_rest(live):
+    """`serve-blend`: a version's weights come from its own devices' validation sums; a version never evaluated
+    (most, with eval-every > 1) takes those of the nearest evaluated version of its persona, a tie the later one;
+    a persona with none evaluated gets none. The admin API shows each version's own."""
+    server, registry, _ = live
+    rollouts, reader = Rollouts(registry), _client(server, "reader")
+    v1, v2, v3 = (v["id"] for v in registry.versions(0)[0])
+    assert registry.serving_weights() == {} and registry.blend_weights(v1) is None
+
+    def sums(persona: float, personal: float) -> dict:  # least-squares weight rd / dd
+        return {"persona_rd": persona, "persona_dd": 1.0, "personal_rd": personal, "personal_dd": 1.0}
+    rollouts.record_evaluation(v1, 10.0, 8.0, 10.0, 5, sums(0.2, 0.4))
+    rollouts.record_evaluation(v3, 10.0, 8.0, 10.0, 5, sums(0.6, 0.8))
+    weights = registry.serving_weights()
+    assert {v: (w["personal"], source) for v, (w, source) in weights.items()} == {
+        v1: (pytest.approx(0.4), v1), v2: (pytest.approx(0.8), v3), v3: (pytest.approx(0.8), v3)}  # tie: later
+    assert not set(weights) & {v["id"] for v in registry.versions(1)[0]}  # persona 1: nothing evaluated
+    rollouts.record_evaluation(v2, 10.0, 8.0, 10.0, 5, sums(-1.0, 3.0))  # weights are clipped to [0, 1]
+    rollouts.record_evaluation(v2, 10.0, 8.0, 10.0, 2, sums(0.0, 0.0))  # later pools add to the version's sums
+    assert registry.serving_weights()[v2] == ({"persona": 0.0, "personal": 1.0}, v2)
+    shown = reader.get(f"/versions/{v2}").json()["evaluation"]
+    assert shown["persona_blend_weight"] == 0.0 and shown["personal_blend_weight"] == 1.0
+    assert shown["blend_devices"] == 7
+    assert reader.get(f"/versions/{v1 + 3}").json()["evaluation"]["personal_blend_weight"] is None

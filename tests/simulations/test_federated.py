@@ -182,6 +182,7 @@ def test_rescore_serves_cold_start_users_the_persona_their_devices_were_placed_i
     w = pd.Series({u: served["weights"][run.persona(run.device(u))] for u in run.users})[r["who"]].to_numpy()
     np.testing.assert_allclose(served["persona"], r[PRIVATE_BASE] + w * (r["persona"] - r[PRIVATE_BASE]), atol=1e-9)
     assert "served: blended with the private base at w" in table([served])
+    assert "| served RMSE (the federation's blend RMSE) |" in table([served]) and "served RMSE" not in text
 
 
 def test_rescore_simulates_cold_start_by_keeping_each_users_oldest_or_newest_ratings(federation):
@@ -262,7 +263,10 @@ def test_devices_serve_their_personal_adapter_at_the_blend_weight_validation_cho
     assert sent["devices"] == 6 and sent["versions"]
     by_digest = {}
     for version, weight in sent["versions"].items():
-        assert weight == pytest.approx(registry.blend_weights(int(version))["personal"]) and 0 <= weight <= 1
+        # its own weight, or the nearest evaluated version's of its persona (`serving_weights`)
+        fitted_on = sent["fitted_on"][version]
+        assert weight == pytest.approx(registry.blend_weights(fitted_on)["personal"]) and 0 <= weight <= 1
+        assert registry.version(fitted_on)["persona"] == registry.version(int(version))["persona"]
         by_digest[adapter_digest(registry.arrays(int(version)))] = weight
     kept = 0
     for node in devices.glob("node-*"):
