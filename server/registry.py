@@ -18,6 +18,7 @@ import numpy as np
 import sqlalchemy as sa
 from safetensors.numpy import load_file, save_file
 
+from common.blend import weight as blend_weight
 from common.config import LoraSettings
 from common.files import atomic_directory
 
@@ -267,20 +268,20 @@ class PersonaRegistry:
         by_persona: dict[int, list[int]] = {}
         for version, persona in evaluated:
             by_persona.setdefault(persona, []).append(version)
-        out = {}
+        out, fitted = {}, {}
         for version, persona in rows:
             candidates = by_persona.get(persona)
             if candidates:
                 source = min(candidates, key=lambda c: (abs(c - version), -c))
-                out[version] = (self.blend_weights(source), source)
+                if source not in fitted:
+                    fitted[source] = self.blend_weights(source)
+                out[version] = (fitted[source], source)
         return out
 
     def _blend_weights(self, version: int) -> dict:
-        from common.blend import weight
-
         with self.engine.connect() as conn:
             row = conn.execute(sa.select(blend_sums).where(blend_sums.c.version == version)).first()
         if row is None or not row.devices:
             return {"persona_blend_weight": None, "personal_blend_weight": None, "blend_devices": 0}
-        return {"persona_blend_weight": weight(row.persona_rd, row.persona_dd),
-                "personal_blend_weight": weight(row.personal_rd, row.personal_dd), "blend_devices": row.devices}
+        return {"persona_blend_weight": blend_weight(row.persona_rd, row.persona_dd),
+                "personal_blend_weight": blend_weight(row.personal_rd, row.personal_dd), "blend_devices": row.devices}

@@ -811,7 +811,7 @@ class PersonaStrategy(FedAvg):
             pool = dict(zip(VERSION_SUMS, held))
             users = round(pool["users"])  # a secure sum is an integer only up to rounding
             # a weight only from a pool in which every device sent its validation sums
-            blend_ = {k: pool[f"{k.split('_')[0]}_val_{k.split('_')[1]}"] for k in BLEND_COLUMNS} \
+            blend_ = {column: pool[VALIDATION_SUMS[column]] for column in BLEND_COLUMNS} \
                 if self.blend and users and round(pool["blend_users"]) == users else None
             self.rollouts.record_evaluation(version, pool["persona_sse"], pool["persona_sae"], pool["n"], users,
                                             blend_)
@@ -825,6 +825,8 @@ TRAIN_METRICS = ("train_loss", "tokens_per_s", "gflops_per_s")
 # serving weights are fitted on (`serve-blend`)
 VERSION_SUMS = ("persona_sse", "persona_sae", "n", "users", "blend_users",
                 "persona_val_rd", "persona_val_dd", "personal_val_rd", "personal_val_dd")
+VALIDATION_SUMS = {"persona_rd": "persona_val_rd", "persona_dd": "persona_val_dd",  # registry column: its sum
+                   "personal_rd": "personal_val_rd", "personal_dd": "personal_val_dd"}
 SECURE_TRAIN = f"{MessageType.TRAIN}.secagg"  # train, then answer with the first secure-aggregation message
 SECURE_EVALUATE = f"{MessageType.EVALUATE}.secagg"  # evaluate, likewise
 
