@@ -360,6 +360,10 @@ def activity_markdown(rows: list[dict]) -> str:
     lines = ["| method | " + " | ".join(f"{n} ratings" for n in names) + " |", "|---|" + "---:|" * len(present)]
     lines += ["| " + r["method"] + " | " + " | ".join(f"{r['activity'][b]:.4f}" if b in r["activity"] else "-"
                                                      for b in present) + " |" for r in rows]
+    if any(", w=" in r["method"] for r in rows):
+        # the federation reports each bucket's blend at a weight fitted on that bucket's own validation sums
+        lines.append("\nBlend rows (w=...): each bucket's figure is the blend at a weight fitted on that bucket's own "
+                     "validation ratings, not at the run's w, which is what is served.")
     return "\n".join(lines)
 
 

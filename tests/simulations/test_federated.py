@@ -468,6 +468,7 @@ def test_main_job_writes_the_table_with_rmse_per_user_activity_bucket_and_privac
             assert min(row["activity"].values()) - 1e-9 <= row["rmse"] <= max(row["activity"].values()) + 1e-9
     table = (out / "results.md").read_text()
     assert "| method | 0-19 ratings | 20-49 ratings |" in table and "RMSE sd" not in table
+    assert "not at the run's w, which is what is served" in table
     # the wall breakdown: one column per federation, and the share of the wall spent in the model
     assert "| phase | single adapter | K at the elbow of 1,2,3 | 2 personas, user-level ε=2 |" in table
     assert "model: persona training" in table and "**model forward/backward (all `model:` phases)**" in table
