@@ -255,7 +255,7 @@ class FederationConfig:
     # Serve what validation chose: with blend sums (item-stats and validation-fraction on), the coordinator records
     # each persona version's blend weights (persona and personal adapters, fitted on the validation sums pooled over
     # the devices it was served to, at least eval-min-devices of them) in the registry; its cold-start service
-    # serves the persona adapter at that weight, and at the end of the run it sends every device the personal
+    # serves the persona adapter at that weight, and after every evaluation round it sends every device the personal
     # weights by version, which the device's local API then serves at. Off under DP: the weights come from the
     # un-noised evaluation sums, which no (epsilon, delta) covers (docs/privacy.md).
     serve_blend: bool = True

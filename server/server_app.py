@@ -542,21 +542,25 @@ def run(grid: Grid, cfg: FederationConfig) -> None:
         log(INFO, "secure aggregation: threshold %.2f of each cohort, coordinate range %g, device clip %g",
             cfg.secure.threshold, cfg.secure.coord_range, cfg.secure.clip)
     round_started = time.time()
+    blend_sent = None
 
     def round_done(server_round: int, _arrays) -> None:
-        """Flower's end-of-round hook (its `evaluate_fn`; the server evaluates nothing itself): progress."""
-        nonlocal round_started
+        """Flower's end-of-round hook (its `evaluate_fn`, called after the round's federated evaluation; the
+        server evaluates nothing itself): progress, and after an evaluation the serving blend weights."""
+        nonlocal round_started, blend_sent
         if server_round:
             log(INFO, "%s", round_summary(server_round, cfg.num_rounds, strategy.round_metrics[server_round],
                                           time.time() - round_started), extra=PROGRESS)
+            # What validation chose is what devices serve: after every evaluation (the last round always has one)
+            # every device gets the personal weights, so in a long run a device waits at most eval-every rounds
+            # for the weight of a new adapter, not until the run ends.
+            if serves_blend(cfg) and strategy.round_metrics[server_round].get("evaluate"):
+                blend_sent = send_blend_weights(grid, sorted(grid.get_node_ids()), registry, cfg.round_timeout)
         round_started = time.time()
 
     result = strategy.start(grid, join_personas({p: registry.arrays(v) for p, v in heads.items()}),
                             num_rounds=cfg.num_rounds, timeout=cfg.round_timeout, train_config=ConfigRecord(),
                             evaluate_config=ConfigRecord(), evaluate_fn=round_done)
-    # What validation chose is what devices serve: the personal adapters' blend weights go back to every device.
-    blend_sent = send_blend_weights(grid, sorted(grid.get_node_ids()), registry, cfg.round_timeout) \
-        if serves_blend(cfg) else None
     history = {
         "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
         "serving_blend": blend_sent,
