@@ -472,9 +472,10 @@ def build_app(overrides: dict | None = None, mods: Iterable[Mod] = ()) -> Client
         mine = load_state(store, user).get("personal_from")
         if mine in weights and store.versions(user, PERSONAL) and store.versions(user, SERVING):
             device.use_serving_context(store.get_bytes(user, SERVING))
-            device.blend_weight = weights[mine]
-            store.put_bytes(user, SERVING, device.serving_context())
-            LOG.info("serving blend weight %.3f stored for the personal adapter", weights[mine])
+            if device.blend_weight != weights[mine]:  # sent again after every evaluation: write only a change
+                device.blend_weight = weights[mine]
+                store.put_bytes(user, SERVING, device.serving_context())
+                LOG.info("serving blend weight %.3f stored for the personal adapter", weights[mine])
         return _reply(message, {})
 
     @app.query("assign")
