@@ -140,7 +140,7 @@ class ColdStartService:
             for version in sorted({v for v, _, _ in jobs}):
                 self.activate(version)
                 quote, residual, factors = self._serving(version)
-                weight = self._blend_weight(version)
+                weight = self._blend_weight(version, quote)
                 for i, (v, profile, movies) in enumerate(jobs):
                     if v == version:
                         suffixes = [self.builder.suffix_ids(self._movie(m, quote)) for m in movies]
@@ -157,18 +157,13 @@ class ColdStartService:
                         out[i] = pred if weight >= 1.0 else base + weight * (pred - base)
         return out
 
-    def _blend_weight(self, version: int) -> float:
-        """The persona adapter's serving blend weight recorded for `version`, 1 (the adapter alone) without one or
-        without the released statistics its base needs."""
+    def _blend_weight(self, version: int, quote: bool) -> float:
+        """The persona adapter's serving blend weight recorded for `version`, 1 (the adapter alone) without one.
+        `quote`: the version was trained with the released statistics (`_serving`, which has checked they and any
+        factors it needs are here); devices blend only against them (`Device.can_blend`), so a version trained
+        without them has no weight that means anything here."""
         weights = self.registry.blend_weights(version)
-        serving = self.registry.version(version)["manifest"].get("serving", {})
-        # devices blend only against released statistics (`Device.can_blend`): a version trained without them has
-        # no weight that means anything here
-        if weights is None or not serving.get("item_stats") or self.stats is None:
-            return 1.0
-        if serving.get("item_factors") and self.factors is None:
-            return 1.0
-        return float(weights["persona"])
+        return 1.0 if weights is None or not quote else float(weights["persona"])
 
     def _serving(self, version: int) -> tuple[bool, bool, bool]:
         """(quote the statistics, correct a private base, that base is MF) for a version, from its manifest."""
