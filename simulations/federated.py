@@ -301,10 +301,10 @@ def markdown(rows: list[dict]) -> str:
 
 
 def persona_runs(spec: str, overrides: dict, epsilons: str = "", dp_k: int = 4,
-                 device_noise: float = 1.0) -> list[tuple[str, int | str, str, dict]]:
-    """(name, K or 'elbow', directory name, settings) for each federation: K=1 first, then the requested persona
-    counts, then K=dp_k at each user-level epsilon."""
-    runs: list[tuple[str, int | str, str, dict]] = [("single adapter", 1, "k1", {"persona-candidates": ""})]
+                 device_noise: float = 1.0, single: bool = True) -> list[tuple[str, int | str, str, dict]]:
+    """(name, K or 'elbow', directory name, settings) for each federation: K=1 first (unless `single` is false),
+    then the requested persona counts, then K=dp_k at each user-level epsilon."""
+    runs: list[tuple[str, int | str, str, dict]] = [("single adapter", 1, "k1", {"persona-candidates": ""})] * single
     for part in (p.strip() for p in spec.split(",") if p.strip()):
         if part == "elbow":
             candidates = overrides.get("persona-candidates") or "1,2,4,8"
@@ -392,9 +392,13 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="under 10 minutes: 2 rounds, 6 evaluation users")
     p.add_argument("--personas", default="4",
-                   help="K for the persona runs, comma-separated, e.g. 2,4,8 (K=1, the single adapter, always runs); "
+                   help="K for the persona runs, comma-separated, e.g. 2,4,8 (K=1, the single adapter, runs first "
+                        "unless --no-single-adapter); "
                         "'elbow' lets federated discovery pick K from persona-candidates (default 1,2,4,8)")
     p.add_argument("--no-slm-baseline", action="store_true", help="skip the vanilla-prompting row")
+    p.add_argument("--no-single-adapter", action="store_true",
+                   help="skip the K=1 federations (e.g. when an earlier command's K=1 runs, same settings, are to be "
+                        "paired with these by simulations.rescore)")
     p.add_argument("--epsilons", default="",
                    help="also run K=--dp-personas under user-level DP at each of these epsilons, e.g. 1,4,8 "
                         "(with DP-SGD on the devices at --device-noise)")
@@ -422,7 +426,10 @@ def main(argv: list[str] | None = None) -> None:
 
         if args.repeats < 1:
             raise SystemExit(f"--repeats must be >= 1, got {args.repeats}")
-        runs = persona_runs(args.personas, overrides, args.epsilons, args.dp_personas, args.device_noise)
+        runs = persona_runs(args.personas, overrides, args.epsilons, args.dp_personas, args.device_noise,
+                            single=not args.no_single_adapter)
+        if not runs:
+            raise SystemExit("nothing to run: --no-single-adapter without --personas > 1 or --epsilons")
         out = Path(args.out)
         rows = baseline_rows(cfg, eval_users, with_slm=not args.no_slm_baseline)
         histories: dict[str, list[dict]] = {}

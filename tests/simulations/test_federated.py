@@ -576,7 +576,7 @@ def test_summarise_averages_repeats_and_keeps_each_bucket():
     assert single["rmse_sd"] is None and single["K"] == 2 and single["repeats"] == 1
 
 
-def test_persona_runs_always_start_with_the_single_adapter_and_refuse_bad_k():
+def test_persona_runs_start_with_the_single_adapter_unless_skipped_and_refuse_bad_k():
     from simulations.federated import persona_runs
 
     runs = persona_runs("2,4,8", {})
@@ -584,6 +584,8 @@ def test_persona_runs_always_start_with_the_single_adapter_and_refuse_bad_k():
         ("single adapter", 1, "k1"), ("2 personas", 2, "k2"), ("4 personas", 4, "k4"), ("8 personas", 8, "k8")]
     assert all(extra == {"persona-candidates": ""} for *_, extra in runs)
     assert persona_runs("elbow", {})[1][3] == {"persona-candidates": "1,2,4,8"}
+    assert [slug for _, _, slug, _ in persona_runs("4", {}, single=False)] == ["k4"]
+    assert persona_runs("", {}, single=False) == []  # main() refuses to run nothing
     dp = persona_runs("", {}, epsilons="1, 0.5", dp_k=4, device_noise=0.7)
     assert [(name, k, slug) for name, k, slug, _ in dp[1:]] == [
         ("4 personas, user-level ε=1", 4, "k4-eps1"), ("4 personas, user-level ε=0.5", 4, "k4-eps0.5")]
