@@ -38,6 +38,20 @@ def weight(rd: float, dd: float) -> float:
     return float(min(1.0, max(0.0, rd / dd)))
 
 
+def shrunk_weight(rd: float, dd: float, pool_rd: float, pool_dd: float, pool_devices: int,
+                  prior_devices: float) -> float:
+    """An adapter's weight from its own devices' validation sums (rd, dd) with `prior_devices` devices' worth of a
+    pool's added: the pool's average per-device sums (pool_rd / pool_devices, pool_dd / pool_devices), so the
+    weight runs from the adapter's own least-squares weight (prior_devices 0, or an empty pool) toward the pool's
+    (prior_devices large), and a persona fitted on few devices moves little from the pool. With K personas each
+    weight is fitted on one persona's few evaluation devices (7-11 in the main job) and one missed on test
+    (docs/results.md, "What the system serves"); the pool is every persona's nearest evaluation, so with K=1 (the
+    pool is the adapter's own sums) the weight is the same at any prior."""
+    if prior_devices > 0 and pool_devices > 0 and math.isfinite(pool_rd) and math.isfinite(pool_dd):
+        rd, dd = rd + prior_devices * pool_rd / pool_devices, dd + prior_devices * pool_dd / pool_devices
+    return weight(rd, dd)
+
+
 def sse(rr: float, rd: float, dd: float, w: float) -> float:
     """The blend's squared error at weight w from the sums (never below 0: rounding cannot make it negative)."""
     return max(0.0, rr - 2.0 * w * rd + w * w * dd)

@@ -259,6 +259,12 @@ class FederationConfig:
     # weights by version, which the device's local API then serves at. Off under DP: the weights come from the
     # un-noised evaluation sums, which no (epsilon, delta) covers (docs/privacy.md).
     serve_blend: bool = True
+    # With K > 1 each persona version's weight is fitted on that persona's few evaluation devices: add this many
+    # devices' worth of the pool of every persona's nearest evaluation to its own sums (`common.blend.shrunk_weight`),
+    # so a persona's weight leaves the pooled one only as its own evidence outweighs the prior. No effect with K=1.
+    # Default: eval-min-devices' default, the least evidence the coordinator acts on elsewhere. Recorded in each
+    # version's manifest, so every server process serves a version alike.
+    blend_prior_devices: float = 5.0
     # Boosting from the private bias model: every adapter (persona and personal) learns a correction to the private
     # user+item bias model (released item statistics + the device's own user bias) instead of the whole rating; its
     # five logits are added to a prior whose expected rating is that model's (`common.scoring.base_prior_logits`),
@@ -361,6 +367,8 @@ class FederationConfig:
             raise ValueError(f"max-update-norm must be finite and >= 0 (0 = off), got {self.max_update_norm}")
         if not 0 < self.max_examples < float("inf"):
             raise ValueError(f"max-examples must be finite and > 0, got {self.max_examples}")
+        if not 0 <= self.blend_prior_devices < float("inf"):
+            raise ValueError(f"blend-prior-devices must be finite and >= 0, got {self.blend_prior_devices}")
         if not 0 < self.round_timeout < float("inf"):
             raise ValueError(f"round-timeout must be finite and > 0 seconds, got {self.round_timeout}")
         # A DP setting that is NaN, infinite or negative must stop the run: NaN noise compares as "off" (NaN > 0 is

@@ -84,8 +84,9 @@ class Evaluation(BaseModel):
     ratings: float
     rmse: float | None
     mae: float | None
-    # the serving blend with the private base, b + w (adapter - b), fitted on validation sums (`serve-blend`); None:
-    # not recorded (no validation hold-out, a DP run, or too few devices yet), the adapter is served alone
+    # the blend with the private base, b + w (adapter - b), fitted on this version's own evaluation devices'
+    # validation sums (`serve-blend`); None: not recorded (no validation hold-out, a DP run, or too few devices yet).
+    # What serving applies (with K > 1 shrunk toward every persona's pool) is the version view's `served_blend`.
     persona_blend_weight: float | None = None
     personal_blend_weight: float | None = None
     blend_devices: int = 0
@@ -102,6 +103,15 @@ class EvaluationPoint(BaseModel):
     ratings: float
     rmse: float | None
     mae: float | None
+
+
+class ServedBlend(BaseModel):
+    """The blend weights serving applies to a version (`PersonaRegistry.serving_weights`): fitted on its own
+    evaluation or its persona's nearest evaluated version (`fitted_on`), with `blend-prior-devices` devices' worth of
+    every persona's nearest evaluation added (with one persona: the same as the version's own)."""
+    persona: float
+    personal: float
+    fitted_on: int
 
 
 class PersonaView(BaseModel):
@@ -128,6 +138,8 @@ class VersionView(BaseModel):
     state: Literal["candidate", "canary", "stable", "retired"]
     created: float
     evaluation: Evaluation
+    served_blend: ServedBlend | None = Field(
+        None, description="the weights devices and the cold-start service apply (None: the adapter is served alone)")
 
 
 class Event(BaseModel):
@@ -357,7 +369,9 @@ def create_app(registry: PersonaRegistry, tokens: TokenStore, serving=None, max_
 
     def version_view(version: int) -> dict:
         v = registry.version(version)
-        return {**{k: v[k] for k in v if k not in ("manifest", "path")}, "evaluation": registry.evaluation(version)}
+        served = registry.serving_weight(version)
+        return {**{k: v[k] for k in v if k not in ("manifest", "path")}, "evaluation": registry.evaluation(version),
+                "served_blend": {**served[0], "fitted_on": served[1]} if served else None}
 
     @app.get("/health")
     def health() -> dict:

@@ -18,6 +18,7 @@ import numpy as np
 import sqlalchemy as sa
 from safetensors.numpy import load_file, save_file
 
+from common.blend import shrunk_weight as blend_shrunk_weight
 from common.blend import weight as blend_weight
 from common.config import LoraSettings
 from common.files import atomic_directory
@@ -96,6 +97,16 @@ events = sa.Table(
     sa.Column("reason", sa.Text, nullable=False, default=""),
     sa.Column("detail", sa.Text, nullable=False, default="{}"),
 )
+
+
+def _prior_devices(manifest: str) -> float:
+    """A version's `blend-prior-devices` from its manifest (JSON text as stored); 0 when absent or not a finite
+    number >= 0 (a registry written before the setting existed: each version's own weight, as then)."""
+    try:
+        value = float(json.loads(manifest).get("serving", {}).get("blend_prior_devices", 0.0))
+    except (TypeError, ValueError, AttributeError):
+        return 0.0
+    return value if 0.0 <= value < float("inf") else 0.0
 
 
 class RegistryError(Exception):
@@ -252,31 +263,55 @@ class PersonaRegistry:
             return None
         return {"persona": weights["persona_blend_weight"], "personal": weights["personal_blend_weight"]}
 
-    def serving_weights(self, limit: int = 256) -> dict[int, tuple[dict[str, float], int]]:
-        """For each of the newest `limit` versions, the serving blend weights devices holding it should use and the
-        version they were fitted on: its own when it was evaluated, else those of the nearest evaluated version of
-        the same persona (by id; a tie goes to the later one). Evaluation runs every `eval-every` rounds while a
-        device that trains derives its personal adapter from the version it trains on, so most devices hold
-        versions never evaluated themselves; a neighbouring version of the same persona is the closest measurement
-        there is. Versions of a persona with no evaluated version get none (the adapter is served alone)."""
+    def serving_weights(self, limit: int = 256, only: list[int] | None = None,
+                        prior_devices: float | None = None) -> dict[int, tuple[dict[str, float], int]]:
+        """For each of the newest `limit` versions (or the versions in `only`), the serving blend weights devices
+        holding it should use and the version they were fitted on: its own when it was evaluated, else the nearest
+        evaluated version of the same persona (by id; a tie goes to the later one). Evaluation runs every
+        `eval-every` rounds while a device that trains derives its personal adapter from the version it trains on,
+        so most devices hold versions never evaluated themselves; a neighbouring version of the same persona is the
+        closest measurement there is. Versions of a persona with no evaluated version get none (the adapter is
+        served alone).
+
+        The weight is the fitted version's own validation sums plus `blend_prior_devices` devices' worth (from its
+        manifest; 0 for versions written before it existed) of the pool of every persona's evaluated version
+        nearest to it, that one included (`common.blend.shrunk_weight`): with K=1 the pool is the version itself.
+        `prior_devices` overrides the manifests' (`simulations.rescore` measures other priors with it)."""
         with self.engine.connect() as conn:
-            rows = conn.execute(sa.select(versions.c.id, versions.c.persona).order_by(versions.c.id.desc())
-                                .limit(limit)).all()
-            evaluated = conn.execute(sa.select(blend_sums.c.version, versions.c.persona)
+            query = sa.select(versions.c.id, versions.c.persona)
+            query = (query.where(versions.c.id.in_([int(v) for v in only])) if only is not None
+                     else query.order_by(versions.c.id.desc()).limit(limit))
+            rows = conn.execute(query).all()
+            evaluated = conn.execute(sa.select(blend_sums, versions.c.persona, versions.c.manifest)
                                      .join(versions, versions.c.id == blend_sums.c.version)
                                      .where(blend_sums.c.devices > 0)).all()
         by_persona: dict[int, list[int]] = {}
-        for version, persona in evaluated:
-            by_persona.setdefault(persona, []).append(version)
+        for row in evaluated:
+            by_persona.setdefault(row.persona, []).append(row.version)
+        sums = {row.version: row for row in evaluated}
+
+        def nearest(candidates: list[int], version: int) -> int:
+            return min(candidates, key=lambda c: (abs(c - version), -c))
+
         out, fitted = {}, {}
         for version, persona in rows:
-            candidates = by_persona.get(persona)
-            if candidates:
-                source = min(candidates, key=lambda c: (abs(c - version), -c))
-                if source not in fitted:
-                    fitted[source] = self.blend_weights(source)
-                out[version] = (fitted[source], source)
+            if not (candidates := by_persona.get(persona)):
+                continue
+            source = nearest(candidates, version)
+            if source not in fitted:
+                own = sums[source]
+                pool = [sums[nearest(c, source)] for c in by_persona.values()]
+                prior = _prior_devices(own.manifest) if prior_devices is None else prior_devices
+                fitted[source] = {path: blend_shrunk_weight(
+                    getattr(own, f"{path}_rd"), getattr(own, f"{path}_dd"),
+                    sum(getattr(p, f"{path}_rd") for p in pool), sum(getattr(p, f"{path}_dd") for p in pool),
+                    sum(p.devices for p in pool), prior) for path in ("persona", "personal")}
+            out[version] = (fitted[source], source)
         return out
+
+    def serving_weight(self, version: int, prior_devices: float | None = None) -> tuple[dict[str, float], int] | None:
+        """`serving_weights` for one version (the cold-start service's): None when none apply."""
+        return self.serving_weights(only=[version], prior_devices=prior_devices).get(version)
 
     def _blend_weights(self, version: int) -> dict:
         with self.engine.connect() as conn:

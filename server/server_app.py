@@ -514,7 +514,8 @@ def run(grid: Grid, cfg: FederationConfig) -> None:
     cfg = replace(cfg, num_personas=persona_info["k"])  # K may have been chosen from the data
     registry = PersonaRegistry(out, lora=cfg.lora, base_model=cfg.base_model,
                                serving={"item_stats": cfg.item_stats, "residual_to_bias": cfg.residual_to_bias,
-                                        "item_factors": bool(cfg.item_factors_rounds)})
+                                        "item_factors": bool(cfg.item_factors_rounds),
+                                        "blend_prior_devices": cfg.blend_prior_devices})
     rollouts = Rollouts(registry)
     heads, fresh = starting_versions(registry, rollouts, cfg, version_zero_privacy(dp, prior))
     histories = resumed_histories(registry, heads, fresh, prior) if dp else {}

@@ -158,12 +158,14 @@ class ColdStartService:
         return out
 
     def _blend_weight(self, version: int, quote: bool) -> float:
-        """The persona adapter's serving blend weight recorded for `version`, 1 (the adapter alone) without one.
+        """The persona adapter's serving blend weight for `version` (`PersonaRegistry.serving_weights`: fitted on its
+        own evaluation or its persona's nearest one, with the prior toward the other personas'), 1 (the adapter
+        alone) without one.
         `quote`: the version was trained with the released statistics (`_serving`, which has checked they and any
         factors it needs are here); devices blend only against them (`Device.can_blend`), so a version trained
         without them has no weight that means anything here."""
-        weights = self.registry.blend_weights(version)
-        return 1.0 if weights is None or not quote else float(weights["persona"])
+        served = self.registry.serving_weight(version)  # the devices' rule: own, else nearest evaluated version
+        return 1.0 if served is None or not quote else float(served[0]["persona"])
 
     def _serving(self, version: int) -> tuple[bool, bool, bool]:
         """(quote the statistics, correct a private base, that base is MF) for a version, from its manifest."""

@@ -210,18 +210,19 @@ def baselines(run: FinishedRun, who: np.ndarray, items) -> dict[str, np.ndarray]
 PRIVATE_BASE = "private base"  # what the adapter corrects: released item half + the device's own user half
 
 
-def served_weights(run: FinishedRun) -> dict[int, float]:
+def served_weights(run: FinishedRun, prior_devices: float | None = None) -> dict[int, float]:
     """Per persona, the weight its stable version's adapter is served at, blended with the private base
-    (`serve-blend`): the registry's record for the version; for a run from before the registry kept them, the last
-    evaluation's pooled weight of the persona from history.json (the same validation sums: every evaluation device
-    was served the stable version). 1 (the adapter alone) where neither has one."""
+    (`serve-blend`): the registry's (`PersonaRegistry.serving_weight`, at the run's `blend-prior-devices` or at
+    `prior_devices`); for a run from before the registry kept them, the last evaluation's pooled weight of the
+    persona from history.json (the same validation sums: every evaluation device was served the stable version).
+    1 (the adapter alone) where neither has one."""
     registry = PersonaRegistry(run.out)
     last = run.history["evaluate"][max(run.history["evaluate"], key=int)] if run.history["evaluate"] else {}
     out = {}
     for j in run.arrays:
-        recorded = registry.blend_weights(registry.rollout(j)["stable"])
+        recorded = registry.serving_weight(registry.rollout(j)["stable"], prior_devices)
         if recorded is not None:
-            out[j] = recorded["persona"]
+            out[j] = recorded[0]["persona"]
         else:
             out[j] = float(last.get(f"p{j}_persona_blend_weight",
                                     last.get("persona_blend_weight", 1.0) if len(run.arrays) == 1 else 1.0))
@@ -230,13 +231,17 @@ def served_weights(run: FinishedRun) -> dict[int, float]:
 
 def rescore(out: Path, eval_users: int | None = None, cold_only: bool = False,
             population: str | None = None, first: int | None = None, last: int | None = None,
-            served: bool = False) -> dict:
+            served: bool = False, served_priors: tuple[float, ...] = ()) -> dict:
     """Per-user predictions of the federation in `out` (its coordinator out-dir) and of the baselines; with released
     item statistics also of the private base model each device fits and the adapter corrects (`PRIVATE_BASE`).
     `served`: the adapter's predictions blended with that base at the weight the run serves it at
-    (`served_weights`), i.e. what devices and the cold-start service return, instead of the adapter's alone."""
+    (`served_weights`), i.e. what devices and the cold-start service return, instead of the adapter's alone.
+    `served_priors`: also what it would serve at each of these `blend-prior-devices` (`served_at_prior(k)`
+    references, paired like the baselines; the adapter is scored once)."""
     run = load_run(out, eval_users, cold_only, population, first, last)
     weights = served_weights(run) if served else {}
+    alternatives = {served_at_prior(k): served_weights(run, k) for k in served_priors} if served else {}
+    other: dict[str, list[np.ndarray]] = {name: [] for name in alternatives}
     if served and run.released is None:
         raise SystemExit(f"{out}: --served needs the released item statistics (the private base the blend uses)")
     pred, personas, private = [], [], []
@@ -246,8 +251,12 @@ def rescore(out: Path, eval_users: int | None = None, cold_only: bool = False,
         pred.append(device.predict(run.arrays[personas[-1]]))
         private.append(device.bias("test") if device.released is not None else None)
         if served:
+            adapter, items = pred[-1], device.test["item"].to_numpy()
+            for name, alternative in alternatives.items():
+                device.blend_weight = alternative[personas[-1]]
+                other[name].append(device.served(adapter, items))
             device.blend_weight = weights[personas[-1]]
-            pred[-1] = device.served(pred[-1], device.test["item"].to_numpy())
+            pred[-1] = device.served(adapter, items)
         print(f"  user {user}: persona {personas[-1]}, {len(pred[-1])} ratings", flush=True)
     who, y = run.test["user"].to_numpy(), run.test["rating"].to_numpy()
     last_eval = run.history["evaluate"][max(run.history["evaluate"], key=int)]
@@ -261,14 +270,20 @@ def rescore(out: Path, eval_users: int | None = None, cold_only: bool = False,
             "reported": reported if eval_users in (None, run.cfg.eval_users) and not cold_only and population is None
             and run.kept is None else float("nan"),
             **baselines(run, who, run.test["item"]),
-            **({PRIVATE_BASE: np.concatenate(private)} if all(p is not None for p in private) else {})}
+            **({PRIVATE_BASE: np.concatenate(private)} if all(p is not None for p in private) else {}),
+            **{name: np.concatenate(p) for name, p in other.items()}, "alternatives": list(other),
+            "alternative_weights": {name: list(w.values()) for name, w in alternatives.items()}}
+
+
+def served_at_prior(prior: float) -> str:
+    return f"served at blend-prior-devices {prior:g}"
 
 
 def table(runs: list[dict]) -> str:
     """Per run (and, over several, each user's squared error averaged over runs) the persona adapter's paired
     per-user MSE difference with each baseline; the private base, which differs per run, is averaged the same way.
     A last line gives each reference's RMSE on the same ratings."""
-    refs = [b for b in (*BASELINES, PRIVATE_BASE) if all(b in r for r in runs)]
+    refs = [b for b in (*BASELINES, PRIVATE_BASE, *runs[0].get("alternatives", ())) if all(b in r for r in runs)]
     what = "served RMSE (the federation's blend RMSE)" if all(r.get("weights") for r in runs) else \
         "persona adapter RMSE (reported by the federation)"
     lines = [f"| run | users | {what} | "
@@ -296,7 +311,9 @@ def table(runs: list[dict]) -> str:
         served = r.get("weights") or {}
         label = f"{r['run']} (seed {r['seed']}" + (f", K={r['k']}, users per persona {r['sizes']}" if r["k"] > 1
                                                    else "") + (
-            f", served: blended with the private base at w {', '.join(f'{w:.2f}' for w in served.values())})"
+            f", served: blended with the private base at w {', '.join(f'{w:.2f}' for w in served.values())}"
+            + "".join(f"; {name}: w {', '.join(f'{w:.2f}' for w in ws)}"
+                      for name, ws in r.get("alternative_weights", {}).items()) + ")"
             if served else ")")
         lines += rows(label, err, {b: (r[b] - r["y"]) ** 2 for b in refs}, r,
                       lambda k, r=r: f"{rmse(r['persona'][k], r['y'][k]):.4f}" + (
@@ -380,9 +397,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--served", action="store_true",
                     help="score what the run serves: the adapter blended with the private base at the weight "
                          "validation chose for its version (serve-blend), instead of the adapter alone")
+    ap.add_argument("--served-priors", default="", metavar="K,K,...",
+                    help="with --served, also score what each run would serve at these blend-prior-devices (e.g. "
+                         "0,1e9: each persona's own weight, and the pooled one), paired with what it serves")
     args = ap.parse_args(argv)
-    runs = [rescore(Path(p), args.eval_users, args.cold_only, args.population, args.first, args.last, args.served)
-            for p in args.runs]
+    try:
+        priors = tuple(float(k) for k in args.served_priors.split(",") if k.strip())
+    except ValueError:
+        raise SystemExit(f"--served-priors: numbers >= 0, got {args.served_priors!r}") from None
+    if any(not 0 <= k < float("inf") for k in priors) or (priors and not args.served):
+        raise SystemExit("--served-priors needs --served and finite numbers >= 0")
+    runs = [rescore(Path(p), args.eval_users, args.cold_only, args.population, args.first, args.last, args.served,
+                    priors) for p in args.runs]
     what = "what is served (the adapter blended with the private base)" if args.served else "persona adapter"
     print(f"\nPaired per-user MSE difference, {what} minus baseline [95% CI]:\n")
     print(table(runs))

@@ -136,11 +136,11 @@ def test_counts_and_rates_refuse_nan_zero_negative_and_wrong_types_naming_the_ke
                 FederationConfig(**{field: value})
 
     @settings(max_examples=200, deadline=None)
-    @given(key=st.sampled_from(["fraction-train", "lr", "rollback-margin"]),
+    @given(key=st.sampled_from(["fraction-train", "lr", "rollback-margin", "blend-prior-devices"]),
            value=st.floats(allow_nan=True, allow_infinity=True))
     def rates(key, value):
         field = key.replace("-", "_")
-        ok = 0 <= value < float("inf") if key == "rollback-margin" else 0 < value <= 1
+        ok = 0 <= value < float("inf") if key in ("rollback-margin", "blend-prior-devices") else 0 < value <= 1
         if ok:
             assert getattr(FederationConfig(**{field: value}), field) == value
         else:

@@ -1,5 +1,6 @@
 """The blend's sums give every weight's squared error exactly, and the weight is the validation optimum."""
 
+import pytest
 import numpy as np
 from hypothesis import given, strategies as st
 from hypothesis.extra.numpy import arrays
@@ -39,3 +40,34 @@ def test_an_adapter_that_never_departs_from_the_bias_model_gets_no_weight():
     assert blend.weight(0.0, 0.0) == 0.0
     assert blend.weight(float("nan"), 1.0) == 0.0 and blend.weight(1.0, float("inf")) == 0.0
     assert blend.weight(-3.0, 1.0) == 0.0 and blend.weight(5.0, 1.0) == 1.0
+
+
+sums = st.tuples(st.floats(-1e3, 1e3), st.floats(1e-3, 1e3))  # (rd, dd > 0)
+
+
+@given(sums, st.lists(st.tuples(sums, st.integers(1, 50)), min_size=1, max_size=6), st.integers(1, 50),
+       st.floats(0.0, 1e3))
+def test_a_shrunk_weight_lies_between_the_adapters_own_and_the_pools(own, others, devices, prior):
+    """`shrunk_weight` adds `prior` devices' worth of the pool (the adapter's own sums among it) to its own: no
+    prior, its own least-squares weight; any prior, a weight between its own and the pool's; with one persona (the
+    pool is the adapter itself) every prior gives its own weight."""
+    rd, dd = own
+    pool = [(rd, dd, devices), *((r, d, n) for (r, d), n in others)]
+    pool_rd, pool_dd, pool_n = (sum(p[i] for p in pool) for i in range(3))
+    mine, pooled = blend.weight(rd, dd), blend.weight(pool_rd, pool_dd)
+    assert blend.shrunk_weight(rd, dd, pool_rd, pool_dd, pool_n, 0.0) == mine
+    w = blend.shrunk_weight(rd, dd, pool_rd, pool_dd, pool_n, prior)
+    assert 0.0 <= w <= 1.0 and min(mine, pooled) - 1e-9 <= w <= max(mine, pooled) + 1e-9
+    assert blend.shrunk_weight(rd, dd, rd, dd, devices, prior) == pytest.approx(mine, abs=1e-9)
+    far = blend.shrunk_weight(rd, dd, pool_rd, pool_dd, pool_n, 1e12)
+    assert far == pytest.approx(pooled, abs=1e-6)
+
+
+def test_a_shrunk_weight_moves_toward_the_pool_as_the_prior_grows_and_ignores_an_impossible_pool():
+    # own: 4 devices say 1.0 (rd = dd = 4); the pool of 20 devices says 0.2
+    ws = [blend.shrunk_weight(4.0, 4.0, 4.0, 20.0, 20, k) for k in (0.0, 1.0, 5.0, 50.0)]
+    assert ws == sorted(ws, reverse=True) and ws[0] == 1.0 and ws[-1] < 0.3
+    assert blend.shrunk_weight(4.0, 4.0, 4.0, 20.0, 20, 5.0) == pytest.approx((4 + 1) / (4 + 5))
+    for bad in (float("nan"), float("inf")):
+        assert blend.shrunk_weight(4.0, 8.0, bad, 20.0, 20, 5.0) == 0.5  # the pool ignored, own weight kept
+    assert blend.shrunk_weight(4.0, 8.0, 4.0, 20.0, 0, 5.0) == 0.5  # an empty pool adds nothing

@@ -1,5 +1,6 @@
 """The admin API against a real uvicorn server on loopback, over a real SQLite registry file."""
 
+import json
 import shutil
 import socket
 import threading
@@ -14,7 +15,7 @@ import uvicorn
 from common.config import LoraSettings
 from server.admin_api import create_app
 from server.auth import TokenConfigError, TokenStore
-from server.registry import PersonaRegistry
+from server.registry import PersonaRegistry, versions
 from server.rollouts import Rollouts, bucket
 from tests.server.postgres import postgres_server, postgres_url  # noqa: F401 (fixtures)
 
@@ -355,3 +356,42 @@ def test_serving_blend_weights_per_version_with_the_nearest_evaluated_one_for_th
     assert shown["persona_blend_weight"] == 0.0 and shown["personal_blend_weight"] == 1.0
     assert shown["blend_devices"] == 7
     assert reader.get(f"/versions/{v1 + 3}").json()["evaluation"]["personal_blend_weight"] is None
+
+
+def test_serving_weights_shrink_each_personas_own_toward_every_personas_pool(live):
+    """With K > 1 each persona's weight is fitted on its own few evaluation devices: serving adds
+    `blend-prior-devices` (from the fitted version's manifest) devices' worth of the pool of every persona's nearest
+    evaluated version. A version never evaluated takes its persona's nearest evaluated one's; the admin API shows
+    both the version's own fit and what is served; registries written before the setting keep their own weights."""
+    server, registry, _ = live
+    rollouts, reader = Rollouts(registry), _client(server, "reader")
+    old = [v["id"] for v in registry.versions(0)[0]]
+    registry.serving = {**registry.serving, "blend_prior_devices": 5.0}
+    a = registry.add_version(0, 3, _arrays(3.0), 4)
+    b = registry.add_version(1, 3, _arrays(3.0), 20)
+
+    def sums(rd: float, dd: float) -> dict:
+        return {"persona_rd": rd, "persona_dd": dd, "personal_rd": rd, "personal_dd": dd}
+    rollouts.record_evaluation(a, 10.0, 8.0, 10.0, 4, sums(4.0, 4.0))     # own weight 1.0, 4 devices
+    rollouts.record_evaluation(b, 10.0, 8.0, 10.0, 20, sums(4.0, 20.0))   # own weight 0.2, 20 devices
+    pool_rd, pool_dd, pool_n = 8.0, 24.0, 24
+    want_a = (4.0 + 5 * pool_rd / pool_n) / (4.0 + 5 * pool_dd / pool_n)
+    want_b = (4.0 + 5 * pool_rd / pool_n) / (20.0 + 5 * pool_dd / pool_n)
+    weights = registry.serving_weights()
+    assert weights[a] == ({"persona": pytest.approx(want_a), "personal": pytest.approx(want_a)}, a)
+    assert weights[b][0]["persona"] == pytest.approx(want_b) and 0.2 < want_b < want_a < 1.0
+    assert all(weights[v] == weights[a] for v in old)  # never evaluated: persona 0's nearest evaluated version
+    assert registry.serving_weight(a, prior_devices=0.0)[0]["persona"] == pytest.approx(1.0)
+    assert registry.serving_weight(b, prior_devices=1e12)[0]["persona"] == pytest.approx(pool_rd / pool_dd)
+    shown = reader.get(f"/versions/{a}").json()
+    assert shown["evaluation"]["persona_blend_weight"] == pytest.approx(1.0)  # the version's own fit
+    assert shown["served_blend"] == {"persona": pytest.approx(want_a), "personal": pytest.approx(want_a),
+                                     "fitted_on": a}
+    # a version written before the setting existed (no blend_prior_devices in its manifest) keeps its own weight
+    c = registry.add_version(0, 4, _arrays(4.0), 3)
+    manifest = registry.version(c)["manifest"]
+    del manifest["serving"]["blend_prior_devices"]
+    with registry.engine.begin() as conn:
+        conn.execute(versions.update().where(versions.c.id == c).values(manifest=json.dumps(manifest)))
+    rollouts.record_evaluation(c, 10.0, 8.0, 10.0, 3, sums(3.0, 3.0))
+    assert registry.serving_weight(c)[0]["persona"] == pytest.approx(1.0)

@@ -217,6 +217,14 @@ def test_versions_trained_against_the_released_statistics_are_served_against_the
         blended = ColdStartService(registry, "tiny", data.items).score([(version, "profile", movies)])[0]
         np.testing.assert_allclose(blended, base + 0.3 * (served[kind] - base), atol=1e-5)
         assert blend.weight(0.6, 2.0) == pytest.approx(0.3)
+        served[f"{kind} blended"] = blended
+    # a newer version of the persona never evaluated itself (most, with eval-every > 1) is served at its nearest
+    # evaluated version's weight, as devices are (`PersonaRegistry.serving_weights`)
+    registry, version = versions["mf"]
+    newer = registry.add_version(0, 2, adapter, 5, parent=version)
+    assert registry.blend_weights(newer) is None
+    np.testing.assert_allclose(ColdStartService(registry, "tiny", data.items).score([(newer, "profile", movies)])[0],
+                               served["mf blended"], atol=1e-5)
     registry, version = versions["plain"]  # trained without the statistics: no base to blend with, the adapter alone
     Rollouts(registry).record_evaluation(version, 10.0, 8.0, 10.0, 5, {"persona_rd": 0.0, "persona_dd": 1.0,
                                                                        "personal_rd": 0.0, "personal_dd": 1.0})

@@ -151,7 +151,7 @@ def test_rescore_serves_cold_start_users_the_persona_their_devices_were_placed_i
     the run's coordinator did: the pooled RMSE is the run's own cold-start figure, which serving each user the
     other persona would not give. Warm users' personas stay on their devices, so without --cold-only it refuses."""
     from common.metrics import rmse
-    from simulations.rescore import PRIVATE_BASE, load_run, rescore, table
+    from simulations.rescore import PRIVATE_BASE, load_run, rescore, served_at_prior, table
 
     out = federation[1]
     history = json.loads((out / "history.json").read_text())
@@ -174,15 +174,25 @@ def test_rescore_serves_cold_start_users_the_persona_their_devices_were_placed_i
     other = np.concatenate([run.device(u).predict(run.arrays[1 - run.persona(run.device(u))]) for u in run.users])
     assert abs(rmse(other, r["y"]) - last["cold_persona_rmse"]) > 1e-4
     # `--served`: what the run serves, each persona's adapter blended with the private base at the weight the
-    # registry recorded for its stable version (`serve-blend`)
-    served = rescore(out, cold_only=True, served=True)
+    # registry serves its stable version at (`serve-blend`, its own fit shrunk toward both personas' pool);
+    # `--served-priors`: also at other blend-prior-devices, paired like the baselines (0: each persona's own fit)
+    served = rescore(out, cold_only=True, served=True, served_priors=(0.0, 1e9))
     registry = PersonaRegistry(out)
-    assert served["weights"] == {j: pytest.approx(registry.blend_weights(registry.rollout(j)["stable"])["persona"])
-                                 for j in range(2)}
+    stable = {j: registry.rollout(j)["stable"] for j in range(2)}
+    assert served["weights"] == {j: pytest.approx(registry.serving_weight(stable[j])[0]["persona"]) for j in range(2)}
     w = pd.Series({u: served["weights"][run.persona(run.device(u))] for u in run.users})[r["who"]].to_numpy()
     np.testing.assert_allclose(served["persona"], r[PRIVATE_BASE] + w * (r["persona"] - r[PRIVATE_BASE]), atol=1e-9)
-    assert "served: blended with the private base at w" in table([served])
-    assert "| served RMSE (the federation's blend RMSE) |" in table([served]) and "served RMSE" not in text
+    own = served_at_prior(0.0)
+    assert served["alternative_weights"][own] == [pytest.approx(registry.blend_weights(stable[j])["persona"])
+                                                  for j in range(2)]
+    w0 = pd.Series({u: served["alternative_weights"][own][run.persona(run.device(u))] for u in run.users})[r["who"]]
+    np.testing.assert_allclose(served[own], r[PRIVATE_BASE] + w0.to_numpy() * (r["persona"] - r[PRIVATE_BASE]),
+                               atol=1e-9)
+    pooled = served["alternative_weights"][served_at_prior(1e9)]
+    assert pooled[0] == pytest.approx(pooled[1], abs=1e-6)  # one weight for both personas: the pool's
+    text_served = table([served])
+    assert "served: blended with the private base at w" in text_served and f"| vs {own} |" in text_served
+    assert "| served RMSE (the federation's blend RMSE) |" in text_served and "served RMSE" not in text
 
 
 def test_rescore_simulates_cold_start_by_keeping_each_users_oldest_or_newest_ratings(federation):
@@ -263,9 +273,13 @@ def test_devices_serve_their_personal_adapter_at_the_blend_weight_validation_cho
     assert sent["devices"] == 6 and sent["versions"]
     by_digest = {}
     for version, weight in sent["versions"].items():
-        # its own weight, or the nearest evaluated version's of its persona (`serving_weights`)
+        # its own weight, or the nearest evaluated version's of its persona (`serving_weights`), shrunk toward the
+        # pool of both personas' nearest evaluations (`blend-prior-devices`)
         fitted_on = sent["fitted_on"][version]
-        assert weight == pytest.approx(registry.blend_weights(fitted_on)["personal"]) and 0 <= weight <= 1
+        assert (registry.serving_weight(int(version)) ==
+                ({"persona": pytest.approx(registry.serving_weight(fitted_on)[0]["persona"]),
+                  "personal": pytest.approx(weight)}, fitted_on))
+        assert 0 <= weight <= 1 and registry.blend_weights(fitted_on) is not None
         assert registry.version(fitted_on)["persona"] == registry.version(int(version))["persona"]
         by_digest[adapter_digest(registry.arrays(int(version)))] = weight
     kept = 0
