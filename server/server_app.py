@@ -538,7 +538,8 @@ def run(grid: Grid, cfg: FederationConfig) -> None:
                                max_update_norm=cfg.max_update_norm, max_examples=cfg.max_examples,
                                extra_content=extra, secure=cfg.secure,
                                secure_timeout=cfg.round_timeout, server_lr=cfg.server_lr,
-                               server_lr_schedule=cfg.server_lr_schedule, blend=serves_blend(cfg))
+                               server_lr_schedule=cfg.server_lr_schedule, blend=serves_blend(cfg),
+                               blend_prior_devices=cfg.blend_prior_devices)
     if cfg.secure:
         log(INFO, "secure aggregation: threshold %.2f of each cohort, coordinate range %g, device clip %g",
             cfg.secure.threshold, cfg.secure.coord_range, cfg.secure.clip)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 import secrets
 from collections import defaultdict
 from collections.abc import Callable, Iterable
@@ -246,6 +247,32 @@ def _interval(total: float, squares: float, count: float) -> tuple[float, float,
     return mean, mean - half, mean + half
 
 
+def served_metrics(sums: dict[str, float], prior_devices: float) -> dict[str, float]:
+    """With several personas, what serving gives on this round's evaluation users: each persona's adapter blended
+    with the private base at its own pooled validation weight plus `prior_devices` devices' worth of every
+    persona's pool (`common.blend.shrunk_weight`, the rule `PersonaRegistry.serving_weights` applies to versions),
+    the test SSE summed over personas: `<path>_served_rmse` and each persona's `p<j>_<path>_served_weight`. Empty
+    with one persona (the blend rows are what is served) or unless every device of every persona sent blend sums.
+    The registry fits a version on all its evaluations so far, this on the round's alone."""
+    personas = sorted(k.split("/")[0] for k in sums if re.fullmatch(r"p\d+/n", k))
+    n = sums.get("all/n", 0)
+    if len(personas) < 2 or not n or any(sums.get(f"{p}/blend_users", 0) != sums.get(f"{p}/users", 0) or
+                                         not sums.get(f"{p}/users", 0) for p in personas):
+        return {}
+    out = {}
+    for path in ("persona", "personal"):
+        pool = [sum(sums[f"{p}/{path}_val_{x}"] for p in personas) for x in ("rd", "dd")]
+        devices = sum(sums[f"{p}/users"] for p in personas)
+        sse = 0.0
+        for p in personas:
+            w = blend.shrunk_weight(sums[f"{p}/{path}_val_rd"], sums[f"{p}/{path}_val_dd"], *pool, devices,
+                                    prior_devices)
+            sse += blend.sse(sums[f"{p}/bias_sse"], sums[f"{p}/{path}_test_rd"], sums[f"{p}/{path}_test_dd"], w)
+            out[f"{p}_{path}_served_weight"] = w
+        out[f"{path}_served_rmse"] = math.sqrt(sse / n)
+    return out
+
+
 class PersonaStrategy(FedAvg):
     def __init__(
         self,
@@ -274,6 +301,7 @@ class PersonaStrategy(FedAvg):
         server_lr: float = FederationConfig.server_lr,
         server_lr_schedule: str = FederationConfig.server_lr_schedule,
         blend: bool = False,
+        blend_prior_devices: float = FederationConfig.blend_prior_devices,
     ) -> None:
         """`dp`: user-level DP on every persona release; `prior_releases`: user-level events the persona's users
         already took part in (its lineage from earlier runs, then this run's persona discovery; one list for every
@@ -290,7 +318,9 @@ class PersonaStrategy(FedAvg):
         unmasked (`_secure_sums`); `secure_timeout` bounds each of its three extra exchanges. `server_lr` scales
         each persona's aggregate delta before it is added (FedAvg's server step size; 1 = plain FedAvg), over the
         rounds as `server_lr_schedule` says (`server_step`). With `blend` and `rollouts`, each version's pooled
-        validation blend sums go to the registry with its evaluation (`serve-blend`: the weights serving applies)."""
+        validation blend sums go to the registry with its evaluation (`serve-blend`: the weights serving applies),
+        and with several personas evaluation also reports what serving at per-persona weights leaning on the pool
+        gives (`served_metrics`, `blend_prior_devices`)."""
         if not 0 < server_lr < float("inf"):
             raise ValueError(f"server_lr must be finite and > 0, got {server_lr}")
         if server_lr_schedule not in SERVER_LR_SCHEDULES:
@@ -330,6 +360,7 @@ class PersonaStrategy(FedAvg):
         # Per version: evaluation sums not yet in the registry (`VERSION_SUMS`), and the distinct devices they pool.
         self._pending: dict[int, tuple[list[float], set[int]]] = {}
         self.blend = blend
+        self.blend_prior_devices = float(blend_prior_devices)
         self.rollouts = rollouts
         self.rollback_margin, self.rollback_min_devices = rollback
         self._served: dict[int, int] = {}  # evaluation node -> version sent
@@ -697,6 +728,8 @@ class PersonaStrategy(FedAvg):
             out[f"{prefix}ratings"] = n
             out[f"{prefix}users"] = sums[f"{scope}/users"]
             out.update(blend_metrics(sums, scope, prefix))
+        if self.blend:
+            out.update(served_metrics(sums, self.blend_prior_devices))
         return out
 
     def _plain_evaluation(self, replies: Iterable[Message], counts: dict[str, int]) -> tuple[dict, dict]:

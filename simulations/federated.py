@@ -181,6 +181,13 @@ def federated_rows(name: str, k: int, history: dict, base: str = "private bias")
         paths += [(f"{p}_blend", f"{label} + {base}, w={last[f'{p}_blend_weight']:.2f} on validation"
                    + (f" (served: {who})" if served else ""))
                   for (p, label), who in zip(paths[:2], ("cold-start service", "devices"))]
+        # with several personas, what is served: each persona at its own weight leaning on the pool (the strategy's
+        # `served_metrics`, the registry's rule)
+        paths += [(f"{p}_served", f"{label} + {base}, per-persona weights "
+                   + "/".join(f"{last[f'p{j}_{p}_served_weight']:.2f}" for j in range(k)
+                              if f"p{j}_{p}_served_weight" in last) + f" on validation (served: {who})")
+                  for (p, label), who in zip(paths[:2], ("cold-start service", "devices"))
+                  if history.get("serving_blend") and k > 1 and f"{p}_served_rmse" in last]
     # counts pooled through secure (quantised) sums are within rounding of an integer, either side: round, not int
     return [{"method": f"{name}: {label}", "K": k, "users": round(last["users"]),
              "test_ratings": round(last["ratings"]), "rmse": last[f"{path}_rmse"], "mae": last.get(f"{path}_mae"),
@@ -364,6 +371,9 @@ def activity_markdown(rows: list[dict]) -> str:
         # the federation reports each bucket's blend at a weight fitted on that bucket's own validation sums
         lines.append("\nBlend rows (w=...): each bucket's figure is the blend at a weight fitted on that bucket's own "
                      "validation ratings, not at the run's w, which is what is served.")
+    if any("per-persona weights" in r["method"] for r in rows):
+        lines.append("\nRows of what several personas serve (per-persona weights): no figure per bucket, whose "
+                     "evaluation sums pool users across personas.")
     return "\n".join(lines)
 
 

@@ -482,3 +482,44 @@ def test_paired_intervals_against_the_private_bias_model_equal_the_per_user_comp
             assert out[f"{name}_mean"] == pytest.approx(diffs.mean(), abs=1e-9)
             assert out[f"{name}_lo"] == pytest.approx(diffs.mean() - half, abs=1e-6)
             assert out[f"{name}_hi"] == pytest.approx(diffs.mean() + half, abs=1e-6)
+
+
+def test_with_several_personas_evaluation_reports_what_per_persona_weights_leaning_on_the_pool_serve():
+    """`served_metrics`: each persona blended at its own validation weight plus `prior` devices' worth of the pool of
+    all personas (the registry's serving rule), the test SSE summed over personas. Prior 0: each persona's own
+    weight; a huge prior: one pooled weight for all; nothing with one persona or a persona missing blend sums."""
+    from common import blend
+    from server.strategy import served_metrics
+
+    rng = np.random.default_rng(3)
+    sums, arrays = {"all/n": 0.0}, {}
+    for p, devices, shift in (("p0", 3, 0.8), ("p1", 12, -0.3)):
+        true, base = rng.integers(1, 6, 40).astype(float), rng.uniform(2.5, 4.0, 40)
+        pred = base + shift * (true - base) + rng.normal(0, 0.3, 40)
+        test, val = blend.residual_sums(pred[:25], base[:25], true[:25]), blend.residual_sums(pred[25:], base[25:],
+                                                                                              true[25:])
+        arrays[p] = (test, val, devices)
+        sums.update({f"{p}/n": 25.0, f"{p}/users": devices, f"{p}/blend_users": devices, f"{p}/bias_sse": test["rr"]})
+        sums["all/n"] += 25.0
+        for path in ("persona", "personal"):
+            sums.update({f"{p}/{path}_test_rd": test["rd"], f"{p}/{path}_test_dd": test["dd"],
+                         f"{p}/{path}_val_rd": val["rd"], f"{p}/{path}_val_dd": val["dd"]})
+
+    def expected(weight_of) -> float:
+        return float(np.sqrt(sum(blend.sse(t["rr"], t["rd"], t["dd"], weight_of(p)) for p, (t, _, _) in
+                                 arrays.items()) / 50))
+    pool_rd, pool_dd = (sum(v[x] for _, v, _ in arrays.values()) for x in ("rd", "dd"))
+    own = served_metrics(sums, 0.0)
+    assert own["persona_served_rmse"] == pytest.approx(expected(lambda p: blend.weight(arrays[p][1]["rd"],
+                                                                                       arrays[p][1]["dd"])))
+    pooled = served_metrics(sums, 1e12)
+    assert pooled["p0_persona_served_weight"] == pytest.approx(pooled["p1_persona_served_weight"], abs=1e-6)
+    assert pooled["personal_served_rmse"] == pytest.approx(expected(lambda p: blend.weight(pool_rd, pool_dd)))
+    five = served_metrics(sums, 5.0)
+    for p, (_, v, _) in arrays.items():
+        assert five[f"{p}_persona_served_weight"] == pytest.approx(
+            blend.shrunk_weight(v["rd"], v["dd"], pool_rd, pool_dd, 15, 5.0))
+    assert own["p0_persona_served_weight"] != pytest.approx(pooled["p0_persona_served_weight"])
+    # one persona, or a persona with a device that sent no blend sums: nothing (the blend rows are what is served)
+    assert served_metrics({k: v for k, v in sums.items() if not k.startswith("p1/")}, 5.0) == {}
+    assert served_metrics({**sums, "p1/blend_users": 11}, 5.0) == {}

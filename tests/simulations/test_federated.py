@@ -137,8 +137,14 @@ def test_private_bias_and_blends_are_pooled_from_the_released_statistics_and_val
         assert lo <= mean <= hi and np.isfinite(hi - lo)
     assert rows[blend_row[0]]["vs_bias"] == [final[f"personal_blend_vs_bias_{k}"] for k in ("mean", "lo", "hi")]
     assert "per-user MSE diff vs the private base (MF or bias model) [95% CI]" in markdown(list(rows.values()))
-    # with one persona the row is exactly what is served (the version's weight pools the same validation sums)
-    assert not any("(served" in m for m in rows)  # K=2 here: each version is served at its own weight
+    # with one persona the row is exactly what is served (the version's weight pools the same validation sums); with
+    # K=2 (here) the rows of what is served are each persona at its own weight leaning on the pool
+    served = [m for m in rows if "(served" in m]
+    assert len(served) == 2 and all("per-persona weights" in m for m in served)
+    for path in ("persona", "personal"):
+        assert all(0 <= final[f"p{j}_{path}_served_weight"] <= 1 for j in range(2))
+        assert rows[next(m for m in served if m.startswith(f"run: {path} adapter"))]["rmse"] == \
+            final[f"{path}_served_rmse"]
     one = {r["method"] for r in federated_rows("run", 1, {**history, "seconds": 1.0})}
     assert any(m.startswith("run: personal adapter + private bias, w=") and m.endswith("(served: devices)")
                for m in one)
@@ -476,6 +482,9 @@ def test_main_job_writes_the_table_with_rmse_per_user_activity_bucket_and_privac
     manifests = [json.loads(p.read_text()) for p in (out / "k2-eps2" / "personas").glob("p*/r0001/manifest.json")]
     assert manifests and all(m["privacy"]["dp"] and 0 < m["privacy"]["epsilon"] <= 2.0 + 1e-6 for m in manifests)
     for row in rows.values():
+        if "per-persona weights" in row["method"]:  # what K > 1 serves: the buckets pool across personas
+            assert row["activity"] == {} and elbow_row["K"] > 1 and "(served: " in row["method"]
+            continue
         assert set(row["activity"]) == {"ratings_0_19", "ratings_20_49"}, row["method"]
         # a pooled RMSE lies between its parts (not a blend's: each bucket pools its own weight)
         if ", w=" not in row["method"]:
