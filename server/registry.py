@@ -103,10 +103,12 @@ def _prior_devices(manifest: str) -> float:
     """A version's `blend-prior-devices` from its manifest (JSON text as stored); 0 when absent or not a finite
     number >= 0 (a registry written before the setting existed: each version's own weight, as then)."""
     try:
-        value = float(json.loads(manifest).get("serving", {}).get("blend_prior_devices", 0.0))
-    except (TypeError, ValueError, AttributeError):
+        value = json.loads(manifest).get("serving", {}).get("blend_prior_devices", 0.0)
+    except (ValueError, AttributeError):
         return 0.0
-    return value if 0.0 <= value < float("inf") else 0.0
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return 0.0
+    return float(value) if 0.0 <= value < float("inf") else 0.0
 
 
 class RegistryError(Exception):
@@ -282,7 +284,7 @@ class PersonaRegistry:
             query = (query.where(versions.c.id.in_([int(v) for v in only])) if only is not None
                      else query.order_by(versions.c.id.desc()).limit(limit))
             rows = conn.execute(query).all()
-            evaluated = conn.execute(sa.select(blend_sums, versions.c.persona, versions.c.manifest)
+            evaluated = conn.execute(sa.select(blend_sums, versions.c.persona)
                                      .join(versions, versions.c.id == blend_sums.c.version)
                                      .where(blend_sums.c.devices > 0)).all()
         by_persona: dict[int, list[int]] = {}
@@ -301,13 +303,18 @@ class PersonaRegistry:
             if source not in fitted:
                 own = sums[source]
                 pool = [sums[nearest(c, source)] for c in by_persona.values()]
-                prior = _prior_devices(own.manifest) if prior_devices is None else prior_devices
+                prior = self._prior_devices(source) if prior_devices is None else prior_devices
                 fitted[source] = {path: blend_shrunk_weight(
                     getattr(own, f"{path}_rd"), getattr(own, f"{path}_dd"),
                     sum(getattr(p, f"{path}_rd") for p in pool), sum(getattr(p, f"{path}_dd") for p in pool),
                     sum(p.devices for p in pool), prior) for path in ("persona", "personal")}
             out[version] = (fitted[source], source)
         return out
+
+    def _prior_devices(self, version: int) -> float:
+        with self.engine.connect() as conn:
+            manifest = conn.execute(sa.select(versions.c.manifest).where(versions.c.id == version)).scalar()
+        return _prior_devices(manifest or "{}")
 
     def serving_weight(self, version: int, prior_devices: float | None = None) -> tuple[dict[str, float], int] | None:
         """`serving_weights` for one version (the cold-start service's): None when none apply."""

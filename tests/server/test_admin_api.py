@@ -395,3 +395,14 @@ def test_serving_weights_shrink_each_personas_own_toward_every_personas_pool(liv
         conn.execute(versions.update().where(versions.c.id == c).values(manifest=json.dumps(manifest)))
     rollouts.record_evaluation(c, 10.0, 8.0, 10.0, 3, sums(3.0, 3.0))
     assert registry.serving_weight(c)[0]["persona"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "3", -1.0, 1e400, float("nan"), "x", None, [], {"a": 1}, True, 2.5])
+def test_a_manifests_blend_prior_is_read_as_a_finite_number_or_none_at_all(value):
+    """A manifest edited by hand (or written by a buggy build) must not make serving fail or use a wild prior: a
+    value that is not a finite number >= 0 counts as absent (0: each version's own weight)."""
+    from server.registry import _prior_devices
+
+    got = _prior_devices(json.dumps({"serving": {"blend_prior_devices": value}}))
+    assert got == (2.5 if value == 2.5 else 0.0)
+    assert _prior_devices("not json") == 0.0 and _prior_devices(json.dumps({"serving": []})) == 0.0
