@@ -752,3 +752,13 @@ def test_rows_count_users_and_ratings_pooled_through_secure_sums_to_the_nearest_
     last = {"users": 5.9999999, "ratings": 337.9999, "persona_rmse": 1.0, "personal_rmse": 1.1}
     rows = federated_rows("run", 1, {"evaluate": {"2": last}, "seconds": 1.0})
     assert rows and all(r["users"] == 6 and r["test_ratings"] == 338 for r in rows)
+
+
+@pytest.mark.parametrize("args", [["--served-priors", "5"], ["--served", "--served-priors", "a"],
+                                  ["--served", "--served-priors", "inf"], ["--served", "--served-priors", "-1"],
+                                  ["--served", "--served-priors", "nan"]])
+def test_rescore_refuses_served_priors_that_are_not_finite_numbers_or_come_without_served(args, tmp_path):
+    from simulations.rescore import main
+
+    with pytest.raises(SystemExit, match="served-priors"):
+        main([str(tmp_path / "no-run"), *args])
