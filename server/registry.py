@@ -99,7 +99,7 @@ events = sa.Table(
 )
 
 
-def _prior_devices(manifest: str) -> float:
+def _prior_from_manifest(manifest: str) -> float:
     """A version's `blend-prior-devices` from its manifest (JSON text as stored); 0 when absent or not a finite
     number >= 0 (a registry written before the setting existed: each version's own weight, as then)."""
     try:
@@ -314,7 +314,7 @@ class PersonaRegistry:
     def _prior_devices(self, version: int) -> float:
         with self.engine.connect() as conn:
             manifest = conn.execute(sa.select(versions.c.manifest).where(versions.c.id == version)).scalar()
-        return _prior_devices(manifest or "{}")
+        return _prior_from_manifest(manifest or "{}")
 
     def serving_weight(self, version: int, prior_devices: float | None = None) -> tuple[dict[str, float], int] | None:
         """`serving_weights` for one version (the cold-start service's): None when none apply."""

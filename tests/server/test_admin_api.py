@@ -401,8 +401,8 @@ def test_serving_weights_shrink_each_personas_own_toward_every_personas_pool(liv
 def test_a_manifests_blend_prior_is_read_as_a_finite_number_or_none_at_all(value):
     """A manifest edited by hand (or written by a buggy build) must not make serving fail or use a wild prior: a
     value that is not a finite number >= 0 counts as absent (0: each version's own weight)."""
-    from server.registry import _prior_devices
+    from server.registry import _prior_from_manifest
 
-    got = _prior_devices(json.dumps({"serving": {"blend_prior_devices": value}}))
+    got = _prior_from_manifest(json.dumps({"serving": {"blend_prior_devices": value}}))
     assert got == (2.5 if value == 2.5 else 0.0)
-    assert _prior_devices("not json") == 0.0 and _prior_devices(json.dumps({"serving": []})) == 0.0
+    assert _prior_from_manifest("not json") == 0.0 and _prior_from_manifest(json.dumps({"serving": []})) == 0.0
