@@ -367,11 +367,12 @@ def create_app(registry: PersonaRegistry, tokens: TokenStore, serving=None, max_
         view["canary_metrics"] = registry.evaluation(r["canary"]) if r["canary"] is not None else None
         return view
 
-    def version_view(version: int) -> dict:
-        v = registry.version(version)
-        served = registry.serving_weight(version)
-        return {**{k: v[k] for k in v if k not in ("manifest", "path")}, "evaluation": registry.evaluation(version),
-                "served_blend": {**served[0], "fitted_on": served[1]} if served else None}
+    def version_views(rows: list[dict]) -> list[dict]:
+        # the serving weights of a whole page in one registry pass, not one pass over every evaluation per version
+        served = registry.serving_weights(only=[v["id"] for v in rows])
+        return [{**{k: v[k] for k in v if k not in ("manifest", "path")}, "evaluation": registry.evaluation(v["id"]),
+                 "served_blend": {**served[v["id"]][0], "fitted_on": served[v["id"]][1]} if v["id"] in served else None}
+                for v in rows]
 
     @app.get("/health")
     def health() -> dict:
@@ -408,11 +409,11 @@ def create_app(registry: PersonaRegistry, tokens: TokenStore, serving=None, max_
     def list_versions(persona: PersonaFilter = None, limit: Limit = 50, offset: Offset = 0,
                       _: Principal = Depends(require("read"))) -> dict:
         items, total = registry.versions(persona, limit, offset)
-        return {"items": [version_view(v["id"]) for v in items], "total": total, "limit": limit, "offset": offset}
+        return {"items": version_views(items), "total": total, "limit": limit, "offset": offset}
 
     @app.get("/versions/{version}", response_model=VersionView, responses=READ_ONE)
     def get_version(version: VersionId, _: Principal = Depends(require("read"))) -> dict:
-        return version_view(version)
+        return version_views([registry.version(version)])[0]
 
     @app.get("/versions/{version}/manifest", responses=READ_ONE)
     def get_manifest(version: VersionId, _: Principal = Depends(require("read"))) -> dict:

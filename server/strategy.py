@@ -259,10 +259,9 @@ def served_metrics(sums: dict[str, float], prior_devices: float) -> dict[str, fl
     if len(personas) < 2 or not n or any(sums.get(f"{p}/blend_users", 0) != sums.get(f"{p}/users", 0) or
                                          not sums.get(f"{p}/users", 0) for p in personas):
         return {}
-    out = {}
+    out, devices = {}, sum(sums[f"{p}/users"] for p in personas)
     for path in ("persona", "personal"):
         pool = [sum(sums[f"{p}/{path}_val_{x}"] for p in personas) for x in ("rd", "dd")]
-        devices = sum(sums[f"{p}/users"] for p in personas)
         sse = 0.0
         for p in personas:
             w = blend.shrunk_weight(sums[f"{p}/{path}_val_rd"], sums[f"{p}/{path}_val_dd"], *pool, devices,

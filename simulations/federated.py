@@ -311,7 +311,8 @@ def persona_runs(spec: str, overrides: dict, epsilons: str = "", dp_k: int = 4,
                  device_noise: float = 1.0, single: bool = True) -> list[tuple[str, int | str, str, dict]]:
     """(name, K or 'elbow', directory name, settings) for each federation: K=1 first (unless `single` is false),
     then the requested persona counts, then K=dp_k at each user-level epsilon."""
-    runs: list[tuple[str, int | str, str, dict]] = [("single adapter", 1, "k1", {"persona-candidates": ""})] * single
+    runs: list[tuple[str, int | str, str, dict]] = [("single adapter", 1, "k1", {"persona-candidates": ""})] \
+        if single else []
     for part in (p.strip() for p in spec.split(",") if p.strip()):
         if part == "elbow":
             candidates = overrides.get("persona-candidates") or "1,2,4,8"
