@@ -264,6 +264,11 @@ def rescore(out: Path, eval_users: int | None = None, cold_only: bool = False,
     counts = run.fit["user"].value_counts()
     cold = run.test["user"].map(counts).fillna(0).to_numpy() < run.cfg.cold_start_threshold
     return {"run": str(out), "seed": run.cfg.seed, "who": who, "y": y, "persona": np.concatenate(pred), "cold": cold,
+            "items": run.test["item"].to_numpy(),
+            # how much training data each rating's movie and user had (what the devices fit on): where an adapter
+            # adds to its base can depend on either (`--predictions`)
+            "item_ratings": run.test["item"].map(run.fit["item"].value_counts()).fillna(0).to_numpy(int),
+            "user_ratings": run.test["user"].map(counts).fillna(0).to_numpy(int),
             "k": len(run.arrays), "sizes": np.bincount(personas, minlength=len(run.arrays)).tolist(),
             "weights": weights,  # with `served`: the blend weight per persona
             "centre": run.factors is not None and run.factors[0].centre is not None,  # the MF base's centre
@@ -273,6 +278,20 @@ def rescore(out: Path, eval_users: int | None = None, cold_only: bool = False,
             **({PRIVATE_BASE: np.concatenate(private)} if all(p is not None for p in private) else {}),
             **{name: np.concatenate(p) for name, p in other.items()}, "alternatives": list(other),
             "alternative_weights": {name: list(w.values()) for name, w in alternatives.items()}}
+
+
+def predictions_frame(runs: list[dict]) -> pd.DataFrame:
+    """One row per scored rating of every run: the run's prediction (the adapter's, or with --served what is
+    served), every reference's, and how many training ratings the movie and the user had, for analyses the table
+    does not make (e.g. where the adapter adds to its base)."""
+    frames = []
+    for r in runs:
+        refs = [b for b in (*BASELINES, PRIVATE_BASE, *r.get("alternatives", ())) if b in r]
+        frames.append(pd.DataFrame({"run": r["run"], "seed": r["seed"], "k": r["k"], "user": r["who"],
+                                    "item": r["items"], "rating": r["y"], "cold": r["cold"],
+                                    "item_ratings": r["item_ratings"], "user_ratings": r["user_ratings"],
+                                    "prediction": r["persona"], **{b: r[b] for b in refs}}))
+    return pd.concat(frames, ignore_index=True)
 
 
 def served_at_prior(prior: float) -> str:
@@ -400,6 +419,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--served-priors", default="", metavar="K,K,...",
                     help="with --served, also score what each run would serve at these blend-prior-devices (e.g. "
                          "0,1e9: each persona's own weight, and the pooled one), paired with what it serves")
+    ap.add_argument("--predictions", type=Path, default=None, metavar="CSV",
+                    help="also write every scored rating's predictions (the run's and each reference's) with the "
+                         "movie's and the user's training-rating counts to this CSV")
     args = ap.parse_args(argv)
     try:
         priors = tuple(float(k) for k in args.served_priors.split(",") if k.strip())
@@ -412,6 +434,10 @@ def main(argv: list[str] | None = None) -> None:
     what = "what is served (the adapter blended with the private base)" if args.served else "persona adapter"
     print(f"\nPaired per-user MSE difference, {what} minus baseline [95% CI]:\n")
     print(table(runs))
+    if args.predictions is not None:
+        args.predictions.parent.mkdir(parents=True, exist_ok=True)
+        predictions_frame(runs).to_csv(args.predictions, index=False)
+        print(f"\nPer-rating predictions: {args.predictions}")
 
 
 if __name__ == "__main__":

@@ -250,6 +250,17 @@ def test_rescore_simulates_cold_start_by_keeping_each_users_oldest_or_newest_rat
     from common.item_stats import predict as bias_predict
     np.testing.assert_allclose(enrolled[PRIVATE_BASE], bias_predict(0.0, fresh.test["item"], fresh.released))
     assert np.isfinite(enrolled["persona"]).all() and len(enrolled["persona"]) == len(run.test)
+    # `--predictions`: one row per scored rating, each prediction beside its rating and the counts of the training
+    # ratings its movie and its user had (the user's: what they kept)
+    from simulations.rescore import predictions_frame
+    frame = predictions_frame([r, enrolled])
+    assert len(frame) == 2 * len(run.test) and set(frame["run"]) == {str(out)}
+    first_run = frame.iloc[:len(run.test)]
+    np.testing.assert_allclose(first_run["prediction"], r["persona"])
+    np.testing.assert_allclose(first_run[PRIVATE_BASE], r[PRIVATE_BASE])
+    assert (first_run["user_ratings"] == 3).all() and (frame.iloc[len(run.test):]["user_ratings"] == 0).all()
+    movies = run.fit["item"].value_counts()
+    assert first_run["item_ratings"].tolist() == [int(movies.get(i, 0)) for i in first_run["item"]]
 
 
 def test_the_wall_breakdown_adds_up_and_names_where_the_time_went(federation):
