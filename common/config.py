@@ -265,6 +265,10 @@ class FederationConfig:
     # Default: eval-min-devices' default, the least evidence the coordinator acts on elsewhere. Recorded in each
     # version's manifest, so every server process serves a version alike.
     blend_prior_devices: float = 5.0
+    # A public warm start (`simulations.warm_start`): a PEFT adapter directory trained on users outside the
+    # federation, which every fresh persona's version 0 starts from instead of a fresh LoRA (B = 0). Public data, not
+    # personal: version 0's privacy record names its path and digest. "" = a fresh, data-independent adapter.
+    warm_start: str = ""
     # Boosting from the private bias model: every adapter (persona and personal) learns a correction to the private
     # user+item bias model (released item statistics + the device's own user bias) instead of the whole rating; its
     # five logits are added to a prior whose expected rating is that model's (`common.scoring.base_prior_logits`),

@@ -28,7 +28,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from common.adapters import adapter_arrays, adapter_digest, add_lora
+from common.adapters import adapter_arrays, adapter_digest, add_lora, load_adapter_arrays, load_saved_adapter
 from common.config import FederationConfig, UserDP
 from common.data import load_movielens
 from common import secure_vector
@@ -371,6 +371,32 @@ def version_zero_privacy(dp: UserDP | None, discovery: list[Event]) -> dict:
             "note": "data-independent adapter; the persona-discovery releases that defined the persona"}
 
 
+def warm_start_dir(cfg: FederationConfig) -> Path | None:
+    """`warm-start`'s PEFT directory (None without one); checked when the run starts, not minutes later when the
+    first version is written."""
+    if not cfg.warm_start:
+        return None
+    path = Path(cfg.warm_start)
+    if not (path / "adapter_model.safetensors").is_file():
+        raise ValueError(f"warm-start {path}: no PEFT adapter there (adapter_model.safetensors); build one with "
+                         "python -m simulations.warm_start")
+    return path
+
+
+def initial_adapter(cfg: FederationConfig) -> tuple[dict[str, np.ndarray], dict | None]:
+    """A fresh persona's first adapter: a fresh LoRA (B = 0: the base model), or with `warm-start` the public
+    adapter in that PEFT directory, with its provenance (path and digest) for version 0's privacy record. An adapter
+    of another shape, keys or with NaN/Inf values is refused, not partly loaded."""
+    model = add_lora(load_base_model(cfg.base_model)[0], cfg.lora, seed=cfg.seed)
+    path = warm_start_dir(cfg)
+    if path is None:
+        return adapter_arrays(model), None
+    arrays = load_saved_adapter(model, path)
+    load_adapter_arrays(model, arrays)  # the federation's LoRA shape, and finite
+    log(INFO, "every fresh persona starts from the public warm start %s", path)
+    return arrays, {"path": str(path.resolve()), "digest": adapter_digest(arrays)}
+
+
 def starting_versions(registry: PersonaRegistry, rollouts: Rollouts, cfg: FederationConfig,
                       zero_privacy: dict) -> tuple[dict[int, int], set[int]]:
     """Each persona's version to train from: its registry head after a restart, else a fresh data-independent
@@ -382,7 +408,10 @@ def starting_versions(registry: PersonaRegistry, rollouts: Rollouts, cfg: Federa
         head = registry.head(persona) if persona in registry.personas() else None
         if head is None:
             if initial is None:
-                initial = adapter_arrays(add_lora(load_base_model(cfg.base_model)[0], cfg.lora, seed=cfg.seed))
+                initial, warm = initial_adapter(cfg)
+                if warm is not None:
+                    zero_privacy = {**zero_privacy, "warm_start": warm, "note": zero_privacy["note"].replace(
+                        "data-independent adapter", "public warm start (users outside the federation)")}
             head = registry.add_version(persona, 0, initial, 0, {}, zero_privacy)
             rollouts.make_stable(persona, head, "server", "initial adapter")
             fresh.add(persona)
@@ -495,6 +524,7 @@ def build_app(overrides: dict | None = None) -> ServerApp:
 def run(grid: Grid, cfg: FederationConfig) -> None:
     out = Path(cfg.out_dir)
     started = time.time()
+    warm_start_dir(cfg)
     nodes = draw_order(grid, wait_for_nodes(grid, cfg.min_nodes), cfg, cfg.round_timeout)
     log(INFO, "%d devices online", len(nodes))
 

@@ -143,7 +143,12 @@ def _memory(cfg: FederationConfig) -> str:
 
 
 def _target(cfg: FederationConfig) -> str:
-    return f", residual to {_base(cfg)}" if cfg.residual_to_bias else ""
+    return f", residual to {_base(cfg)}" + _warm(cfg) if cfg.residual_to_bias else _warm(cfg)
+
+
+def _warm(cfg: FederationConfig) -> str:
+    """A run that started from the public warm start says so in every row it prints."""
+    return ", from the public warm start" if cfg.warm_start else ""
 
 
 def _base(cfg: FederationConfig) -> str:

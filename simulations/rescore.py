@@ -18,7 +18,8 @@ and as its cold-start service places a new user. Prints a table per run and, ove
 squared error averaged over runs, paired (as `simulations.centralised` does); runs of several K are pooled per K
 and each K paired with the smallest (`... k1-seed0 k1-seed1 k4-seed0 k4-seed1 --cold-only`: personas against one
 shared adapter on the same users); runs whose MF releases differ in having a population centre are grouped by that
-too, and the centre's groups paired the same way, adapters and private bases (`... old/k1-seed0 new/k1-seed0`).
+too, and the centre's groups paired the same way, adapters and private bases (`... old/k1-seed0 new/k1-seed0`);
+so are runs that started from the public warm start (`warm-start`) against runs that did not.
 Users with fewer than `cold-start-threshold` training ratings (`split=mixed`)
 get rows of their own: the cold-start comparison of #17 (persona adapter vs global mean and item bias only).
 `--cold-only` scores only those users:
@@ -272,6 +273,7 @@ def rescore(out: Path, eval_users: int | None = None, cold_only: bool = False,
             "k": len(run.arrays), "sizes": np.bincount(personas, minlength=len(run.arrays)).tolist(),
             "weights": weights,  # with `served`: the blend weight per persona
             "centre": run.factors is not None and run.factors[0].centre is not None,  # the MF base's centre
+            "warm": bool(run.cfg.warm_start),  # started from the public warm start (`simulations.warm_start`)
             "reported": reported if eval_users in (None, run.cfg.eval_users) and not cold_only and population is None
             and run.kept is None else float("nan"),
             **baselines(run, who, run.test["item"]),
@@ -344,12 +346,15 @@ def table(runs: list[dict]) -> str:
         # Runs of one setting are pooled (seeds); runs of several settings (K, and whether the private MF base had
         # a released population centre) are pooled per setting and then paired with the first (smallest K, no centre).
         centres = {r.get("centre", False) for r in runs}
+        warm = {r.get("warm", False) for r in runs}
 
         def setting(r: dict) -> str:
             return f"K={r['k']}" + ("" if len(centres) == 1 else
-                                    ", population centre" if r.get("centre", False) else ", no centre")
+                                    ", population centre" if r.get("centre", False) else ", no centre") + (
+                "" if len(warm) == 1 else ", public warm start" if r.get("warm", False) else ", fresh start")
         by_setting: dict[str, list[dict]] = {}
-        for r in sorted(runs, key=lambda r: (r["k"], r.get("centre", False))):  # without the centre first
+        # without the centre, and from a fresh adapter, first: the reference the others are paired with
+        for r in sorted(runs, key=lambda r: (r["k"], r.get("centre", False), r.get("warm", False))):
             by_setting.setdefault(setting(r), []).append(r)
         pooled = {}
         for label, group in by_setting.items():

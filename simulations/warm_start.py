@@ -48,7 +48,10 @@ REPORT = "warm_start.json"
 
 def public_ratings(ratings, split: str):
     """The ratings of every user the federation's split does not keep (none of them is a federation device)."""
-    inside = temporal_split(ratings, split_preset(split)).users
+    try:
+        inside = temporal_split(ratings, split_preset(split)).users
+    except ValueError:  # the split keeps nobody: every user is outside it
+        return ratings.reset_index(drop=True)
     return ratings[~ratings["user"].isin(inside)].reset_index(drop=True)
 
 

@@ -281,3 +281,49 @@ def test_without_any_valid_centre_answer_the_item_half_is_released_without_a_cen
                            out_dir=str(tmp_path))
     model = app.release_item_factors(None, [1, 2, 3], cfg, noise=0.0)
     assert model.centre is None and "centre" not in dict(np.load(tmp_path / app.ITEM_FACTORS_FILE))
+
+
+def test_fresh_personas_start_from_the_public_warm_start_labelled_as_such(tmp_path):
+    """`warm-start`: every fresh persona's version 0 is the public adapter's weights (not a fresh LoRA), and its
+    privacy record names the adapter's path and digest instead of calling it data-independent. A directory without
+    an adapter, an adapter of another LoRA shape and one with NaN weights are refused before anything is written."""
+    from common.adapters import adapter_arrays, adapter_digest, add_lora, save_adapter
+    from common.config import LoraSettings
+    from common.model import load_base_model
+    from server.server_app import warm_start_dir
+
+    cfg = FederationConfig(base_model="tiny", num_personas=2, out_dir=str(tmp_path / "run"))
+    model = add_lora(load_base_model("tiny")[0], cfg.lora, seed=5)
+    public = {k: np.random.default_rng(1).normal(0, 0.1, v.shape).astype(np.float32)
+              for k, v in adapter_arrays(model).items()}
+    save_adapter(model, public, tmp_path / "warm")
+    warm = replace(cfg, warm_start=str(tmp_path / "warm"))
+    registry = PersonaRegistry(tmp_path / "run", lora=cfg.lora, base_model="tiny")
+    heads, fresh = starting_versions(registry, Rollouts(registry), warm, version_zero_privacy(None, []))
+    assert fresh == {0, 1}
+    for v in heads.values():
+        assert all(np.array_equal(registry.arrays(v)[k], public[k]) for k in public)
+        privacy = registry.version(v)["manifest"]["privacy"]
+        assert privacy["warm_start"] == {"path": str((tmp_path / "warm").resolve()), "digest": adapter_digest(public)}
+        assert "public warm start" in privacy["note"] and "data-independent" not in privacy["note"]
+    # without it, version 0 is a fresh LoRA (B = 0) and says so
+    plain = PersonaRegistry(tmp_path / "plain", lora=cfg.lora, base_model="tiny")
+    heads, _ = starting_versions(plain, Rollouts(plain), replace(cfg, out_dir=str(tmp_path / "plain")),
+                                 version_zero_privacy(None, []))
+    assert "warm_start" not in plain.version(heads[0])["manifest"]["privacy"]
+    assert all(not plain.arrays(heads[0])[k].any() for k in public if "lora_B" in k)
+
+    with pytest.raises(ValueError, match="no PEFT adapter"):
+        warm_start_dir(replace(cfg, warm_start=str(tmp_path / "missing")))
+    other = add_lora(load_base_model("tiny")[0], LoraSettings(rank=4, alpha=8), seed=0)
+    save_adapter(other, adapter_arrays(other), tmp_path / "rank4")
+    nan = {k: np.full_like(v, np.nan) for k, v in public.items()}
+    save_adapter(add_lora(load_base_model("tiny")[0], cfg.lora), public, tmp_path / "nan")
+    from safetensors.numpy import save_file
+    save_file(nan, str(tmp_path / "nan" / "adapter_model.safetensors"))
+    for bad, why in (("rank4", "shape"), ("nan", "NaN")):
+        refused = PersonaRegistry(tmp_path / f"r-{bad}", lora=cfg.lora, base_model="tiny")
+        with pytest.raises(ValueError, match=why):
+            starting_versions(refused, Rollouts(refused), replace(cfg, warm_start=str(tmp_path / bad)),
+                              version_zero_privacy(None, []))
+        assert refused.personas() == []

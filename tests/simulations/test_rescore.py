@@ -93,3 +93,26 @@ def test_runs_with_and_without_a_population_centre_are_grouped_and_paired_adapte
     assert f"| {PRIVATE_BASE}: K=1, population centre | 3 vs 2 | {d[0]:+.4f} [{d[1]:+.4f}, {d[2]:+.4f}] |" in text
     same = table(centred)
     assert "centre" not in same and "paired with" not in same.split("RMSE on the same ratings")[0]
+
+
+def test_runs_from_the_public_warm_start_are_paired_with_runs_from_a_fresh_adapter():
+    """K=1 runs that differ only in `warm-start`: pooled per start, the warm-started group paired with the fresh
+    one on the same users (the reference, whatever order the runs are given in)."""
+    from simulations.centralised import paired_vs
+    from simulations.rescore import PRIVATE_BASE, table
+
+    rng = np.random.default_rng(2)
+    who = np.repeat(np.arange(20), 5)
+    y = rng.integers(1, 6, len(who)).astype(float)
+    refs = {"global mean": np.full(len(y), 3.5), "item bias only": y + rng.normal(0, 1.0, len(y)),
+            PRIVATE_BASE: y + rng.normal(0, 0.8, len(y))}
+    fresh = [{**_run(s, 1, y + rng.normal(0, 0.8, len(y)), who, y, refs), "centre": True, "warm": False}
+             for s in (0, 1, 2)]
+    warm = [{**_run(s, 1, y + rng.normal(0, 0.5, len(y)), who, y, refs), "centre": True, "warm": True}
+            for s in (0, 1, 2)]
+    text = table(warm + fresh)
+    assert "K=1, fresh start, over the 3 runs" in text and "K=1, public warm start, over the 3 runs" in text
+    assert "| persona adapters, paired with K=1, fresh start |" in text and "centre" not in text
+    err = lambda runs: np.mean([(r["persona"] - y) ** 2 for r in runs], axis=0)  # noqa: E731
+    d = paired_vs(err(warm), err(fresh), who)
+    assert f"| K=1, public warm start | 3 vs 3 | {d[0]:+.4f} [{d[1]:+.4f}, {d[2]:+.4f}] |" in text and d[0] < 0
