@@ -143,7 +143,7 @@ def _memory(cfg: FederationConfig) -> str:
 
 
 def _target(cfg: FederationConfig) -> str:
-    return f", residual to {_base(cfg)}" + _warm(cfg) if cfg.residual_to_bias else _warm(cfg)
+    return (f", residual to {_base(cfg)}" if cfg.residual_to_bias else "") + _warm(cfg)
 
 
 def _warm(cfg: FederationConfig) -> str:

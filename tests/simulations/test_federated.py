@@ -773,3 +773,14 @@ def test_rescore_refuses_served_priors_that_are_not_finite_numbers_or_come_witho
 
     with pytest.raises(SystemExit, match="served-priors"):
         main([str(tmp_path / "no-run"), *args])
+
+
+def test_rows_of_a_warm_started_run_say_so():
+    from common.config import FederationConfig
+    from simulations.federated import _target
+
+    assert _target(FederationConfig(residual_to_bias=True, item_stats=True, item_factors_rounds=3,
+                                     warm_start="w")) == \
+        ", residual to private MF, from the public warm start"
+    assert _target(FederationConfig(warm_start="w")) == ", from the public warm start"
+    assert _target(FederationConfig(residual_to_bias=True, item_stats=True)) == ", residual to private bias"
