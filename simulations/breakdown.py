@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from common import blend
+from common.metrics import rmse
 from simulations.centralised import paired_vs
 from simulations.rescore import PRIVATE_BASE
 
@@ -42,18 +43,20 @@ def bucket_table(frame: pd.DataFrame, column: str, edges: tuple[int, ...]) -> li
                      else f"{int(bucket.left)}+", "ratings": len(part) // runs, "users": len(per_user),
                      "rmse": _mean_rmse(part, "prediction"), "base_rmse": _mean_rmse(part, PRIVATE_BASE),
                      "mf_rmse": _mean_rmse(part, "matrix factorisation") if "matrix factorisation" in part else None,
-                     "vs_base": d, "per_run": [float((g["err"] - g["base_err"]).mean()) for _, g in part.groupby("run")],
+                     "vs_base": d,
+                     "per_run": [float((g["err"] - g["base_err"]).mean()) for _, g in part.groupby("run")],
                      "test_weight": sums["rd"] / sums["dd"] if sums["dd"] > 0 else float("nan")})
     return rows
 
 
 def _mean_rmse(part: pd.DataFrame, column: str) -> float:
-    return float(np.mean([np.sqrt(((g[column] - g["rating"]) ** 2).mean()) for _, g in part.groupby("run")]))
+    return float(np.mean([rmse(g[column], g["rating"]) for _, g in part.groupby("run")]))
 
 
 def markdown(rows: list[dict], what: str) -> str:
     lines = [f"| {what} | ratings | users | prediction RMSE | private base | MF | prediction vs private base, per-user "
-             "MSE [95% CI] | per run (per-rating MSE) | weight test would pick |", "|---|---:|---:|---:|---:|---:|---|---|---:|"]
+             "MSE [95% CI] | per run (per-rating MSE) | weight test would pick |",
+             "|---|---:|---:|---:|---:|---:|---|---|---:|"]
     for r in rows:
         d = r["vs_base"]
         mf = f"{r['mf_rmse']:.4f}" if r["mf_rmse"] is not None else "-"

@@ -89,7 +89,8 @@ def run(args: argparse.Namespace) -> dict:
     pred = score(model, head, {u: r[0] for u, r in rows.items()}, held, suffix, pad, mf_held)
     report = {"split": args.split, "public_users": int(public["user"].nunique()), "train_ratings": len(train),
               "steps": args.steps, "rows_per_step": args.rows_per_step, "items_per_row": args.items_per_row,
-              "lr": args.lr, "seed": args.seed, "base_model": args.base_model, "lora": dataclasses.asdict(lora), "train_seconds": train_s,
+              "lr": args.lr, "seed": args.seed, "base_model": args.base_model, "lora": dataclasses.asdict(lora),
+              "train_seconds": train_s,
               "final_loss": float(np.mean(losses[-10:])), "digest": adapter_digest(arrays),
               "check": {"users": len(check_users), "ratings": len(held), "adapter_rmse": rmse(pred, y),
                         "mf_rmse": rmse(mf_held, y),
