@@ -361,14 +361,18 @@ def discover_personas(grid: Grid, nodes: list[int], cfg: FederationConfig, noise
     return node_persona, eval_nodes, {"k": k, "sizes": sizes, "cold_start_devices": cold, **info}
 
 
+# What version 0's adapter is, in its privacy record's note: a fresh LoRA, or (`warm-start`) the public warm start.
+FRESH_ADAPTER, WARM_START_ADAPTER = "data-independent adapter", "public warm start (users outside the federation)"
+
+
 def version_zero_privacy(dp: UserDP | None, discovery: list[Event]) -> dict:
     """Version 0's privacy record: its adapter is data-independent, but the persona it starts is defined by the
     discovery releases, so under DP it carries their (epsilon, delta) and events."""
     if dp is None:
-        return {"dp": False, "note": "data-independent adapter"}
+        return {"dp": False, "note": FRESH_ADAPTER}
     return {"dp": True, "level": "user", "epsilon": epsilon(discovery, dp.delta), "delta": dp.delta,
             "releases": [list(e) for e in discovery],
-            "note": "data-independent adapter; the persona-discovery releases that defined the persona"}
+            "note": f"{FRESH_ADAPTER}; the persona-discovery releases that defined the persona"}
 
 
 def warm_start_dir(cfg: FederationConfig) -> Path | None:
@@ -410,8 +414,8 @@ def starting_versions(registry: PersonaRegistry, rollouts: Rollouts, cfg: Federa
             if initial is None:
                 initial, warm = initial_adapter(cfg)
                 if warm is not None:
-                    zero_privacy = {**zero_privacy, "warm_start": warm, "note": zero_privacy["note"].replace(
-                        "data-independent adapter", "public warm start (users outside the federation)")}
+                    zero_privacy = {**zero_privacy, "warm_start": warm,
+                                    "note": zero_privacy["note"].replace(FRESH_ADAPTER, WARM_START_ADAPTER)}
             head = registry.add_version(persona, 0, initial, 0, {}, zero_privacy)
             rollouts.make_stable(persona, head, "server", "initial adapter")
             fresh.add(persona)

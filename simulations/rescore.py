@@ -343,8 +343,9 @@ def table(runs: list[dict]) -> str:
     if len(runs) > 1:
         if any(not np.array_equal(r["who"], first["who"]) or not np.array_equal(r["y"], first["y"]) for r in runs):
             raise SystemExit("the runs evaluated different users or ratings: they cannot be paired")
-        # Runs of one setting are pooled (seeds); runs of several settings (K, and whether the private MF base had
-        # a released population centre) are pooled per setting and then paired with the first (smallest K, no centre).
+        # Runs of one setting are pooled (seeds); runs of several settings (K, whether the private MF base had a
+        # released population centre, whether the run started from the public warm start) are pooled per setting
+        # and then paired with the first (smallest K, no centre, fresh start).
         centres = {r.get("centre", False) for r in runs}
         warm = {r.get("warm", False) for r in runs}
 
