@@ -30,12 +30,13 @@ def residual_sums(pred: np.ndarray, bias: np.ndarray, true: np.ndarray) -> dict[
     return {"rr": float(r @ r), "rd": float(r @ d), "dd": float(d @ d)}
 
 
-def weight(rd: float, dd: float) -> float:
-    """The adapter's weight in [0, 1] minimising the validation SSE (0, the bias model alone, when the adapter
-    never departs from it)."""
+def weight(rd: float, dd: float, upper: float = 1.0) -> float:
+    """The adapter's weight in [0, `upper`] minimising the validation SSE (0, the bias model alone, when the adapter
+    never departs from it). The system serves weights in [0, 1]; a larger `upper` is for measuring what a weight
+    above 1 would give (`simulations.rescore --unclipped-weight`: on all 216 paper users, nothing)."""
     if not (math.isfinite(rd) and math.isfinite(dd)) or dd <= 0:
         return 0.0
-    return float(min(1.0, max(0.0, rd / dd)))
+    return float(min(upper, max(0.0, rd / dd)))
 
 
 def shrunk_weight(rd: float, dd: float, pool_rd: float, pool_dd: float, pool_devices: int,

@@ -39,6 +39,13 @@ user keeps only their N oldest training ratings and all their test ratings, and 
 after their few ratings; `--first` puts the whole of a long history between them (hundreds of ratings for a heavy
 user), `--last` none: the two bracket the real case. `--last 0` keeps none: a device that has just enrolled, served
 from the released artefacts and its sign-up answers alone (ML-100K has no such user: every one rated 20 movies).
+
+`--served` scores what the run serves (the adapter blended with its private base at the validation weight, which
+the system keeps in [0, 1]); with K=1, `--unclipped-weight` also scores what a weight allowed above 1 would serve,
+and the weight every scored user's validation ratings would give (docs/results.md, eighteenth session):
+
+    python -m simulations.rescore results/main-job/k1 results/c216-seed1/k1 results/c216-seed2/k1 \
+        --eval-users 216 --served --unclipped-weight
 """
 
 from __future__ import annotations
@@ -52,6 +59,7 @@ import numpy as np
 import pandas as pd
 
 from client.device import Device, runtime
+from common import blend
 from common.config import FederationConfig, ScoringConfig, split_preset
 from common.data import load_movielens
 from common.item_factors import ItemFactors, read_release
@@ -93,6 +101,8 @@ class FinishedRun:
     newest: bool = False  # their newest (`--last`) rather than their oldest (`--first`)
     baseline_fit: object = None  # what the classical baselines are fitted on (`fit` before any truncation)
     ratings: tuple = ()  # (dataset, split preset, validation fraction): which ratings `baseline_fit` holds
+    evaluated: np.ndarray = dataclasses.field(default_factory=lambda: np.asarray([], int))  # the run's own
+    # evaluation users (its `eval-users` sample): those whose validation sums the coordinator fitted weights on
 
     def device(self, user) -> Device:
         """The evaluation device of `user`, set up as its client app sets it up."""
@@ -176,7 +186,9 @@ def load_run(out: Path, eval_users: int | None = None, cold_only: bool = False,
                        ItemStats.from_arrays(dict(np.load(stats_file))) if stats_file.is_file() else None,
                        runtime(cfg.base_model, cfg.lora), _released_factors(out),
                        load_onboarding(out / ONBOARDING_FILE) if k > 1 else None, first, newest, baseline_fit,
-                       (cfg.dataset, population or cfg.split, cfg.validation_fraction))
+                       (cfg.dataset, population or cfg.split, cfg.validation_fraction),
+                       sample_users(temporal_split(data.ratings, split_preset(cfg.split)).users, cfg.eval_users,
+                                    cfg.eval_seed))
 
 
 def _released_factors(out: Path) -> tuple[ItemFactors, float, float] | None:
@@ -230,21 +242,60 @@ def served_weights(run: FinishedRun, prior_devices: float | None = None) -> dict
     return out
 
 
+UNCLIPPED = "served at its unclipped validation weight"  # the run's own evaluation users' sums, no bound at 1
+EVERY_SCORED = "served at every scored user's validation weight"  # the same from all scored users' sums
+
+
+def validation_sums(run: FinishedRun, users) -> dict[int, tuple[float, float]]:
+    """Per user of `users`, the (sum r d, sum d^2) of their validation ratings (`common.blend.residual_sums`: r and
+    d the rating's and the adapter's departure from the private base), as their device sends them; K=1 only."""
+    (arrays,) = run.arrays.values()
+    out = {}
+    for user in users:
+        device = run.device(user)
+        y = device.val["rating"].to_numpy()
+        if len(y):
+            sums = blend.residual_sums(device.predict(arrays, "val"), device.bias("val"), y)
+            out[int(user)] = (sums["rd"], sums["dd"])
+    return out
+
+
+def unclipped_weights(run: FinishedRun) -> dict[str, float]:
+    """What a serving weight allowed above 1 would be: the least-squares weight on the pooled validation sums of the
+    run's own evaluation users (those the coordinator fits the served weight on) bounded only below, by 0; and,
+    as a diagnostic of how far validation ratings speak for test ones, the same from every scored user's sums."""
+    sums = validation_sums(run, sorted(set(map(int, run.evaluated)) | set(map(int, run.users))))
+    return {UNCLIPPED: pooled_weight(sums, run.evaluated), EVERY_SCORED: pooled_weight(sums, run.users)}
+
+
+def pooled_weight(sums: dict[int, tuple[float, float]], users) -> float:
+    """The least-squares weight on the validation sums of `users` pooled (those without validation ratings add
+    nothing), bounded below by 0 but not above."""
+    rd, dd = (sum(sums[int(u)][i] for u in users if int(u) in sums) for i in (0, 1))
+    return blend.weight(rd, dd, upper=float("inf"))
+
+
 def rescore(out: Path, eval_users: int | None = None, cold_only: bool = False,
             population: str | None = None, first: int | None = None, last: int | None = None,
-            served: bool = False, served_priors: tuple[float, ...] = ()) -> dict:
+            served: bool = False, served_priors: tuple[float, ...] = (), unclipped: bool = False) -> dict:
     """Per-user predictions of the federation in `out` (its coordinator out-dir) and of the baselines; with released
     item statistics also of the private base model each device fits and the adapter corrects (`PRIVATE_BASE`).
     `served`: the adapter's predictions blended with that base at the weight the run serves it at
     (`served_weights`), i.e. what devices and the cold-start service return, instead of the adapter's alone.
     `served_priors`: also what it would serve at each of these `blend-prior-devices` (`served_at_prior(k)`
-    references, paired like the baselines; the adapter is scored once)."""
+    references, paired like the baselines; the adapter is scored once). `unclipped` (K=1): also what it would
+    serve at the weights of `unclipped_weights`, predictions clipped to the 1-5 scale."""
     run = load_run(out, eval_users, cold_only, population, first, last)
     weights = served_weights(run) if served else {}
     alternatives = {served_at_prior(k): served_weights(run, k) for k in served_priors} if served else {}
-    other: dict[str, list[np.ndarray]] = {name: [] for name in alternatives}
     if served and run.released is None:
         raise SystemExit(f"{out}: --served needs the released item statistics (the private base the blend uses)")
+    if unclipped and (not served or len(run.arrays) != 1 or run.kept is not None):
+        raise SystemExit(f"{out}: --unclipped-weight needs --served, one persona (K=1: every evaluation device's "
+                         "sums are that persona's) and the devices' own validation ratings (not --first/--last)")
+    above = unclipped_weights(run) if unclipped else {}
+    alternatives.update({name: {0: w} for name, w in above.items()})
+    other: dict[str, list[np.ndarray]] = {name: [] for name in alternatives}
     pred, personas, private = [], [], []
     for user in run.users:
         device = run.device(user)
@@ -254,6 +305,10 @@ def rescore(out: Path, eval_users: int | None = None, cold_only: bool = False,
         if served:
             adapter, items = pred[-1], device.test["item"].to_numpy()
             for name, alternative in alternatives.items():
+                if name in above:  # the device serves weights up to 1 only: the blend itself, kept on the scale
+                    base = device.bias_of(items)
+                    other[name].append(np.clip(base + above[name] * (np.asarray(adapter, np.float64) - base), 1, 5))
+                    continue
                 device.blend_weight = alternative[personas[-1]]
                 other[name].append(device.served(adapter, items))
             device.blend_weight = weights[personas[-1]]
@@ -425,6 +480,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--served-priors", default="", metavar="K,K,...",
                     help="with --served, also score what each run would serve at these blend-prior-devices (e.g. "
                          "0,1e9: each persona's own weight, and the pooled one), paired with what it serves")
+    ap.add_argument("--unclipped-weight", action="store_true",
+                    help="with --served and K=1, also score what a serving weight allowed above 1 would serve (the "
+                         "least-squares weight on the run's evaluation users' validation ratings, not capped at 1) "
+                         "and, as a diagnostic, the weight every scored user's validation ratings give")
     ap.add_argument("--predictions", type=Path, default=None, metavar="CSV",
                     help="also write every scored rating's predictions (the run's and each reference's) with the "
                          "movie's and the user's training-rating counts to this CSV")
@@ -436,7 +495,7 @@ def main(argv: list[str] | None = None) -> None:
     if any(not 0 <= k < float("inf") for k in priors) or (priors and not args.served):
         raise SystemExit("--served-priors needs --served and finite numbers >= 0")
     runs = [rescore(Path(p), args.eval_users, args.cold_only, args.population, args.first, args.last, args.served,
-                    priors) for p in args.runs]
+                    priors, args.unclipped_weight) for p in args.runs]
     what = "what is served (the adapter blended with the private base)" if args.served else "persona adapter"
     print(f"\nPaired per-user MSE difference, {what} minus baseline [95% CI]:\n")
     print(table(runs))

@@ -71,3 +71,19 @@ def test_a_shrunk_weight_moves_toward_the_pool_as_the_prior_grows_and_ignores_an
     for bad in (float("nan"), float("inf")):
         assert blend.shrunk_weight(4.0, 8.0, bad, 20.0, 20, 5.0) == 0.5  # the pool ignored, own weight kept
     assert blend.shrunk_weight(4.0, 8.0, 4.0, 20.0, 0, 5.0) == 0.5  # an empty pool adds nothing
+
+
+@given(true=arrays(np.float64, 12, elements=st.floats(1, 5)), base=arrays(np.float64, 12, elements=st.floats(1, 5)),
+       scale=st.floats(0.2, 5.0))
+def test_a_weight_bounded_above_elsewhere_than_1_recovers_an_adapter_that_moves_a_fixed_share_of_the_way(
+        true, base, scale):
+    """An adapter that moves 1/scale of the way from the base to every rating needs weight `scale`: with the bound
+    lifted (`upper`, rescore's measurement of weights above 1) the least-squares weight finds it; the served
+    bound of 1 caps it."""
+    if np.abs(true - base).max() < 1e-3:
+        return
+    pred = base + (true - base) / scale
+    sums = blend.residual_sums(pred, base, true)
+    assert blend.weight(sums["rd"], sums["dd"], upper=float("inf")) == pytest.approx(scale, rel=1e-6)
+    assert blend.weight(sums["rd"], sums["dd"]) == pytest.approx(min(scale, 1.0), rel=1e-6)
+    assert blend.weight(sums["rd"], sums["dd"], upper=2.0) == pytest.approx(min(scale, 2.0), rel=1e-6)

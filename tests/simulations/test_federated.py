@@ -742,6 +742,24 @@ def test_released_item_factors_make_mf_the_private_base_the_adapters_correct(tmp
     # rescored from the released version and factors, the persona adapter scores what the devices reported
     run = rescore(out)
     assert np.sqrt(np.mean((run["persona"] - run["y"]) ** 2)) == pytest.approx(run["reported"], rel=1e-5)
+    # `--unclipped-weight`: the validation sums rescore recomputes from the devices' own validation ratings are
+    # those the devices sent the coordinator for the stable version, and the weight is their ratio, not capped at 1
+    import sqlalchemy as sa
+    from simulations.rescore import EVERY_SCORED, PRIVATE_BASE, UNCLIPPED
+    from server.registry import PersonaRegistry, blend_sums
+    with pytest.raises(SystemExit, match="--unclipped-weight needs --served"):
+        rescore(out, unclipped=True)
+    registry = PersonaRegistry(out)
+    with registry.engine.connect() as conn:
+        sums = conn.execute(sa.select(blend_sums).where(blend_sums.c.version == registry.rollout(0)["stable"])).first()
+    assert sums is not None and sums.devices == 6 and sums.persona_dd > 0
+    served = rescore(out, served=True, unclipped=True)
+    (w,) = served["alternative_weights"][UNCLIPPED]
+    assert w == pytest.approx(max(0.0, sums.persona_rd / sums.persona_dd), rel=1e-4)
+    assert served["alternative_weights"][EVERY_SCORED] == [pytest.approx(w)]  # here every user is evaluated
+    base = served[PRIVATE_BASE]
+    np.testing.assert_allclose(served[UNCLIPPED], np.clip(base + w * (run["persona"] - base), 1, 5), atol=1e-9)
+    np.testing.assert_allclose(served["persona"], base + min(w, 1.0) * (run["persona"] - base), atol=1e-9)
 
 
 def test_a_run_whose_evaluation_pooled_fewer_users_than_sampled_is_flagged():

@@ -1,6 +1,7 @@
-"""simulations.rescore's choice of users (the rescoring itself runs on a real federation in test_federated.py)."""
+"""simulations.rescore's choice of users and of a weight above 1 (the rescoring itself runs on a real federation in test_federated.py)."""
 
 import numpy as np
+import pytest
 import pandas as pd
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -116,3 +117,19 @@ def test_runs_from_the_public_warm_start_are_paired_with_runs_from_a_fresh_adapt
     err = lambda runs: np.mean([(r["persona"] - y) ** 2 for r in runs], axis=0)  # noqa: E731
     d = paired_vs(err(warm), err(fresh), who)
     assert f"| K=1, public warm start | 3 vs 3 | {d[0]:+.4f} [{d[1]:+.4f}, {d[2]:+.4f}] |" in text and d[0] < 0
+
+
+@settings(max_examples=60, deadline=None)
+@given(scale=st.floats(0.1, 6.0), dd=st.lists(st.floats(0.01, 10.0), min_size=1, max_size=8),
+       absent=st.lists(st.integers(100, 110), max_size=3))
+def test_a_weight_above_1_is_the_pooled_validation_ratio_of_the_chosen_users_only(scale, dd, absent):
+    """`--unclipped-weight`: pooled over the chosen users' validation sums, the weight is their ratio, above 1 when
+    the adapters move too little toward the ratings; users without validation ratings (absent from the sums) add
+    nothing, and users not chosen are ignored however far off."""
+    from simulations.rescore import pooled_weight
+
+    sums = {u: (scale * d, d) for u, d in enumerate(dd)}
+    sums[99] = (-50.0, 1.0)  # someone else's sums, pulling the other way
+    assert pooled_weight(sums, [*range(len(dd)), *absent]) == pytest.approx(scale, rel=1e-9)
+    assert pooled_weight(sums, [99]) == 0.0  # a negative ratio is no weight, as served
+    assert pooled_weight(sums, absent) == 0.0
