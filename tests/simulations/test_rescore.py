@@ -1,4 +1,5 @@
-"""simulations.rescore's choice of users and of a weight above 1 (the rescoring itself runs on a real federation in test_federated.py)."""
+"""simulations.rescore's choice of users and of a weight above 1 (the rescoring itself runs on a real federation in
+test_federated.py)."""
 
 import numpy as np
 import pytest
