@@ -170,6 +170,8 @@ def load_run(out: Path, eval_users: int | None = None, cold_only: bool = False,
             raise SystemExit(f"--population {population}: its train fraction differs from the run's split "
                              f"{cfg.split!r}, so the run's users would not keep their training ratings")
     split = temporal_split(data.ratings, preset)
+    # the run's own users (another population's split draws others): its evaluation sample is drawn from them
+    own_users = split.users if population is None else temporal_split(data.ratings, split_preset(cfg.split)).users
     fit, val = validation_split(split.train, cfg.validation_fraction)
     users = sample_users(split.users, eval_users or cfg.eval_users, cfg.eval_seed)
     if cold_only:
@@ -187,8 +189,7 @@ def load_run(out: Path, eval_users: int | None = None, cold_only: bool = False,
                        runtime(cfg.base_model, cfg.lora), _released_factors(out),
                        load_onboarding(out / ONBOARDING_FILE) if k > 1 else None, first, newest, baseline_fit,
                        (cfg.dataset, population or cfg.split, cfg.validation_fraction),
-                       sample_users(temporal_split(data.ratings, split_preset(cfg.split)).users, cfg.eval_users,
-                                    cfg.eval_seed))
+                       sample_users(own_users, cfg.eval_users, cfg.eval_seed))
 
 
 def _released_factors(out: Path) -> tuple[ItemFactors, float, float] | None:
